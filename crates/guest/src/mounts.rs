@@ -1,0 +1,75 @@
+//! Builds the program's root inside the guest: the host's shares, fresh tmpfs for writable scratch
+//! directories and the kernel filesystems, then chroots into it.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use attest_protocol::{Mount, ShareFs, Start};
+use nix::mount::{mount, MsFlags};
+
+const NEW_ROOT: &str = "/sysroot";
+
+pub fn prepare_root(start: &Start) -> Result<()> {
+    let Some((root, rest)) = start.mounts.split_first() else { bail!("no root mount was requested") };
+    if root.guest_path != b"/" {
+        bail!("the first mount must be the root, got {}", display(&root.guest_path));
+    }
+    fs::create_dir_all(NEW_ROOT)?;
+    mount_share(root, Path::new(NEW_ROOT))?;
+
+    for dir in &start.tmpfs {
+        let target = under_root(dir);
+        if target.is_dir() {
+            mount(Some("tmpfs"), &target, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))
+                .with_context(|| format!("mounting tmpfs on {}", display(dir)))?;
+        }
+    }
+    for (fs, dir, data) in [
+        ("proc", "/proc", None),
+        ("sysfs", "/sys", None),
+        ("devtmpfs", "/dev", None),
+        ("devpts", "/dev/pts", Some("ptmxmode=0666,mode=0620")),
+        ("tmpfs", "/dev/shm", Some("mode=1777")),
+    ] {
+        let target = under_root(dir.as_bytes());
+        fs::create_dir_all(&target).ok();
+        mount(Some(fs), &target, Some(fs), MsFlags::empty(), data).with_context(|| format!("mounting {fs} on {dir}"))?;
+    }
+    for share in rest {
+        let target = under_root(&share.guest_path);
+        fs::create_dir_all(&target).with_context(|| {
+            format!("creating mount point {} (it must exist in the host root or lie in a tmpfs)", display(&share.guest_path))
+        })?;
+        mount_share(share, &target)?;
+    }
+
+    nix::unistd::chroot(NEW_ROOT).context("chroot into the host root")?;
+    std::env::set_current_dir("/")?;
+    Ok(())
+}
+
+fn mount_share(share: &Mount, target: &Path) -> Result<()> {
+    let mut flags = MsFlags::empty();
+    if share.read_only {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    let (fstype, data) = match share.fs {
+        ShareFs::Virtiofs => ("virtiofs", None),
+        ShareFs::NineP => ("9p", Some("trans=virtio,version=9p2000.L,msize=524288,cache=loose")),
+    };
+    mount(Some(share.tag.as_str()), target, Some(fstype), flags, data).with_context(|| {
+        format!("mounting {fstype} share {:?} on {}", share.tag, display(&share.guest_path))
+    })
+}
+
+fn under_root(guest_path: &[u8]) -> PathBuf {
+    let relative = Path::new(OsStr::from_bytes(guest_path)).strip_prefix("/").unwrap_or(Path::new(""));
+    Path::new(NEW_ROOT).join(relative)
+}
+
+fn display(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}

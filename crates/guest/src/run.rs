@@ -1,0 +1,148 @@
+//! Runs the requested program and pumps its stdin, stdout and stderr over the agent channel,
+//! then reports how it ended. As PID 1 it also reaps every orphan that exits meanwhile.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::process::{ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use attest_protocol::{ExitStatus, Frame, GuestMessage, Start, CHUNK};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::system::uptime_ms;
+
+/// After the program exits, a background process may still hold its stdout open; this bounds the drain.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Serialises whole frames from several threads onto the one channel.
+#[derive(Clone)]
+pub struct FrameWriter(Arc<Mutex<File>>);
+
+impl FrameWriter {
+    pub fn new(channel: File) -> Self {
+        FrameWriter(Arc::new(Mutex::new(channel)))
+    }
+
+    pub fn send(&self, frame: Frame) -> io::Result<()> {
+        let mut channel = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        frame.write_to(&mut *channel)
+    }
+}
+
+pub fn run_program(start: &Start, channel: File, writer: &FrameWriter) -> Result<()> {
+    let (program, args) = start.argv.split_first().context("empty command")?;
+    let mut command = Command::new(OsStr::from_bytes(program));
+    command
+        .args(args.iter().map(|a| OsStr::from_bytes(a)))
+        .env_clear()
+        .envs(start.env.iter().map(|(k, v)| (OsStr::from_bytes(k), OsStr::from_bytes(v))))
+        .current_dir(OsStr::from_bytes(&start.cwd))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // The program gets default signal dispositions and its own session, like a login shell's child.
+    unsafe {
+        command.pre_exec(|| {
+            nix::unistd::setsid().ok();
+            Ok(())
+        });
+    }
+
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(err) => {
+            let code = if err.kind() == io::ErrorKind::NotFound { 127 } else { 126 };
+            let msg = format!("attest: {}: {err}\n", String::from_utf8_lossy(program));
+            writer.send(Frame::Stderr(msg.into_bytes()))?;
+            return exited(writer, ExitStatus::Code(code));
+        }
+    };
+    writer.send(Frame::Guest(GuestMessage::Started { started_ms: uptime_ms() }))?;
+
+    let (drained_tx, drained_rx) = mpsc::channel();
+    for (pipe, wrap) in [
+        (Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>, Frame::Stdout as fn(Vec<u8>) -> Frame),
+        (Box::new(child.stderr.take().unwrap()), Frame::Stderr),
+    ] {
+        let writer = writer.clone();
+        let drained = drained_tx.clone();
+        thread::spawn(move || {
+            pump_output(pipe, wrap, &writer);
+            drained.send(()).ok();
+        });
+    }
+    let stdin = child.stdin.take().unwrap();
+    thread::spawn(move || pump_stdin(channel, stdin));
+
+    let status = wait_reaping_orphans(Pid::from_raw(child.id() as i32))?;
+    let deadline = Instant::now() + DRAIN_DEADLINE;
+    for _ in 0..2 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if drained_rx.recv_timeout(left).is_err() {
+            let note = "attest: output still held open by a background process after exit; not waiting for it\n";
+            writer.send(Frame::Stderr(note.as_bytes().to_vec()))?;
+            break;
+        }
+    }
+    exited(writer, status)
+}
+
+fn exited(writer: &FrameWriter, status: ExitStatus) -> Result<()> {
+    // Writes to shared directories must be on the host before the host tears the VM down.
+    nix::unistd::sync();
+    writer.send(Frame::Guest(GuestMessage::Exited { status, exited_ms: uptime_ms() }))?;
+    Ok(())
+}
+
+fn pump_output(mut pipe: Box<dyn Read + Send>, wrap: fn(Vec<u8>) -> Frame, writer: &FrameWriter) {
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        match pipe.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if writer.send(wrap(buf[..n].to_vec())).is_err() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Feeds host stdin frames to the program. A program that stops reading only loses its own stdin.
+fn pump_stdin(mut channel: File, stdin: ChildStdin) {
+    let mut stdin = Some(stdin);
+    while let Ok(Some(frame)) = Frame::read_from(&mut channel) {
+        match frame {
+            Frame::Stdin(data) => {
+                if let Some(pipe) = stdin.as_mut() {
+                    if pipe.write_all(&data).is_err() {
+                        stdin = None;
+                    }
+                }
+            }
+            Frame::StdinEof => stdin = None,
+            _ => {}
+        }
+    }
+}
+
+fn wait_reaping_orphans(pid: Pid) -> Result<ExitStatus> {
+    loop {
+        match waitpid(None, None) {
+            Ok(WaitStatus::Exited(p, code)) if p == pid => return Ok(ExitStatus::Code(code)),
+            Ok(WaitStatus::Signaled(p, signal, _)) if p == pid => return Ok(ExitStatus::Signal(signal as i32)),
+            Ok(_) | Err(nix::Error::EINTR) => {}
+            Err(e) => return Err(e).context("waiting for the program"),
+        }
+    }
+}

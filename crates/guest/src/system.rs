@@ -1,0 +1,84 @@
+//! Early system bring-up inside the guest: kernel filesystems, driver modules, finding the agent port, power-off.
+
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use attest_protocol::AGENT_PORT;
+use nix::kmod::{finit_module, ModuleInitFlags};
+use nix::mount::{mount, MsFlags};
+use nix::sys::reboot::{reboot, RebootMode};
+
+/// Written by the host's initramfs builder: one module path per line, dependencies first.
+const MODULE_LIST: &str = "/etc/attest/modules";
+
+/// The port appears asynchronously once virtio_console has talked to the device; this bounds the wait.
+const PORT_DEADLINE: Duration = Duration::from_secs(30);
+
+pub fn mount_kernel_filesystems() -> Result<()> {
+    for (fs, target) in [("proc", "/proc"), ("sysfs", "/sys"), ("devtmpfs", "/dev")] {
+        fs::create_dir_all(target)?;
+        mount(Some(fs), target, Some(fs), MsFlags::empty(), None::<&str>)
+            .with_context(|| format!("mounting {fs} on {target}"))?;
+    }
+    Ok(())
+}
+
+/// Loads every module the host packed. Failures are reported on the console but are not fatal:
+/// a driver that is built in, or one this run does not use, must not stop the boot.
+pub fn load_modules() {
+    let Ok(list) = fs::read_to_string(MODULE_LIST) else { return };
+    for path in list.lines().filter(|l| !l.is_empty()) {
+        let file = match File::open(path) {
+            Ok(file) => file,
+            Err(e) => {
+                println!("attest-init: opening {path}: {e}");
+                continue;
+            }
+        };
+        match finit_module(&file, &CString::default(), ModuleInitFlags::empty()) {
+            Ok(()) | Err(nix::Error::EEXIST) => {}
+            Err(e) => println!("attest-init: loading {path}: {e}"),
+        }
+    }
+}
+
+/// Finds `/dev/vportNpM` whose sysfs name is the agent port, waiting until the driver has announced it.
+pub fn find_agent_port() -> Result<PathBuf> {
+    let deadline = Instant::now() + PORT_DEADLINE;
+    loop {
+        if let Ok(entries) = fs::read_dir("/sys/class/virtio-ports") {
+            for entry in entries.flatten() {
+                let name = fs::read_to_string(entry.path().join("name")).unwrap_or_default();
+                let dev = PathBuf::from("/dev").join(entry.file_name());
+                if name.trim_end() == AGENT_PORT && dev.exists() {
+                    return Ok(dev);
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "virtio-serial port {AGENT_PORT:?} did not appear within {PORT_DEADLINE:?} \
+                 (is virtio_console loaded? see the module messages above)"
+            );
+        }
+        // No event source exists for sysfs class additions this early; a short poll is cheap here.
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+pub fn uptime_ms() -> u64 {
+    let text = fs::read_to_string("/proc/uptime").unwrap_or_default();
+    let secs: f64 = text.split_whitespace().next().and_then(|s| s.parse().ok()).unwrap_or(0.0);
+    (secs * 1000.0) as u64
+}
+
+pub fn power_off() -> ! {
+    nix::unistd::sync();
+    let _ = reboot(RebootMode::RB_POWER_OFF);
+    loop {
+        nix::unistd::pause();
+    }
+}

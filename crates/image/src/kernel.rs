@@ -1,0 +1,167 @@
+//! Finding the guest kernel and reading what it is: its release from the bzImage header and where its modules live.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use crate::ImageError;
+
+/// Where the kernel came from, in search order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelSource {
+    /// `--kernel` on the command line.
+    Flag,
+    /// The `ATTEST_KERNEL` environment variable.
+    Env,
+    /// The kernel the setup script fetched into attest's cache.
+    Cache,
+    /// The host's own `/boot/vmlinuz-$(uname -r)`.
+    HostBoot,
+}
+
+impl std::fmt::Display for KernelSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KernelSource::Flag => "--kernel",
+            KernelSource::Env => "ATTEST_KERNEL",
+            KernelSource::Cache => "attest's kernel cache",
+            KernelSource::HostBoot => "the host's /boot",
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Kernel {
+    pub path: PathBuf,
+    pub source: KernelSource,
+    /// The release string (`uname -r` inside the guest), read from the bzImage header.
+    pub release: String,
+    /// `lib/modules/<release>` for this kernel, if one was found; `None` means every driver must be built in.
+    pub modules_dir: Option<PathBuf>,
+}
+
+/// Finds the kernel: `--kernel`, then `ATTEST_KERNEL`, then the cache, then the host's running kernel.
+/// An explicitly named kernel that is missing or unreadable is an error, never silently replaced.
+pub fn locate(flag: Option<&Path>, cache_dir: &Path) -> Result<Kernel, ImageError> {
+    let env = std::env::var_os("ATTEST_KERNEL").filter(|v| !v.is_empty()).map(PathBuf::from);
+    let explicit = match (flag, env) {
+        (Some(path), _) => Some((path.to_path_buf(), KernelSource::Flag)),
+        (None, Some(path)) => Some((path, KernelSource::Env)),
+        (None, None) => None,
+    };
+    let (path, source) = match explicit {
+        Some(found) => found,
+        None => match cached_kernel(cache_dir).map(|p| (p, KernelSource::Cache)).or_else(host_kernel) {
+            Some(found) => found,
+            None => return Err(ImageError::NoKernel { cache_dir: cache_dir.to_path_buf() }),
+        },
+    };
+    inspect(&path, source)
+}
+
+/// Reads a kernel image's release and finds its modules.
+pub fn inspect(path: &Path, source: KernelSource) -> Result<Kernel, ImageError> {
+    let release = bzimage_release(path)?;
+    let modules_dir = modules_dir_for(path, &release);
+    Ok(Kernel { path: path.to_path_buf(), source, release, modules_dir })
+}
+
+/// The newest `kernels/*/boot/vmlinuz-*` under the cache.
+fn cached_kernel(cache_dir: &Path) -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(cache_dir.join("kernels"))
+        .ok()?
+        .flatten()
+        .filter_map(|pkg| std::fs::read_dir(pkg.path().join("boot")).ok())
+        .flat_map(|dir| dir.flatten().map(|e| e.path()))
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz-")))
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+fn host_kernel() -> Option<(PathBuf, KernelSource)> {
+    let release = nix_uname_release()?;
+    let path = PathBuf::from(format!("/boot/vmlinuz-{release}"));
+    path.exists().then_some((path, KernelSource::HostBoot))
+}
+
+fn nix_uname_release() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    Some(text.trim().to_string())
+}
+
+/// Reads the release from an x86 bzImage's setup header (boot protocol ≥ 2.00: "HdrS" at 0x202,
+/// the version string's offset minus 0x200 at 0x20E).
+pub fn bzimage_release(path: &Path) -> Result<String, ImageError> {
+    let io_err = |source| ImageError::Io { what: format!("reading kernel {}", path.display()), source };
+    let mut head = Vec::with_capacity(64 * 1024);
+    File::open(path).map_err(io_err)?.take(64 * 1024).read_to_end(&mut head).map_err(io_err)?;
+    let not_bzimage = |why: &str| ImageError::BadKernel { path: path.to_path_buf(), why: why.to_string() };
+    if head.len() < 0x210 || &head[0x202..0x206] != b"HdrS" {
+        return Err(not_bzimage("no x86 boot header (\"HdrS\" at 0x202); expected a bzImage such as /boot/vmlinuz-*"));
+    }
+    let offset = u16::from_le_bytes([head[0x20E], head[0x20F]]) as usize + 0x200;
+    let text = head.get(offset..).ok_or_else(|| not_bzimage("version string lies outside the setup code"))?;
+    let end = text.iter().position(|&b| b == 0).unwrap_or(text.len()).min(256);
+    let version = String::from_utf8_lossy(&text[..end]);
+    version
+        .split_whitespace()
+        .next()
+        .map(str::to_string)
+        .ok_or_else(|| not_bzimage("empty version string"))
+}
+
+/// `lib/modules/<release>` beside the kernel (an unpacked package: `X/boot/vmlinuz`, `X/lib/modules`),
+/// else the host's own.
+fn modules_dir_for(kernel: &Path, release: &str) -> Option<PathBuf> {
+    let mut candidates = Vec::new();
+    if let Some(root) = kernel.parent().and_then(Path::parent) {
+        candidates.push(root.join("lib/modules").join(release));
+        candidates.push(root.join("usr/lib/modules").join(release));
+    }
+    candidates.push(Path::new("/lib/modules").join(release));
+    candidates.into_iter().find(|dir| dir.is_dir())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake_bzimage(version: &str) -> tempfile::NamedTempFile {
+        let mut image = vec![0u8; 0x1000];
+        image[0x202..0x206].copy_from_slice(b"HdrS");
+        let offset: u16 = 0x400 - 0x200;
+        image[0x20E..0x210].copy_from_slice(&offset.to_le_bytes());
+        image[0x400..0x400 + version.len()].copy_from_slice(version.as_bytes());
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), image).unwrap();
+        file
+    }
+
+    #[test]
+    fn reads_release_from_setup_header() {
+        let k = fake_bzimage("6.1.0-56-cloud-amd64 (debian-kernel@lists.debian.org) #1 SMP");
+        assert_eq!(bzimage_release(k.path()).unwrap(), "6.1.0-56-cloud-amd64");
+    }
+
+    #[test]
+    fn rejects_files_that_are_not_kernels() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), b"#!/bin/sh\necho not a kernel\n").unwrap();
+        let err = bzimage_release(file.path()).unwrap_err().to_string();
+        assert!(err.contains("no x86 boot header"), "{err}");
+        let err = inspect(Path::new("/nonexistent/vmlinuz"), KernelSource::Flag).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/vmlinuz"), "{err}");
+    }
+
+    #[test]
+    fn finds_modules_beside_an_unpacked_package() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("boot")).unwrap();
+        std::fs::create_dir_all(root.path().join("lib/modules/9.9.9-test")).unwrap();
+        let kernel = root.path().join("boot/vmlinuz-9.9.9-test");
+        std::fs::copy(fake_bzimage("9.9.9-test #1").path(), &kernel).unwrap();
+        let k = inspect(&kernel, KernelSource::Cache).unwrap();
+        assert_eq!(k.modules_dir.unwrap(), root.path().join("lib/modules/9.9.9-test"));
+    }
+}

@@ -1,0 +1,92 @@
+//! Guest images for attest: finding a kernel, resolving the driver modules it needs, and building the
+//! initramfs that carries attest's static guest init into the VM.
+
+pub mod initramfs;
+pub mod kernel;
+pub mod modules;
+
+use std::path::{Path, PathBuf};
+
+
+pub use initramfs::{exec_initramfs, poweroff_initramfs, Initramfs};
+pub use kernel::{Kernel, KernelSource};
+pub use modules::{ModuleFile, ModuleTree, Resolution};
+
+/// attest's guest init (crates/guest), statically linked, built by this crate's build script.
+pub static GUEST_INIT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/attest-guest-init"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("kernel {path} is unusable: {why}")]
+    BadKernel { path: PathBuf, why: String },
+    #[error(
+        "no guest kernel found: pass --kernel PATH or set ATTEST_KERNEL, run scripts/setup to fetch \
+         Debian's cloud kernel into {cache_dir}, or install a kernel at /boot/vmlinuz-$(uname -r)"
+    )]
+    NoKernel { cache_dir: PathBuf },
+    #[error("busybox not found: install Debian's busybox-static (a static build is needed inside the guest) or set ATTEST_BUSYBOX")]
+    NoBusybox,
+    #[error("{path} is dynamically linked; the guest needs a static busybox (Debian: busybox-static)")]
+    DynamicBusybox { path: PathBuf },
+}
+
+/// attest's cache: `$ATTEST_CACHE_DIR`, else `$XDG_CACHE_HOME/attest`, else `~/.cache/attest`.
+pub fn cache_dir() -> PathBuf {
+    let env = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    env("ATTEST_CACHE_DIR")
+        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("attest")))
+        .or_else(|| env("HOME").map(|d| d.join(".cache/attest")))
+        .unwrap_or_else(|| PathBuf::from("/var/cache/attest"))
+}
+
+/// A static busybox: `$ATTEST_BUSYBOX`, else the first `busybox` on PATH, else `/bin/busybox`.
+pub fn find_busybox() -> Result<PathBuf, ImageError> {
+    let path = std::env::var_os("ATTEST_BUSYBOX")
+        .map(PathBuf::from)
+        .or_else(|| find_in_path("busybox"))
+        .filter(|p| p.is_file())
+        .ok_or(ImageError::NoBusybox)?;
+    if !is_static_elf(&path) {
+        return Err(ImageError::DynamicBusybox { path });
+    }
+    Ok(path)
+}
+
+/// Looks a program up on PATH the way a shell would.
+pub fn find_in_path(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    std::env::split_paths(&path).map(|dir| dir.join(program)).find(|p| is_executable(p))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// True for an ELF executable with no program interpreter (nothing to load from the host).
+pub fn is_static_elf(path: &Path) -> bool {
+    let Ok(bytes) = std::fs::read(path) else { return false };
+    let Ok(file) = object::File::parse(bytes.as_slice()) else { return false };
+    match &file {
+        object::File::Elf64(elf) => {
+            use object::read::elf::ProgramHeader;
+            let endian = elf.endian();
+            elf.elf_program_headers().iter().all(|ph| ph.p_type(endian) != object::elf::PT_INTERP)
+        }
+        _ => file.format() == object::BinaryFormat::Elf,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn embedded_guest_init_is_a_static_executable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("init");
+        std::fs::write(&path, super::GUEST_INIT).unwrap();
+        assert!(super::is_static_elf(&path), "the guest init must not need the host's libraries");
+        assert!(!super::is_static_elf(std::path::Path::new("/bin/ls")), "/bin/ls is dynamic on Debian");
+    }
+}

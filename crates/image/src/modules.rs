@@ -1,0 +1,217 @@
+//! Kernel modules: which of the drivers a guest needs are modules, built in or missing, in what order
+//! to load them (dependencies first, from `modules.dep` or, where depmod never ran, from each module's
+//! `.modinfo`), and their bytes, decompressed when the distribution compresses them.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use object::{Object, ObjectSection};
+
+use crate::ImageError;
+
+/// The modules of one kernel release.
+#[derive(Debug, Default)]
+pub struct ModuleTree {
+    dir: Option<PathBuf>,
+    paths: HashMap<String, PathBuf>,
+    builtin: HashSet<String>,
+    /// From modules.dep; `None` means read each module's `.modinfo` instead.
+    deps: Option<HashMap<String, Vec<String>>>,
+}
+
+/// A module to load, with its bytes ready for the initramfs.
+#[derive(Debug, Clone)]
+pub struct ModuleFile {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Default)]
+pub struct Resolution {
+    /// Modules to load, each after its dependencies.
+    pub load: Vec<ModuleFile>,
+    pub builtin: Vec<String>,
+    /// Neither a module nor listed as built in. Without a modules directory every name lands here.
+    pub missing: Vec<String>,
+}
+
+impl ModuleTree {
+    /// A kernel without a modules directory: all drivers must be built in.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    pub fn open(dir: &Path) -> Result<Self, ImageError> {
+        let builtin = std::fs::read_to_string(dir.join("modules.builtin"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| module_name(Path::new(l)))
+            .collect();
+        let mut tree = ModuleTree { dir: Some(dir.to_path_buf()), builtin, ..Self::default() };
+        match std::fs::read_to_string(dir.join("modules.dep")) {
+            Ok(text) => {
+                let mut deps = HashMap::new();
+                for line in text.lines() {
+                    let Some((module, needs)) = line.split_once(':') else { continue };
+                    let name = module_name(Path::new(module));
+                    tree.paths.insert(name.clone(), dir.join(module));
+                    deps.insert(name, needs.split_whitespace().map(|d| module_name(Path::new(d))).collect());
+                }
+                tree.deps = Some(deps);
+            }
+            Err(_) => tree.walk(dir)?,
+        }
+        Ok(tree)
+    }
+
+    fn walk(&mut self, dir: &Path) -> Result<(), ImageError> {
+        let entries = std::fs::read_dir(dir)
+            .map_err(|source| ImageError::Io { what: format!("listing {}", dir.display()), source })?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                self.walk(&path)?;
+            } else if is_module_file(&path) {
+                self.paths.insert(module_name(&path), path);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
+    /// Resolves the wanted drivers to a load order.
+    pub fn resolve(&self, wanted: &[&str]) -> Result<Resolution, ImageError> {
+        let mut out = Resolution::default();
+        let mut seen = HashSet::new();
+        for name in wanted {
+            let name = normalize(name);
+            if self.builtin.contains(&name) {
+                out.builtin.push(name);
+            } else if self.paths.contains_key(&name) {
+                self.visit(&name, &mut seen, &mut out.load)?;
+            } else {
+                out.missing.push(name);
+            }
+        }
+        Ok(out)
+    }
+
+    fn visit(&self, name: &str, seen: &mut HashSet<String>, order: &mut Vec<ModuleFile>) -> Result<(), ImageError> {
+        if !seen.insert(name.to_string()) {
+            return Ok(());
+        }
+        let Some(path) = self.paths.get(name) else {
+            // A dependency that is built in needs no loading.
+            return Ok(());
+        };
+        let deps = match &self.deps {
+            Some(deps) => deps.get(name).cloned().unwrap_or_default(),
+            None => modinfo_depends(&module_bytes(path)?),
+        };
+        for dep in deps {
+            self.visit(&dep, seen, order)?;
+        }
+        order.push(ModuleFile { name: name.to_string(), path: path.clone() });
+        Ok(())
+    }
+}
+
+/// The module's ELF bytes, decompressed from `.ko.xz`, `.ko.zst` or `.ko.gz` as needed.
+pub fn module_bytes(path: &Path) -> Result<Vec<u8>, ImageError> {
+    let io_err = |source| ImageError::Io { what: format!("reading module {}", path.display()), source };
+    let raw = std::fs::read(path).map_err(io_err)?;
+    let mut out = Vec::new();
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("xz") => xz2::read::XzDecoder::new(raw.as_slice()).read_to_end(&mut out).map_err(io_err)?,
+        Some("zst") => zstd::stream::read::Decoder::new(raw.as_slice()).map_err(io_err)?.read_to_end(&mut out).map_err(io_err)?,
+        Some("gz") => flate2::read::GzDecoder::new(raw.as_slice()).read_to_end(&mut out).map_err(io_err)?,
+        _ => return Ok(raw),
+    };
+    Ok(out)
+}
+
+/// The `depends=` entry of a module's `.modinfo` section (NUL-separated `key=value` strings).
+pub fn modinfo_depends(elf: &[u8]) -> Vec<String> {
+    let Ok(file) = object::File::parse(elf) else { return Vec::new() };
+    let Some(data) = file.section_by_name(".modinfo").and_then(|s| s.data().ok()) else { return Vec::new() };
+    data.split(|&b| b == 0)
+        .filter_map(|entry| entry.strip_prefix(b"depends="))
+        .flat_map(|list| String::from_utf8_lossy(list).split(',').map(normalize).collect::<Vec<_>>())
+        .filter(|d| !d.is_empty())
+        .collect()
+}
+
+fn is_module_file(path: &Path) -> bool {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    [".ko", ".ko.xz", ".ko.zst", ".ko.gz"].iter().any(|ext| name.ends_with(ext))
+}
+
+/// `kernel/fs/fuse/virtiofs.ko.xz` → `virtiofs`; dashes and underscores are the same to the kernel.
+fn module_name(path: &Path) -> String {
+    let file = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    normalize(file.split(".ko").next().unwrap_or(file))
+}
+
+fn normalize(name: &str) -> String {
+    name.trim().replace('-', "_")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree_with_dep_file(dep: &str, builtin: &str) -> (tempfile::TempDir, ModuleTree) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("modules.dep"), dep).unwrap();
+        std::fs::write(dir.path().join("modules.builtin"), builtin).unwrap();
+        let tree = ModuleTree::open(dir.path()).unwrap();
+        (dir, tree)
+    }
+
+    #[test]
+    fn load_order_puts_dependencies_first_once() {
+        let (_dir, tree) = tree_with_dep_file(
+            "kernel/fs/fuse/virtiofs.ko.xz: kernel/fs/fuse/fuse.ko.xz kernel/drivers/virtio/virtio.ko\n\
+             kernel/fs/fuse/fuse.ko.xz:\n\
+             kernel/drivers/virtio/virtio.ko:\n\
+             kernel/drivers/char/virtio_console.ko: kernel/drivers/virtio/virtio.ko\n",
+            "kernel/drivers/virtio/virtio_pci.ko\n",
+        );
+        let r = tree.resolve(&["virtio-pci", "virtiofs", "virtio_console", "9p"]).unwrap();
+        let names: Vec<_> = r.load.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["fuse", "virtio", "virtiofs", "virtio_console"]);
+        assert_eq!(r.builtin, ["virtio_pci"]);
+        assert_eq!(r.missing, ["9p"]);
+    }
+
+    #[test]
+    fn without_a_modules_dir_everything_is_missing() {
+        let r = ModuleTree::none().resolve(&["virtio_console"]).unwrap();
+        assert!(r.load.is_empty());
+        assert_eq!(r.missing, ["virtio_console"]);
+    }
+
+    #[test]
+    fn decompresses_every_supported_format() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let payload = b"\x7fELF pretend module".to_vec();
+        let xz = dir.path().join("a.ko.xz");
+        let mut enc = xz2::write::XzEncoder::new(Vec::new(), 1);
+        enc.write_all(&payload).unwrap();
+        std::fs::write(&xz, enc.finish().unwrap()).unwrap();
+        let zst = dir.path().join("b.ko.zst");
+        std::fs::write(&zst, zstd::encode_all(payload.as_slice(), 1).unwrap()).unwrap();
+        let gz = dir.path().join("c.ko.gz");
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(&payload).unwrap();
+        std::fs::write(&gz, enc.finish().unwrap()).unwrap();
+        for path in [xz, zst, gz] {
+            assert_eq!(module_bytes(&path).unwrap(), payload, "{}", path.display());
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! The wire protocol between the attest host and the attest guest agent (PID 1 of `attest exec` guests).
+//!
+//! One byte stream carries framed messages both ways: `kind: u8, length: u32 LE, payload`.
+//! Stream data (stdin, stdout, stderr) travels as raw bytes so that binary output stays byte-exact and cheap;
+//! control messages are JSON so they stay readable in a hex dump and easy to extend.
+//! Byte strings that need not be UTF-8 (argv, environment, paths) travel as `Vec<u8>`.
+
+use std::io::{self, Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+/// Name of the virtio-serial port the agent speaks on (`/sys/class/virtio-ports/*/name`).
+pub const AGENT_PORT: &str = "attest.agent";
+
+/// Largest payload a frame may carry; larger stream chunks are split by the sender.
+pub const MAX_PAYLOAD: usize = 1 << 20;
+
+/// A stream chunk size that keeps frames well under [`MAX_PAYLOAD`] while amortising the header.
+pub const CHUNK: usize = 64 * 1024;
+
+/// Filesystem that carries a host directory into the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShareFs {
+    Virtiofs,
+    #[serde(rename = "9p")]
+    NineP,
+}
+
+/// One host directory to mount in the guest. A `guest_path` of `/` is the root the program runs in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mount {
+    pub tag: String,
+    pub fs: ShareFs,
+    pub guest_path: Vec<u8>,
+    pub read_only: bool,
+}
+
+/// What the host asks the agent to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Start {
+    pub argv: Vec<Vec<u8>>,
+    pub env: Vec<(Vec<u8>, Vec<u8>)>,
+    pub cwd: Vec<u8>,
+    /// Mounted in order; the root mount (guest path `/`) comes first.
+    pub mounts: Vec<Mount>,
+    /// Directories of the new root that get a fresh writable tmpfs (e.g. `/tmp`).
+    pub tmpfs: Vec<Vec<u8>>,
+}
+
+/// How the program ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+}
+
+/// Control messages from host to guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum HostMessage {
+    Start(Start),
+}
+
+/// Control messages from guest to host. Times are guest uptime in milliseconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum GuestMessage {
+    /// The agent is up and waits for [`HostMessage::Start`].
+    Ready { kernel_ms: u64, ready_ms: u64 },
+    /// Mounts are done and the program was spawned.
+    Started { started_ms: u64 },
+    /// The program ended and its output streams are drained.
+    Exited { status: ExitStatus, exited_ms: u64 },
+    /// The agent could not do what was asked; the VM is about to power off.
+    Failed { stage: String, message: String },
+}
+
+/// One unit on the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Host(HostMessage),
+    Guest(GuestMessage),
+    Stdin(Vec<u8>),
+    StdinEof,
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+}
+
+const KIND_HOST: u8 = 1;
+const KIND_GUEST: u8 = 2;
+const KIND_STDIN: u8 = 3;
+const KIND_STDIN_EOF: u8 = 4;
+const KIND_STDOUT: u8 = 5;
+const KIND_STDERR: u8 = 6;
+
+fn invalid(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+impl Frame {
+    /// Writes the frame as one `write_all` so concurrent writers behind a lock never interleave.
+    pub fn write_to(&self, w: &mut impl Write) -> io::Result<()> {
+        let json;
+        let (kind, payload): (u8, &[u8]) = match self {
+            Frame::Host(m) => {
+                json = serde_json::to_vec(m).map_err(io::Error::other)?;
+                (KIND_HOST, &json)
+            }
+            Frame::Guest(m) => {
+                json = serde_json::to_vec(m).map_err(io::Error::other)?;
+                (KIND_GUEST, &json)
+            }
+            Frame::Stdin(b) => (KIND_STDIN, b),
+            Frame::StdinEof => (KIND_STDIN_EOF, &[]),
+            Frame::Stdout(b) => (KIND_STDOUT, b),
+            Frame::Stderr(b) => (KIND_STDERR, b),
+        };
+        if payload.len() > MAX_PAYLOAD {
+            return Err(invalid(format!("frame payload of {} bytes exceeds {MAX_PAYLOAD}", payload.len())));
+        }
+        let mut buf = Vec::with_capacity(5 + payload.len());
+        buf.push(kind);
+        buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        buf.extend_from_slice(payload);
+        w.write_all(&buf)?;
+        w.flush()
+    }
+
+    /// Reads one frame. `Ok(None)` means the stream ended cleanly between frames.
+    pub fn read_from(r: &mut impl Read) -> io::Result<Option<Frame>> {
+        let mut header = [0u8; 5];
+        match read_exact_or_eof(r, &mut header)? {
+            false => return Ok(None),
+            true => {}
+        }
+        let len = u32::from_le_bytes(header[1..5].try_into().unwrap()) as usize;
+        if len > MAX_PAYLOAD {
+            return Err(invalid(format!("frame length {len} exceeds {MAX_PAYLOAD}")));
+        }
+        let mut payload = vec![0u8; len];
+        r.read_exact(&mut payload)?;
+        let json_err = |e: serde_json::Error| invalid(format!("bad control message: {e}"));
+        Ok(Some(match header[0] {
+            KIND_HOST => Frame::Host(serde_json::from_slice(&payload).map_err(json_err)?),
+            KIND_GUEST => Frame::Guest(serde_json::from_slice(&payload).map_err(json_err)?),
+            KIND_STDIN => Frame::Stdin(payload),
+            KIND_STDIN_EOF => Frame::StdinEof,
+            KIND_STDOUT => Frame::Stdout(payload),
+            KIND_STDERR => Frame::Stderr(payload),
+            other => return Err(invalid(format!("unknown frame kind {other}"))),
+        }))
+    }
+}
+
+/// Fills `buf`, returning `false` if the stream ended before the first byte.
+fn read_exact_or_eof(r: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) if filled == 0 => return Ok(false),
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip(frame: Frame) {
+        let mut buf = Vec::new();
+        frame.write_to(&mut buf).unwrap();
+        let mut r = buf.as_slice();
+        assert_eq!(Frame::read_from(&mut r).unwrap(), Some(frame));
+        assert_eq!(Frame::read_from(&mut r).unwrap(), None);
+    }
+
+    #[test]
+    fn frames_roundtrip_byte_exact() {
+        roundtrip(Frame::Stdout((0..=255).collect()));
+        roundtrip(Frame::Stderr(Vec::new()));
+        roundtrip(Frame::StdinEof);
+        roundtrip(Frame::Host(HostMessage::Start(Start {
+            argv: vec![b"sh".to_vec(), b"-c".to_vec(), b"echo 'a\"b'\n\xff".to_vec()],
+            env: vec![(b"K".to_vec(), b"v\x00 w".to_vec())],
+            cwd: b"/tmp/x y".to_vec(),
+            mounts: vec![Mount { tag: "root".into(), fs: ShareFs::NineP, guest_path: b"/".to_vec(), read_only: true }],
+            tmpfs: vec![b"/tmp".to_vec()],
+        })));
+        roundtrip(Frame::Guest(GuestMessage::Exited { status: ExitStatus::Signal(9), exited_ms: 3 }));
+    }
+
+    #[test]
+    fn truncated_frame_is_an_error_not_eof() {
+        let mut buf = Vec::new();
+        Frame::Stdout(vec![1, 2, 3]).write_to(&mut buf).unwrap();
+        buf.pop();
+        assert!(Frame::read_from(&mut buf.as_slice()).is_err());
+    }
+
+    #[test]
+    fn oversized_and_unknown_frames_are_rejected() {
+        let mut big = vec![KIND_STDOUT];
+        big.extend_from_slice(&((MAX_PAYLOAD + 1) as u32).to_le_bytes());
+        assert!(Frame::read_from(&mut big.as_slice()).is_err());
+        assert!(Frame::read_from(&mut [99u8, 0, 0, 0, 0].as_slice()).is_err());
+        assert!(Frame::Stdout(vec![0; MAX_PAYLOAD + 1]).write_to(&mut Vec::new()).is_err());
+    }
+}
