@@ -1,1 +1,20 @@
-pub fn x(){}
+//! attest machines: describing a VM ([`MachineSpec`]), choosing an accelerator, starting it through a
+//! [`Backend`], and owning everything it runs on the host until it is gone.
+
+pub mod accel;
+pub mod backend;
+pub mod console;
+pub mod process;
+pub mod spec;
+pub mod state_dir;
+pub mod transport;
+pub mod virtiofsd;
+pub mod vm;
+
+pub use accel::{Accel, AccelChoice, AccelRequest};
+pub use backend::{Backend, Qemu};
+pub use console::Console;
+pub use spec::{MachineSpec, Share, ShareFs};
+pub use state_dir::StateDir;
+pub use transport::Transport;
+pub use vm::Vm;

@@ -1,0 +1,168 @@
+//! Choosing between KVM and TCG by trying KVM for real: a throwaway QEMU runs three guest instructions
+//! under `-accel kvm`. `/dev/kvm` existing proves nothing (on PVM hosts an ordinary guest aborts with
+//! "failed to set MSR"). The verdict is cached per host boot, keyed by the QEMU binary.
+
+use std::fmt;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::process::ManagedChild;
+use attest_protocol::ExitStatus;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl fmt::Display for Accel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Accel::Kvm => "KVM",
+            Accel::Tcg => "TCG (software emulation)",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccelRequest {
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[derive(Debug, Clone)]
+pub struct AccelChoice {
+    pub accel: Accel,
+    /// One line saying why, for the user.
+    pub reason: String,
+}
+
+/// What the KVM probe found.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KvmProbe {
+    pub usable: bool,
+    pub detail: String,
+    #[serde(skip)]
+    pub cached: bool,
+}
+
+const PROBE_DEADLINE: Duration = Duration::from_secs(15);
+/// isa-debug-exit turns the byte 0x31 written by the probe into QEMU exit status (0x31 << 1) | 1.
+const PROBE_EXIT: i32 = 99;
+
+pub fn choose(request: AccelRequest, qemu: &Path, cache_dir: &Path) -> Result<AccelChoice, String> {
+    if request == AccelRequest::Tcg {
+        return Ok(AccelChoice { accel: Accel::Tcg, reason: "requested with --accel tcg".into() });
+    }
+    let probe = probe_kvm_cached(qemu, cache_dir);
+    let cached = if probe.cached { ", cached for this boot" } else { "" };
+    match (request, probe.usable) {
+        (_, true) => Ok(AccelChoice { accel: Accel::Kvm, reason: format!("KVM probe ran a guest{cached}") }),
+        (AccelRequest::Kvm, false) => Err(format!("--accel kvm was requested but KVM is unusable: {}", probe.detail)),
+        _ => Ok(AccelChoice { accel: Accel::Tcg, reason: format!("KVM is unusable: {}{cached}", probe.detail) }),
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct CacheEntry {
+    boot_id: String,
+    qemu: PathBuf,
+    probe: KvmProbe,
+}
+
+pub fn probe_kvm_cached(qemu: &Path, cache_dir: &Path) -> KvmProbe {
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default().trim().to_string();
+    let cache_file = cache_dir.join("kvm-probe.json");
+    if let Some(entry) = std::fs::read(&cache_file).ok().and_then(|b| serde_json::from_slice::<CacheEntry>(&b).ok()) {
+        if entry.boot_id == boot_id && entry.qemu == qemu {
+            return KvmProbe { cached: true, ..entry.probe };
+        }
+    }
+    let probe = probe_kvm(qemu);
+    let entry = CacheEntry { boot_id, qemu: qemu.to_path_buf(), probe: probe.clone() };
+    if std::fs::create_dir_all(cache_dir).is_ok() {
+        if let Ok(tmp) = tempfile::NamedTempFile::new_in(cache_dir) {
+            if serde_json::to_writer(tmp.as_file(), &entry).is_ok() {
+                tmp.persist(&cache_file).ok();
+            }
+        }
+    }
+    probe
+}
+
+pub fn probe_kvm(qemu: &Path) -> KvmProbe {
+    let verdict = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map_err(|e| format!("cannot open /dev/kvm: {e}"))
+        .and_then(|_| run_probe_guest(qemu, "kvm"));
+    match verdict {
+        Ok(()) => KvmProbe { usable: true, detail: "a KVM guest ran".into(), cached: false },
+        Err(detail) => KvmProbe { usable: false, detail, cached: false },
+    }
+}
+
+/// Boots a 64 KiB "BIOS" whose reset vector writes to isa-debug-exit, under the given accelerator.
+pub fn run_probe_guest(qemu: &Path, accel: &str) -> Result<(), String> {
+    let mut bios = vec![0xF4u8; 64 * 1024];
+    // At the reset vector F000:FFF0: mov al,0x31; out 0xf4,al; cli; hlt; jmp $-1
+    bios[0xFFF0..0xFFF8].copy_from_slice(&[0xB0, 0x31, 0xE6, 0xF4, 0xFA, 0xF4, 0xEB, 0xFD]);
+    let file = tempfile::NamedTempFile::new().map_err(|e| format!("creating the probe image: {e}"))?;
+    std::fs::write(file.path(), &bios).map_err(|e| format!("writing the probe image: {e}"))?;
+
+    let mut command = Command::new(qemu);
+    command
+        .args(["-machine", "pc", "-accel", accel, "-m", "16", "-nodefaults", "-no-user-config"])
+        .args(["-display", "none", "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-bios"])
+        .arg(file.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = ManagedChild::spawn("kvm-probe", &mut command, |_| {})
+        .map_err(|e| format!("cannot run {}: {e}", qemu.display()))?;
+    let status = child.wait_until(Instant::now() + PROBE_DEADLINE);
+    child.kill();
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.take_stderr() {
+        pipe.read_to_string(&mut stderr).ok();
+    }
+    let first_error = stderr.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string();
+    match status {
+        Some(ExitStatus::Code(PROBE_EXIT)) => Ok(()),
+        None => Err(format!("a {accel} probe guest did not finish within {PROBE_DEADLINE:?}")),
+        Some(status) => Err(format!(
+            "{} -accel {accel} failed ({status:?}){}",
+            qemu.display(),
+            if first_error.is_empty() { String::new() } else { format!(": {first_error}") }
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Qemu;
+
+    #[test]
+    fn probe_guest_runs_under_tcg_so_a_failure_means_the_accelerator() {
+        let Some(qemu) = Qemu::find_binary() else {
+            eprintln!("SKIP: qemu-system-x86_64 not found");
+            return;
+        };
+        run_probe_guest(&qemu, "tcg").expect("the probe guest must reach isa-debug-exit under TCG");
+        let err = run_probe_guest(&qemu, "no-such-accel").unwrap_err();
+        assert!(err.contains("no-such-accel"), "{err}");
+    }
+
+    #[test]
+    fn explicit_tcg_needs_no_probe() {
+        let choice = choose(AccelRequest::Tcg, Path::new("/nonexistent/qemu"), Path::new("/nonexistent")).unwrap();
+        assert_eq!(choice.accel, Accel::Tcg);
+    }
+}

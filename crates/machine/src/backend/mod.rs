@@ -1,0 +1,36 @@
+//! VM backends: the one place where QEMU, Firecracker and Cloud Hypervisor differ.
+//!
+//! A backend turns a [`MachineSpec`] into host-side plumbing (sockets, helper daemons) and the VMM
+//! command line; [`crate::Vm`] then spawns, watches and tears down the result the same way for all.
+//! To add a backend: implement this trait in `backend/<name>.rs` and select it where the CLI builds
+//! machines. Firecracker and Cloud Hypervisor, which are configured over a REST API after spawning,
+//! will add a post-spawn step here.
+
+pub mod qemu;
+
+use std::process::Command;
+
+use anyhow::Result;
+
+use crate::process::ManagedChild;
+use crate::spec::MachineSpec;
+use crate::state_dir::StateDir;
+use crate::transport::Transport;
+
+pub use qemu::Qemu;
+
+pub trait Backend {
+    fn name(&self) -> &'static str;
+
+    /// Sets up what the VM needs on the host and returns the VMM command. Helper daemons started
+    /// here must be spawned from the calling (main) thread so they die with attest.
+    fn prepare(&self, spec: &MachineSpec, dir: &StateDir) -> Result<Prepared>;
+}
+
+pub struct Prepared {
+    pub command: Command,
+    /// Daemons the VM depends on (e.g. virtiofsd), killed after the VMM.
+    pub helpers: Vec<ManagedChild>,
+    /// The channel to the guest agent, when the spec asked for one.
+    pub agent: Option<Box<dyn Transport>>,
+}

@@ -1,0 +1,105 @@
+//! The QEMU backend: direct kernel boot, console on stdio, the agent on a virtio-serial port,
+//! shares over virtio-fs (via virtiofsd) or 9p (built into QEMU).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use super::{Backend, Prepared};
+use crate::accel::Accel;
+use crate::spec::{MachineSpec, ShareFs};
+use crate::state_dir::StateDir;
+use crate::transport::{Transport, VirtioSerialSocket};
+use crate::virtiofsd;
+
+pub struct Qemu {
+    pub binary: PathBuf,
+    /// Needed only for virtio-fs shares.
+    pub virtiofsd: Option<PathBuf>,
+}
+
+impl Qemu {
+    /// `$ATTEST_QEMU`, else `qemu-system-x86_64` on PATH.
+    pub fn find_binary() -> Option<PathBuf> {
+        if let Some(path) = std::env::var_os("ATTEST_QEMU") {
+            return Some(PathBuf::from(path));
+        }
+        let path = std::env::var_os("PATH")?;
+        std::env::split_paths(&path).map(|d| d.join("qemu-system-x86_64")).find(|p| p.is_file())
+    }
+}
+
+impl Backend for Qemu {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn prepare(&self, spec: &MachineSpec, dir: &StateDir) -> Result<Prepared> {
+        let mut args: Vec<String> = Vec::new();
+        let mut push = |items: &[&str]| args.extend(items.iter().map(|s| s.to_string()));
+        push(&["-name", &spec.name, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
+        push(&["-machine", "q35"]);
+        match spec.accel {
+            Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+            Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
+        }
+        push(&["-m", &spec.memory_mib.to_string(), "-smp", &spec.cpus.to_string()]);
+        push(&["-kernel", path_str(&spec.kernel)?, "-append", &spec.cmdline]);
+        if let Some(initrd) = &spec.initrd {
+            push(&["-initrd", path_str(initrd)?]);
+        }
+        // The serial console is QEMU's stdout, which the Vm reads into the console log.
+        push(&["-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console"]);
+
+        let mut agent: Option<Box<dyn Transport>> = None;
+        if let Some(port) = &spec.agent_port {
+            let socket = VirtioSerialSocket::bind(&dir.socket("agent.sock")?)?;
+            push(&["-device", "virtio-serial-pci,id=agentbus"]);
+            push(&["-chardev", &format!("socket,id=agent,path={}", path_str(socket.path())?)]);
+            push(&["-device", &format!("virtserialport,bus=agentbus.0,chardev=agent,name={port}")]);
+            agent = Some(Box::new(socket));
+        }
+
+        let mut helpers = Vec::new();
+        if spec.shares.iter().any(|s| s.fs == ShareFs::Virtiofs) {
+            // vhost-user devices need guest RAM the daemon can map.
+            push(&["-object", &format!("memory-backend-memfd,id=mem,size={}M,share=on", spec.memory_mib)]);
+            push(&["-numa", "node,memdev=mem"]);
+        }
+        for (index, share) in spec.shares.iter().enumerate() {
+            let id = format!("fs{index}");
+            match share.fs {
+                ShareFs::Virtiofs => {
+                    let Some(binary) = &self.virtiofsd else {
+                        bail!("virtiofsd is needed to share {} over virtio-fs", share.host_path.display())
+                    };
+                    let socket = dir.socket(&format!("virtiofs-{index}.sock"))?;
+                    let log = dir.path().join(format!("virtiofsd-{index}.log"));
+                    helpers.push(virtiofsd::spawn(binary, share, &socket, &log)?);
+                    push(&["-chardev", &format!("socket,id={id},path={}", path_str(&socket)?)]);
+                    push(&["-device", &format!("vhost-user-fs-pci,chardev={id},tag={}", share.tag)]);
+                }
+                ShareFs::NineP => {
+                    let ro = if share.read_only { ",readonly=on" } else { "" };
+                    let path = qemu_option_value(path_str(&share.host_path)?);
+                    push(&["-fsdev", &format!("local,id={id},path={path},security_model=none{ro}")]);
+                    push(&["-device", &format!("virtio-9p-pci,fsdev={id},mount_tag={}", share.tag)]);
+                }
+            }
+        }
+
+        let mut command = Command::new(&self.binary);
+        command.args(&args).current_dir(dir.path());
+        Ok(Prepared { command, helpers, agent })
+    }
+}
+
+fn path_str(path: &Path) -> Result<&str> {
+    path.to_str().with_context(|| format!("path {} is not UTF-8, which QEMU options cannot carry", path.display()))
+}
+
+/// QEMU option values escape a literal comma by doubling it.
+fn qemu_option_value(value: &str) -> String {
+    value.replace(',', ",,")
+}

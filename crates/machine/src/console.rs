@@ -1,0 +1,100 @@
+//! A machine's console: everything the VMM prints (the guest's serial port and the VMM's own messages),
+//! kept in a log file and a tail for error reports, and optionally echoed live.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+const TAIL_LINES: usize = 200;
+
+#[derive(Clone)]
+pub struct Console {
+    state: Arc<Mutex<State>>,
+}
+
+struct State {
+    log: Option<File>,
+    tail: VecDeque<String>,
+    partial: Vec<u8>,
+    echo: bool,
+}
+
+impl Console {
+    /// `log` receives every byte; `echo` also copies them to attest's stderr as they arrive.
+    pub fn new(log: Option<&Path>, echo: bool) -> std::io::Result<Console> {
+        let log = log.map(File::create).transpose()?;
+        let state = State { log, tail: VecDeque::new(), partial: Vec::new(), echo };
+        Ok(Console { state: Arc::new(Mutex::new(state)) })
+    }
+
+    /// Reads `source` on a thread until it ends.
+    pub fn attach(&self, mut source: impl Read + Send + 'static) {
+        let console = self.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = source.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                console.record(&buf[..n]);
+            }
+        });
+    }
+
+    fn record(&self, bytes: &[u8]) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.echo {
+            std::io::stderr().write_all(bytes).ok();
+        }
+        if let Some(log) = state.log.as_mut() {
+            log.write_all(bytes).ok();
+        }
+        state.partial.extend_from_slice(bytes);
+        while let Some(pos) = state.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = state.partial.drain(..=pos).collect();
+            state.push_line(&line);
+        }
+    }
+
+    /// The last `n` complete lines, plus any unterminated last line.
+    pub fn tail(&self, n: usize) -> Vec<String> {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut lines: Vec<String> = state.tail.iter().cloned().collect();
+        if !state.partial.is_empty() {
+            lines.push(clean(&state.partial));
+        }
+        let skip = lines.len().saturating_sub(n);
+        lines.split_off(skip)
+    }
+}
+
+impl State {
+    fn push_line(&mut self, line: &[u8]) {
+        if self.tail.len() == TAIL_LINES {
+            self.tail.pop_front();
+        }
+        self.tail.push_back(clean(line));
+    }
+}
+
+fn clean(line: &[u8]) -> String {
+    String::from_utf8_lossy(line).trim_end_matches(['\n', '\r']).replace('\r', "")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_keeps_last_lines_and_partial() {
+        let console = Console::new(None, false).unwrap();
+        for i in 0..300 {
+            console.record(format!("line {i}\r\n").as_bytes());
+        }
+        console.record(b"no newline yet");
+        let tail = console.tail(3);
+        assert_eq!(tail, ["line 298", "line 299", "no newline yet"]);
+    }
+}

@@ -1,0 +1,115 @@
+//! Child processes that attest owns (VMMs, file-sharing daemons): spawned so they die with attest even
+//! when attest is SIGKILLed, and watched so their exit is an event rather than something to poll for.
+
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command};
+use std::sync::mpsc::{self, Receiver};
+use std::time::Instant;
+
+use attest_protocol::ExitStatus;
+use nix::sys::signal::Signal;
+use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+/// A child that is killed and reaped when dropped.
+pub struct ManagedChild {
+    name: String,
+    child: Child,
+    exited: Receiver<ExitStatus>,
+    status: Option<ExitStatus>,
+}
+
+impl ManagedChild {
+    /// Spawns `command` with a parent-death signal, then watches it from a thread that calls
+    /// `on_exit` once it has exited (the zombie stays until this value reaps it, so the pid
+    /// can never be reused while we might still signal it).
+    ///
+    /// Call from a thread that lives as long as the child should: the kernel delivers the
+    /// parent-death signal when the spawning *thread* exits.
+    pub fn spawn(
+        name: impl Into<String>,
+        command: &mut Command,
+        on_exit: impl FnOnce(ExitStatus) + Send + 'static,
+    ) -> io::Result<ManagedChild> {
+        let parent = nix::unistd::getpid();
+        unsafe {
+            command.pre_exec(move || {
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+                // The parent may have died between fork and prctl; then nobody would ever signal us.
+                if nix::unistd::getppid() != parent {
+                    return Err(io::Error::other("parent exited during spawn"));
+                }
+                Ok(())
+            });
+        }
+        // Own process group: a terminal Ctrl-C reaches attest alone, which then tears down in order.
+        command.process_group(0);
+        // Own process group: a terminal's Ctrl-C reaches attest alone, which then tears down in order.
+        command.process_group(0);
+        let child = command.spawn()?;
+        let pid = Pid::from_raw(child.id() as i32);
+        let (tx, exited) = mpsc::channel();
+        std::thread::Builder::new().name(format!("watch-{}", child.id())).spawn(move || {
+            let status = wait_without_reaping(pid);
+            tx.send(status).ok();
+            on_exit(status);
+        })?;
+        Ok(ManagedChild { name: name.into(), child, exited, status: None })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the child to exit until `deadline`; `None` if it is still running then.
+    pub fn wait_until(&mut self, deadline: Instant) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            self.status = self.exited.recv_timeout(left).ok();
+        }
+        self.status
+    }
+
+    /// SIGKILL (if still running) and reap.
+    pub fn kill(&mut self) {
+        if self.status.is_none() {
+            self.child.kill().ok();
+        }
+        self.child.wait().ok();
+    }
+}
+
+impl Drop for ManagedChild {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn wait_without_reaping(pid: Pid) -> ExitStatus {
+    loop {
+        match waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
+            Ok(WaitStatus::Exited(_, code)) => return ExitStatus::Code(code),
+            Ok(WaitStatus::Signaled(_, signal, _)) => return ExitStatus::Signal(signal as i32),
+            Err(nix::Error::EINTR) | Ok(_) => continue,
+            // ECHILD: already reaped by kill(); report it as killed.
+            Err(_) => return ExitStatus::Signal(Signal::SIGKILL as i32),
+        }
+    }
+}
+
+impl ManagedChild {
+    /// The child's stderr pipe, if it was spawned with `Stdio::piped()`.
+    pub fn take_stderr(&mut self) -> Option<std::process::ChildStderr> {
+        self.child.stderr.take()
+    }
+
+    pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.child.stdout.take()
+    }
+}

@@ -1,0 +1,129 @@
+//! Per-run state directories: private (0700), with paths short enough for unix sockets, and removed
+//! when the run ends, also when attest itself is SIGKILLed (a detached reaper removes it then).
+
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+
+/// `sun_path` is 108 bytes including the terminating NUL.
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// Longest socket file name attest puts in a state directory (e.g. `virtiofs-15.sock`).
+const LONGEST_SOCKET_NAME: usize = 24;
+
+pub struct StateDir {
+    path: PathBuf,
+    keep: bool,
+    reaper: Option<Child>,
+}
+
+impl StateDir {
+    /// Creates a fresh directory under the per-user base. With `keep`, it survives the run.
+    pub fn create(keep: bool) -> io::Result<StateDir> {
+        let base = base_dir()?;
+        let dir = tempfile::Builder::new().prefix("").rand_bytes(6).tempdir_in(&base)?;
+        let path = dir.keep();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))?;
+        let reaper = if keep { None } else { Some(spawn_reaper(&path)?) };
+        Ok(StateDir { path, keep, reaper })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn keep(&self) -> bool {
+        self.keep
+    }
+
+    /// A path in this directory for a unix socket, checked against the kernel's length limit.
+    pub fn socket(&self, name: &str) -> io::Result<PathBuf> {
+        let path = self.path.join(name);
+        if path.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(io::Error::other(format!(
+                "socket path {} is longer than the {MAX_SOCKET_PATH}-byte unix socket limit",
+                path.display()
+            )));
+        }
+        Ok(path)
+    }
+}
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            std::fs::remove_dir_all(&self.path).ok();
+        }
+        // Closing the reaper's stdin tells it we are done; the directory is gone already.
+        if let Some(mut reaper) = self.reaper.take() {
+            drop(reaper.stdin.take());
+            reaper.wait().ok();
+        }
+    }
+}
+
+/// The per-user parent of state directories: `$XDG_RUNTIME_DIR/attest` when its paths leave room for
+/// socket names, else `/tmp/attest-<uid>`. It must be ours and private.
+pub fn base_dir() -> io::Result<PathBuf> {
+    let uid = nix::unistd::getuid().as_raw();
+    let runtime = std::env::var_os("XDG_RUNTIME_DIR").map(|d| PathBuf::from(d).join("attest"));
+    let fits = |p: &PathBuf| p.as_os_str().len() + 8 + LONGEST_SOCKET_NAME <= MAX_SOCKET_PATH;
+    let base = runtime
+        .filter(|p| p.parent().is_some_and(Path::is_dir) && fits(p))
+        .unwrap_or_else(|| PathBuf::from(format!("/tmp/attest-{uid}")));
+    match std::fs::DirBuilder::new().mode(0o700).create(&base) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io::Error::new(e.kind(), format!("creating {}: {e}", base.display()))),
+    }
+    let meta = std::fs::symlink_metadata(&base)?;
+    if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o077 != 0 {
+        return Err(io::Error::other(format!(
+            "{} must be a directory owned by uid {uid} with mode 0700; remove it and retry",
+            base.display()
+        )));
+    }
+    Ok(base)
+}
+
+/// A shell in its own process group (so a terminal's Ctrl-C does not reach it) that waits for its
+/// stdin to close, which happens when attest exits by any means, and then removes the directory.
+fn spawn_reaper(dir: &Path) -> io::Result<Child> {
+    Command::new("/bin/sh")
+        .args(["-c", "cat >/dev/null; rm -rf -- \"$1\"", "attest-reaper"])
+        .arg(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_dirs_are_private_distinct_and_removed() {
+        let a = StateDir::create(false).unwrap();
+        let b = StateDir::create(false).unwrap();
+        assert_ne!(a.path(), b.path());
+        let mode = std::fs::metadata(a.path()).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        assert!(a.socket("virtiofs-15.sock").is_ok());
+        let path = a.path().to_path_buf();
+        drop(a);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn kept_state_dirs_survive() {
+        let a = StateDir::create(true).unwrap();
+        let path = a.path().to_path_buf();
+        drop(a);
+        assert!(path.exists());
+        std::fs::remove_dir_all(path).unwrap();
+    }
+}

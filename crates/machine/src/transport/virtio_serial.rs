@@ -1,0 +1,58 @@
+//! A virtio-serial port carried to the host as a unix socket that attest listens on and the VMM
+//! connects to at start-up, so there is no window in which the VMM could find nothing listening.
+
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+use super::Transport;
+
+pub struct VirtioSerialSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl VirtioSerialSocket {
+    pub fn bind(path: &Path) -> io::Result<Self> {
+        let listener = UnixListener::bind(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("binding {}: {e}", path.display())))?;
+        Ok(VirtioSerialSocket { listener, path: path.to_path_buf() })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Transport for VirtioSerialSocket {
+    fn connect(&mut self, deadline: Instant) -> io::Result<UnixStream> {
+        wait_readable(&self.listener, deadline).map_err(|e| {
+            io::Error::new(e.kind(), format!("the VMM did not connect to {}: {e}", self.path.display()))
+        })?;
+        let (stream, _) = self.listener.accept()?;
+        Ok(stream)
+    }
+
+    fn describe(&self) -> String {
+        format!("virtio-serial socket {}", self.path.display())
+    }
+}
+
+/// Blocks until `fd` is readable or `deadline` passes (`TimedOut`).
+pub fn wait_readable(fd: &impl AsFd, deadline: Instant) -> io::Result<()> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let timeout = PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, timeout) {
+            Ok(0) if Instant::now() >= deadline => return Err(io::ErrorKind::TimedOut.into()),
+            Ok(0) | Err(nix::Error::EINTR) => continue,
+            Ok(_) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}

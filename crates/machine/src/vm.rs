@@ -1,0 +1,70 @@
+//! A running machine: the VMM process, its helper daemons and its console, whatever the backend.
+//! Dropping a `Vm` kills and reaps all of them.
+
+use std::process::Stdio;
+
+use anyhow::{Context, Result};
+use attest_protocol::ExitStatus;
+
+use crate::backend::Backend;
+use crate::console::Console;
+use crate::process::ManagedChild;
+use crate::spec::MachineSpec;
+use crate::state_dir::StateDir;
+use crate::transport::Transport;
+
+pub struct Vm {
+    name: String,
+    vmm: ManagedChild,
+    helpers: Vec<ManagedChild>,
+    console: Console,
+    agent: Option<Box<dyn Transport>>,
+}
+
+impl Vm {
+    /// Starts the machine; `on_exit` is called from a watcher thread when the VMM process exits.
+    /// Call from the main thread (see [`ManagedChild::spawn`]).
+    pub fn start(
+        backend: &dyn Backend,
+        spec: &MachineSpec,
+        dir: &StateDir,
+        echo_console: bool,
+        on_exit: impl FnOnce(ExitStatus) + Send + 'static,
+    ) -> Result<Vm> {
+        let prepared = backend.prepare(spec, dir)?;
+        let console = Console::new(Some(&dir.path().join("console.log")), echo_console)?;
+        let mut command = prepared.command;
+        command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        tracing::debug!(?command, "starting {}", backend.name());
+        let mut vmm = ManagedChild::spawn(format!("{} ({})", spec.name, backend.name()), &mut command, on_exit)
+            .with_context(|| format!("starting {}", command.get_program().to_string_lossy()))?;
+        console.attach(vmm.take_stdout().expect("piped stdout"));
+        console.attach(vmm.take_stderr().expect("piped stderr"));
+        Ok(Vm { name: spec.name.clone(), vmm, helpers: prepared.helpers, console, agent: prepared.agent })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn console(&self) -> &Console {
+        &self.console
+    }
+
+    pub fn take_agent(&mut self) -> Option<Box<dyn Transport>> {
+        self.agent.take()
+    }
+
+    pub fn kill(&mut self) {
+        self.vmm.kill();
+        for helper in &mut self.helpers {
+            helper.kill();
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
