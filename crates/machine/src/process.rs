@@ -3,7 +3,6 @@
 
 use std::io;
 use std::os::unix::process::CommandExt;
-use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 use std::sync::mpsc::{self, Receiver};
 use std::time::Instant;
