@@ -45,8 +45,6 @@ impl ManagedChild {
         }
         // Own process group: a terminal Ctrl-C reaches attest alone, which then tears down in order.
         command.process_group(0);
-        // Own process group: a terminal's Ctrl-C reaches attest alone, which then tears down in order.
-        command.process_group(0);
         let child = command.spawn()?;
         let pid = Pid::from_raw(child.id() as i32);
         let (tx, exited) = mpsc::channel();
