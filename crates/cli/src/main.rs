@@ -1,1 +1,63 @@
-fn main(){}
+//! The `attest` command line: `exec` runs one program in a fresh VM, `doctor` checks the host.
+
+mod doctor;
+mod exec;
+mod exit_code;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "attest", version, about = "Boot real VMs, get a root command channel into each, and drive them from tests")]
+struct Cli {
+    /// More diagnostics on stderr (-v: debug, -vv: trace). ATTEST_LOG takes a tracing filter.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run PROGRAM as root in a fresh VM that sees the host's files; exit with its status.
+    Exec(exec::ExecArgs),
+    /// Check every prerequisite and say how to fix what is missing.
+    Doctor(doctor::DoctorArgs),
+    /// Print the path of the benchmark floor initramfs (busybox init that powers off at once).
+    #[command(hide = true, name = "bench-floor-initramfs")]
+    BenchFloorInitramfs,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let code = match cli.command {
+        Command::Exec(args) => exec::run(args),
+        Command::Doctor(args) => doctor::run(args),
+        Command::BenchFloorInitramfs => bench_floor_initramfs(),
+    };
+    std::process::exit(code);
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ATTEST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).without_time().init();
+}
+
+fn bench_floor_initramfs() -> i32 {
+    let built = attest_image::find_busybox()
+        .and_then(|busybox| attest_image::poweroff_initramfs(&busybox))
+        .and_then(|image| image.write_cached(&attest_image::cache_dir().join("initramfs")));
+    match built {
+        Ok(path) => {
+            println!("{}", path.display());
+            0
+        }
+        Err(err) => exit_code::setup_error(&err),
+    }
+}

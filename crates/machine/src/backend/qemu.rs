@@ -7,11 +7,13 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 use super::{Backend, Prepared};
-use crate::accel::Accel;
 use crate::spec::{MachineSpec, ShareFs};
 use crate::state_dir::StateDir;
 use crate::transport::{Transport, VirtioSerialSocket};
 use crate::virtiofsd;
+
+/// q35 for every VM attest starts, the KVM probe included.
+pub const MACHINE_TYPE: &str = "q35";
 
 pub struct Qemu {
     pub binary: PathBuf,
@@ -39,11 +41,8 @@ impl Backend for Qemu {
         let mut args: Vec<String> = Vec::new();
         let mut push = |items: &[&str]| args.extend(items.iter().map(|s| s.to_string()));
         push(&["-name", &spec.name, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
-        push(&["-machine", "q35"]);
-        match spec.accel {
-            Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
-            Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
-        }
+        push(&["-machine", MACHINE_TYPE]);
+        push(&spec.accel.qemu_args());
         push(&["-m", &spec.memory_mib.to_string(), "-smp", &spec.cpus.to_string()]);
         push(&["-kernel", path_str(&spec.kernel)?, "-append", &spec.cmdline]);
         if let Some(initrd) = &spec.initrd {

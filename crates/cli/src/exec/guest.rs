@@ -1,0 +1,162 @@
+//! The default `attest exec` guest: needs no configuration. Finds a kernel, packs attest's guest init,
+//! busybox and the needed driver modules into a cached initramfs, picks the file-sharing filesystem
+//! and the accelerator, and describes the machine and the start request.
+
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStringExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use attest_image::{Kernel, ModuleTree};
+use attest_machine::accel::{self, AccelChoice, AccelRequest};
+use attest_machine::{virtiofsd, MachineSpec, Qemu, Share, ShareFs};
+use attest_protocol::{Mount, Start, AGENT_PORT};
+
+use super::{AccelArg, ExecArgs, FsArg};
+
+/// Drivers the guest needs beyond the file-sharing one: PCI transport, the agent's virtio-serial
+/// port, and block, network and vsock devices for programs that bring their own.
+const BASE_MODULES: [&str; 5] = ["virtio_pci", "virtio_console", "virtio_blk", "virtio_net", "vmw_vsock_virtio_transport"];
+const TMPFS_DIRS: [&str; 3] = ["/tmp", "/run", "/var/tmp"];
+
+pub struct PreparedGuest {
+    pub qemu: Qemu,
+    pub spec: MachineSpec,
+    pub start: Start,
+    pub accel: AccelChoice,
+    pub kernel: Kernel,
+}
+
+pub fn prepare(args: &ExecArgs) -> Result<PreparedGuest> {
+    let qemu_binary = Qemu::find_binary()
+        .context("qemu-system-x86_64 not found on PATH: install Debian's qemu-system-x86 (or set ATTEST_QEMU)")?;
+    let cache = attest_image::cache_dir();
+    let kernel = attest_image::kernel::locate(args.kernel.as_deref(), &cache)?;
+    let modules = open_modules(&kernel)?;
+    let virtiofsd = virtiofsd::find();
+    let fs = choose_fs(args.fs, &modules, virtiofsd.is_some())?;
+
+    let wanted: Vec<&str> = BASE_MODULES.iter().copied().chain(fs_modules(fs).iter().copied()).collect();
+    let resolution = modules.resolve(&wanted)?;
+    if modules.dir().is_some() && !resolution.missing.is_empty() {
+        tracing::info!(missing = ?resolution.missing, "drivers neither modules nor listed as built in");
+    }
+    let busybox = attest_image::find_busybox()?;
+    let initramfs = attest_image::exec_initramfs(attest_image::GUEST_INIT, &busybox, &resolution.load)?
+        .write_cached(&cache.join("initramfs"))?;
+
+    let request = match args.accel {
+        AccelArg::Auto => AccelRequest::Auto,
+        AccelArg::Kvm => AccelRequest::Kvm,
+        AccelArg::Tcg => AccelRequest::Tcg,
+    };
+    let accel = accel::choose(request, &qemu_binary, &cache).map_err(anyhow::Error::msg)?;
+
+    let cwd = std::env::current_dir().context("reading the current directory")?;
+    let (shares, mounts) = shares_and_mounts(args, &cwd, fs);
+    let spec = MachineSpec {
+        name: "exec".into(),
+        kernel: kernel.path.clone(),
+        initrd: Some(initramfs),
+        // panic=-1 with QEMU's -no-reboot turns a guest panic into a prompt VMM exit.
+        cmdline: "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init attest.guest=exec".into(),
+        memory_mib: args.memory,
+        cpus: args.cpus,
+        accel: accel.accel,
+        shares,
+        agent_port: Some(AGENT_PORT.into()),
+    };
+    let start = Start {
+        argv: program_argv(args).into_iter().map(OsStringExt::into_vec).collect(),
+        env: program_env(args),
+        cwd: cwd.into_os_string().into_vec(),
+        mounts,
+        tmpfs: TMPFS_DIRS.iter().map(|d| d.as_bytes().to_vec()).collect(),
+    };
+    Ok(PreparedGuest { qemu: Qemu { binary: qemu_binary, virtiofsd }, spec, start, accel, kernel })
+}
+
+pub fn open_modules(kernel: &Kernel) -> Result<ModuleTree> {
+    Ok(match &kernel.modules_dir {
+        Some(dir) => ModuleTree::open(dir)?,
+        None => ModuleTree::none(),
+    })
+}
+
+pub fn fs_modules(fs: ShareFs) -> &'static [&'static str] {
+    match fs {
+        ShareFs::Virtiofs => &["virtiofs"],
+        ShareFs::NineP => &["9p", "9pnet_virtio"],
+    }
+}
+
+/// Whether the kernel can mount `fs`: as a module or built in. Without a modules directory attest
+/// cannot tell, and assumes it is built in.
+pub fn kernel_supports(modules: &ModuleTree, fs: ShareFs) -> bool {
+    let Ok(r) = modules.resolve(fs_modules(fs)) else { return false };
+    modules.dir().is_none() || r.missing.is_empty()
+}
+
+/// virtio-fs when virtiofsd and the kernel allow it (faster, see BENCHMARKS.md), else 9p.
+pub fn choose_fs(request: FsArg, modules: &ModuleTree, have_virtiofsd: bool) -> Result<ShareFs> {
+    let virtiofs_ok = kernel_supports(modules, ShareFs::Virtiofs);
+    let ninep_ok = kernel_supports(modules, ShareFs::NineP);
+    match request {
+        FsArg::Virtiofs if !have_virtiofsd => {
+            bail!("--fs virtiofs needs virtiofsd: `cargo install virtiofsd` (scripts/setup does this) or set ATTEST_VIRTIOFSD")
+        }
+        FsArg::Virtiofs if !virtiofs_ok => bail!("--fs virtiofs: the kernel has no virtiofs driver"),
+        FsArg::Virtiofs => Ok(ShareFs::Virtiofs),
+        FsArg::NineP if !ninep_ok => bail!("--fs 9p: the kernel has no 9p driver (Debian's cloud kernel lacks it)"),
+        FsArg::NineP => Ok(ShareFs::NineP),
+        FsArg::Auto if have_virtiofsd && virtiofs_ok => Ok(ShareFs::Virtiofs),
+        FsArg::Auto if ninep_ok => Ok(ShareFs::NineP),
+        FsArg::Auto if virtiofs_ok => bail!(
+            "the kernel can only share files over virtio-fs and virtiofsd was not found: \
+             `cargo install virtiofsd` (scripts/setup does this) or set ATTEST_VIRTIOFSD"
+        ),
+        FsArg::Auto => bail!("the kernel has neither a virtiofs nor a 9p driver; pass a kernel that has one with --kernel"),
+    }
+}
+
+/// The host root (read-only), the current directory (read-write, same path) and each `--share`.
+fn shares_and_mounts(args: &ExecArgs, cwd: &Path, fs: ShareFs) -> (Vec<Share>, Vec<Mount>) {
+    let mut wanted: Vec<(PathBuf, PathBuf, bool)> = vec![(PathBuf::from("/"), PathBuf::from("/"), true)];
+    if cwd != Path::new("/") {
+        wanted.push((cwd.to_path_buf(), cwd.to_path_buf(), false));
+    }
+    wanted.extend(args.shares.iter().map(|s| (s.host.clone(), s.guest.clone(), s.read_only)));
+    // Parents before children, so a share inside another share's mount point lands on top of it.
+    wanted[1..].sort_by_key(|(_, guest, _)| guest.components().count());
+
+    wanted
+        .into_iter()
+        .enumerate()
+        .map(|(index, (host_path, guest, read_only))| {
+            let tag = format!("attest{index}");
+            let share = Share { tag: tag.clone(), host_path, read_only, fs };
+            let mount = Mount { tag, fs, guest_path: guest.into_os_string().into_vec(), read_only };
+            (share, mount)
+        })
+        .unzip()
+}
+
+fn program_argv(args: &ExecArgs) -> Vec<OsString> {
+    let strace = ["strace", "-f", "--"].map(OsString::from);
+    let prefix: &[OsString] = if args.strace { &strace } else { &[] };
+    prefix.iter().chain(&args.command).cloned().collect()
+}
+
+/// attest's own environment, with `--env` on top.
+fn program_env(args: &ExecArgs) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut env: Vec<(OsString, OsString)> = std::env::vars_os().collect();
+    for (key, value) in &args.env {
+        env.retain(|(k, _)| k != key);
+        env.push((key.clone(), value.clone()));
+    }
+    env.into_iter().map(|(k, v)| (k.into_vec(), v.into_vec())).collect()
+}
+
+pub fn describe_kernel(kernel: &Kernel) -> String {
+    format!("{} ({}, from {})", kernel.path.display(), kernel.release, kernel.source)
+}

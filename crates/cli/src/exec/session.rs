@@ -1,0 +1,275 @@
+//! One `attest exec` run: boot the VM, hand the agent the program, stream its output, and turn what
+//! happened (program exit, timeout, guest failure, a signal to attest) into attest's exit status.
+//!
+//! Everything that can happen arrives as an [`Event`] on one channel, so the main thread waits on a
+//! single `recv_timeout` with the run's deadline, and tears down in one place.
+
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use attest_machine::{StateDir, Vm};
+use attest_protocol::{ExitStatus, Frame, GuestMessage, HostMessage};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+
+use super::guest::{describe_kernel, PreparedGuest};
+use super::stdio::{forward_stdin, RawOut};
+use super::ExecArgs;
+use crate::exit_code;
+
+/// From VMM start to the agent's hello. TCG boots of the default guest take about 3 s here.
+const BOOT_DEADLINE: Duration = Duration::from_secs(120);
+/// After the agent channel breaks, how long to wait for the VMM's own exit to explain why.
+const DEATH_GRACE: Duration = Duration::from_secs(5);
+const CONSOLE_TAIL: usize = 40;
+
+enum Event {
+    AgentConnected(UnixStream),
+    Agent(GuestMessage),
+    AgentClosed(String),
+    VmExited(ExitStatus),
+    Signal(i32),
+}
+
+enum Outcome {
+    Program(ExitStatus),
+    TimedOut,
+    GuestFailed(String),
+    Interrupted(i32),
+}
+
+#[derive(Default)]
+struct Timings {
+    vmm_started: Option<Instant>,
+    ready: Option<Instant>,
+    started: Option<Instant>,
+    exited: Option<Instant>,
+    kernel_ms: u64,
+    ready_ms: u64,
+}
+
+pub fn run(guest: PreparedGuest, args: &ExecArgs) -> i32 {
+    let t0 = Instant::now();
+    if !args.quiet {
+        eprintln!("attest: accel: {} ({})", guest.accel.accel, guest.accel.reason);
+    }
+    tracing::debug!(kernel = %describe_kernel(&guest.kernel), "guest");
+    let state = match StateDir::create(args.keep_state) {
+        Ok(state) => state,
+        Err(err) => return exit_code::setup_error(&format!("creating the state directory: {err}")),
+    };
+    let (tx, rx) = mpsc::channel();
+    if let Err(err) = forward_signals(tx.clone()) {
+        return exit_code::setup_error(&format!("installing signal handlers: {err}"));
+    }
+
+    let on_exit = {
+        let tx = tx.clone();
+        move |status| {
+            tx.send(Event::VmExited(status)).ok();
+        }
+    };
+    let mut timings = Timings { vmm_started: Some(Instant::now()), ..Timings::default() };
+    let mut vm = match Vm::start(&guest.qemu, &guest.spec, &state, args.console, on_exit) {
+        Ok(vm) => vm,
+        Err(err) => return exit_code::setup_error(&format!("starting the VM: {err:#}")),
+    };
+    let deadline = args.timeout.map(|secs| t0 + Duration::from_secs_f64(secs));
+    let boot_deadline = Instant::now() + BOOT_DEADLINE;
+    if let Some(transport) = vm.take_agent() {
+        spawn_agent_reader(transport, boot_deadline, tx);
+    }
+
+    let outcome = drive(&rx, &guest, deadline, boot_deadline, &mut timings);
+    let outcome = explain_agent_loss(outcome, &rx);
+    let console_tail = vm.console().tail(CONSOLE_TAIL);
+    vm.kill();
+    drop(vm);
+    let state_path = state.path().to_path_buf();
+    let kept = state.keep();
+    drop(state);
+
+    if args.timings {
+        print_timings(&timings, t0);
+    }
+    if kept {
+        eprintln!("attest: state kept in {}", state_path.display());
+    }
+    report(outcome, args, &console_tail, &state_path, kept)
+}
+
+fn forward_signals(tx: Sender<Event>) -> std::io::Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+    std::thread::spawn(move || {
+        for signal in signals.forever() {
+            if tx.send(Event::Signal(signal)).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Connects to the agent and reads its frames: output goes straight to attest's stdout and stderr,
+/// in order, and control messages become events.
+fn spawn_agent_reader(mut transport: Box<dyn attest_machine::Transport>, deadline: Instant, tx: Sender<Event>) {
+    std::thread::spawn(move || {
+        let mut stream = match transport.connect(deadline) {
+            Ok(stream) => stream,
+            Err(err) => {
+                tx.send(Event::AgentClosed(format!("{}: {err}", transport.describe()))).ok();
+                return;
+            }
+        };
+        match stream.try_clone() {
+            Ok(writer) => tx.send(Event::AgentConnected(writer)).ok(),
+            Err(err) => return drop(tx.send(Event::AgentClosed(err.to_string()))),
+        };
+        let (mut stdout, mut stderr) = (RawOut::stdout(), RawOut::stderr());
+        let why = loop {
+            match Frame::read_from(&mut stream) {
+                Ok(Some(Frame::Stdout(data))) => stdout.write(&data),
+                Ok(Some(Frame::Stderr(data))) => stderr.write(&data),
+                Ok(Some(Frame::Guest(message))) => {
+                    let done = matches!(message, GuestMessage::Exited { .. } | GuestMessage::Failed { .. });
+                    tx.send(Event::Agent(message)).ok();
+                    if done {
+                        return;
+                    }
+                }
+                Ok(Some(other)) => break format!("unexpected frame from the guest: {other:?}"),
+                Ok(None) => break "the guest closed the agent channel".to_string(),
+                Err(err) => break format!("reading from the guest agent: {err}"),
+            }
+        };
+        tx.send(Event::AgentClosed(why)).ok();
+    });
+}
+
+fn drive(
+    rx: &Receiver<Event>,
+    guest: &PreparedGuest,
+    deadline: Option<Instant>,
+    boot_deadline: Instant,
+    timings: &mut Timings,
+) -> Outcome {
+    let mut writer: Option<UnixStream> = None;
+    loop {
+        let booted = timings.ready.is_some();
+        let wait_until = match (booted, deadline) {
+            (false, Some(d)) => d.min(boot_deadline),
+            (false, None) => boot_deadline,
+            (true, Some(d)) => d,
+            (true, None) => Instant::now() + Duration::from_secs(3600),
+        };
+        let event = match rx.recv_timeout(wait_until.saturating_duration_since(Instant::now())) {
+            Ok(event) => event,
+            Err(RecvTimeoutError::Timeout) if deadline.is_some_and(|d| Instant::now() >= d) => return Outcome::TimedOut,
+            Err(RecvTimeoutError::Timeout) if !booted && Instant::now() >= boot_deadline => {
+                return Outcome::GuestFailed(format!(
+                    "the guest did not boot: expected the attest agent to report ready within {BOOT_DEADLINE:?}, \
+                     but it never did"
+                ));
+            }
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => return Outcome::GuestFailed("all event sources ended".into()),
+        };
+        match event {
+            Event::AgentConnected(stream) => writer = Some(stream),
+            Event::Agent(GuestMessage::Ready { kernel_ms, ready_ms }) => {
+                timings.ready = Some(Instant::now());
+                timings.kernel_ms = kernel_ms;
+                timings.ready_ms = ready_ms;
+                let Some(mut channel) = writer.take() else {
+                    return Outcome::GuestFailed("the agent reported ready on a channel attest never saw".into());
+                };
+                let start = Frame::Host(HostMessage::Start(guest.start.clone()));
+                if let Err(err) = start.write_to(&mut channel) {
+                    return Outcome::GuestFailed(format!("sending the program to the guest: {err}"));
+                }
+                forward_stdin(channel);
+            }
+            Event::Agent(GuestMessage::Started { .. }) => timings.started = Some(Instant::now()),
+            Event::Agent(GuestMessage::Exited { status, .. }) => {
+                timings.exited = Some(Instant::now());
+                return Outcome::Program(status);
+            }
+            Event::Agent(GuestMessage::Failed { stage, message }) => {
+                let what = if stage == "mount" { "mounting the host's files" } else { "starting the program" };
+                return Outcome::GuestFailed(format!("the guest agent failed {what}: {message}"));
+            }
+            Event::AgentClosed(why) => return Outcome::GuestFailed(why),
+            Event::VmExited(status) => {
+                return Outcome::GuestFailed(format!("the VM exited ({}) before the program finished", describe(status)))
+            }
+            Event::Signal(signal) => return Outcome::Interrupted(signal),
+        }
+    }
+}
+
+/// A broken agent channel is a symptom; the VMM's exit (a panic, QEMU refusing the kernel) is the cause.
+fn explain_agent_loss(outcome: Outcome, rx: &Receiver<Event>) -> Outcome {
+    let Outcome::GuestFailed(why) = outcome else { return outcome };
+    let deadline = Instant::now() + DEATH_GRACE;
+    while let Ok(event) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        match event {
+            Event::VmExited(status) => {
+                return Outcome::GuestFailed(format!("{why}; the VM exited ({})", describe(status)));
+            }
+            Event::Signal(signal) => return Outcome::Interrupted(signal),
+            _ => {}
+        }
+    }
+    Outcome::GuestFailed(why)
+}
+
+fn describe(status: ExitStatus) -> String {
+    match status {
+        ExitStatus::Code(code) => format!("status {code}"),
+        ExitStatus::Signal(signal) => format!("killed by signal {signal}"),
+    }
+}
+
+fn report(outcome: Outcome, args: &ExecArgs, console: &[String], state: &std::path::Path, kept: bool) -> i32 {
+    let program = args.command.first().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+    let (code, message) = match outcome {
+        Outcome::Program(status) => return exit_code::of_program(status),
+        Outcome::Interrupted(signal) => return 128 + signal,
+        Outcome::TimedOut => (
+            exit_code::TIMEOUT,
+            format!("timed out: expected {program} to finish within {}s", args.timeout.unwrap_or_default()),
+        ),
+        Outcome::GuestFailed(why) => {
+            let panic = console.iter().find(|l| l.contains("Kernel panic"));
+            let message = match panic {
+                Some(line) => format!("the guest kernel panicked while running {program}: {}", line.trim()),
+                None => format!("the guest failed while running {program}: {why}"),
+            };
+            (exit_code::GUEST_FAILURE, message)
+        }
+    };
+    eprintln!("attest: error: {message}");
+    let log = if kept { format!(" ({})", state.join("console.log").display()) } else { String::new() };
+    eprintln!("attest: last {} lines of the guest console{log}:", console.len());
+    for line in console {
+        eprintln!("  | {line}");
+    }
+    code
+}
+
+fn print_timings(t: &Timings, t0: Instant) {
+    let ms = |a: Option<Instant>, b: Option<Instant>| match (a, b) {
+        (Some(a), Some(b)) => format!("{}", b.saturating_duration_since(a).as_millis()),
+        _ => "-".into(),
+    };
+    eprintln!(
+        "attest: timings ms: setup={} vmm_to_ready={} (guest kernel={} init={}) start={} program={} total={}",
+        ms(Some(t0), t.vmm_started),
+        ms(t.vmm_started, t.ready),
+        t.kernel_ms,
+        t.ready_ms.saturating_sub(t.kernel_ms),
+        ms(t.ready, t.started),
+        ms(t.started, t.exited),
+        t0.elapsed().as_millis()
+    );
+}
