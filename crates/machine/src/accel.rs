@@ -150,7 +150,7 @@ pub fn run_probe_guest(qemu: &Path, accel: Accel) -> Result<(), String> {
         Some(ExitStatus::Code(PROBE_EXIT)) => Ok(()),
         None => Err(format!("a {accel} probe guest did not finish within {PROBE_DEADLINE:?}")),
         Some(status) => Err(format!(
-            "{} {} failed ({status:?}){}",
+            "{} {} failed ({status}){}",
             qemu.display(),
             accel.qemu_args().join(" "),
             if first_error.is_empty() { String::new() } else { format!(": {first_error}") }

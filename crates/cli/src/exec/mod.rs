@@ -1,7 +1,7 @@
 //! `attest exec`: run one program as root in a fresh VM that sees the host's files, with its
 //! streams and exit status passed through. Usable as a cargo runner.
 
-mod guest;
+pub mod guest;
 mod session;
 mod stdio;
 

@@ -200,7 +200,7 @@ fn drive(
             }
             Event::AgentClosed(why) => return Outcome::GuestFailed(why),
             Event::VmExited(status) => {
-                return Outcome::GuestFailed(format!("the VM exited ({}) before the program finished", describe(status)))
+                return Outcome::GuestFailed(format!("the VM exited ({status}) before the program finished"))
             }
             Event::Signal(signal) => return Outcome::Interrupted(signal),
         }
@@ -214,20 +214,13 @@ fn explain_agent_loss(outcome: Outcome, rx: &Receiver<Event>) -> Outcome {
     while let Ok(event) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
         match event {
             Event::VmExited(status) => {
-                return Outcome::GuestFailed(format!("{why}; the VM exited ({})", describe(status)));
+                return Outcome::GuestFailed(format!("{why}; the VM exited ({status})"));
             }
             Event::Signal(signal) => return Outcome::Interrupted(signal),
             _ => {}
         }
     }
     Outcome::GuestFailed(why)
-}
-
-fn describe(status: ExitStatus) -> String {
-    match status {
-        ExitStatus::Code(code) => format!("status {code}"),
-        ExitStatus::Signal(signal) => format!("killed by signal {signal}"),
-    }
 }
 
 fn report(outcome: Outcome, args: &ExecArgs, console: &[String], state: &std::path::Path, kept: bool) -> i32 {
@@ -250,7 +243,12 @@ fn report(outcome: Outcome, args: &ExecArgs, console: &[String], state: &std::pa
     };
     eprintln!("attest: error: {message}");
     let log = if kept { format!(" ({})", state.join("console.log").display()) } else { String::new() };
-    eprintln!("attest: last {} lines of the guest console{log}:", console.len());
+    if console.is_empty() {
+        eprintln!("attest: the guest console printed nothing{log}");
+    }
+    if !console.is_empty() {
+        eprintln!("attest: last {} lines of the guest console{log}:", console.len());
+    }
     for line in console {
         eprintln!("  | {line}");
     }
