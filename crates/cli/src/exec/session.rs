@@ -245,8 +245,7 @@ fn report(outcome: Outcome, args: &ExecArgs, console: &[String], state: &std::pa
     let log = if kept { format!(" ({})", state.join("console.log").display()) } else { String::new() };
     if console.is_empty() {
         eprintln!("attest: the guest console printed nothing{log}");
-    }
-    if !console.is_empty() {
+    } else {
         eprintln!("attest: last {} lines of the guest console{log}:", console.len());
     }
     for line in console {
