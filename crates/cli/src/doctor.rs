@@ -107,7 +107,11 @@ fn check_qemu(qemu: Option<&Path>) -> Check {
             let version = String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").to_string();
             ok("qemu", format!("{version} ({})", qemu.display()))
         }
-        Ok(out) => fail("qemu", format!("{} --version failed: {}", qemu.display(), String::from_utf8_lossy(&out.stderr).trim()), fix),
+        Ok(out) => fail(
+            "qemu",
+            format!("{} --version failed: {}", qemu.display(), String::from_utf8_lossy(&out.stderr).trim()),
+            fix,
+        ),
         Err(err) => fail("qemu", format!("cannot run {}: {err}", qemu.display()), fix),
     }
 }
@@ -132,9 +136,15 @@ fn check_kernel(flag: Option<&Path>, cache: &Path) -> Vec<Check> {
             format!("no lib/modules/{} found; virtio drivers must be built in", kernel.release),
             "use a kernel with virtio built in, or unpack its modules beside it (X/boot/vmlinuz, X/lib/modules)",
         ),
-        (Some(dir), Ok(r)) if r.missing.is_empty() => {
-            ok("modules", format!("{}: virtio_pci, virtio_console: {} to load, {} built in", dir.display(), r.load.len(), r.builtin.len()))
-        }
+        (Some(dir), Ok(r)) if r.missing.is_empty() => ok(
+            "modules",
+            format!(
+                "{}: virtio_pci, virtio_console: {} to load, {} built in",
+                dir.display(),
+                r.load.len(),
+                r.builtin.len()
+            ),
+        ),
         (Some(dir), Ok(r)) => fail(
             "modules",
             format!("{}: {} neither a module nor built in", dir.display(), r.missing.join(", ")),
@@ -151,7 +161,11 @@ fn check_kernel(flag: Option<&Path>, cache: &Path) -> Vec<Check> {
     checks.push(match choose_fs(FsArg::Auto, &modules, virtiofsd.is_some()) {
         Ok(ShareFs::Virtiofs) => ok(
             "file sharing",
-            format!("virtio-fs with {} (kernel has: {})", virtiofsd.unwrap_or_default().display(), supported.join(", ")),
+            format!(
+                "virtio-fs with {} (kernel has: {})",
+                virtiofsd.unwrap_or_default().display(),
+                supported.join(", ")
+            ),
         ),
         Ok(ShareFs::NineP) => warn(
             "file sharing",
@@ -221,7 +235,11 @@ fn check_socket_paths() -> Check {
             let longest = base.as_os_str().len() + 8 + "virtiofs-15.sock".len();
             let spare = MAX_SOCKET_PATH as i64 - longest as i64;
             match spare {
-                s if s < 0 => fail("sockets", format!("{} is too long for unix socket paths", base.display()), "unset XDG_RUNTIME_DIR or shorten it"),
+                s if s < 0 => fail(
+                    "sockets",
+                    format!("{} is too long for unix socket paths", base.display()),
+                    "unset XDG_RUNTIME_DIR or shorten it",
+                ),
                 s => ok("sockets", format!("state under {}; socket paths have {s} bytes to spare", base.display())),
             }
         }

@@ -7,7 +7,11 @@ mod exit_code;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "attest", version, about = "Boot real VMs, get a root command channel into each, and drive them from tests")]
+#[command(
+    name = "attest",
+    version,
+    about = "Boot real VMs, get a root command channel into each, and drive them from tests"
+)]
 struct Cli {
     /// More diagnostics on stderr (-v: debug, -vv: trace). ATTEST_LOG takes a tracing filter.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]

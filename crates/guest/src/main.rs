@@ -41,9 +41,9 @@ fn boot() -> Result<()> {
         None => anyhow::bail!("host closed the agent channel before sending a start request"),
     };
 
-    let outcome = mounts::prepare_root(&start).map_err(|e| ("mount", e)).and_then(|()| {
-        run::run_program(&start, reader, &writer).map_err(|e| ("run", e))
-    });
+    let outcome = mounts::prepare_root(&start)
+        .map_err(|e| ("mount", e))
+        .and_then(|()| run::run_program(&start, reader, &writer).map_err(|e| ("run", e)));
     if let Err((stage, err)) = outcome {
         let message = format!("{err:#}");
         println!("attest-init: {stage} failed: {message}");

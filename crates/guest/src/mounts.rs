@@ -36,12 +36,16 @@ pub fn prepare_root(start: &Start) -> Result<()> {
     ] {
         let target = under_root(dir.as_bytes());
         fs::create_dir_all(&target).ok();
-        mount(Some(fs), &target, Some(fs), MsFlags::empty(), data).with_context(|| format!("mounting {fs} on {dir}"))?;
+        mount(Some(fs), &target, Some(fs), MsFlags::empty(), data)
+            .with_context(|| format!("mounting {fs} on {dir}"))?;
     }
     for share in rest {
         let target = under_root(&share.guest_path);
         fs::create_dir_all(&target).with_context(|| {
-            format!("creating mount point {} (it must exist in the host root or lie in a tmpfs)", display(&share.guest_path))
+            format!(
+                "creating mount point {} (it must exist in the host root or lie in a tmpfs)",
+                display(&share.guest_path)
+            )
         })?;
         mount_share(share, &target)?;
     }
@@ -60,9 +64,8 @@ fn mount_share(share: &Mount, target: &Path) -> Result<()> {
         ShareFs::Virtiofs => ("virtiofs", None),
         ShareFs::NineP => ("9p", Some("trans=virtio,version=9p2000.L,msize=524288,cache=loose")),
     };
-    mount(Some(share.tag.as_str()), target, Some(fstype), flags, data).with_context(|| {
-        format!("mounting {fstype} share {:?} on {}", share.tag, display(&share.guest_path))
-    })
+    mount(Some(share.tag.as_str()), target, Some(fstype), flags, data)
+        .with_context(|| format!("mounting {fstype} share {:?} on {}", share.tag, display(&share.guest_path)))
 }
 
 fn under_root(guest_path: &[u8]) -> PathBuf {

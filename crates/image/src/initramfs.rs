@@ -133,10 +133,11 @@ pub fn exec_initramfs(init: &[u8], busybox: &Path, modules: &[ModuleFile]) -> Re
 pub fn poweroff_initramfs(busybox: &Path) -> Result<Initramfs, ImageError> {
     let busybox_bytes = std::fs::read(busybox)
         .map_err(|source| ImageError::Io { what: format!("reading busybox {}", busybox.display()), source })?;
-    Ok(base_layout()
-        .file("bin/busybox", busybox_bytes, 0o755)
-        .symlink("bin/sh", "busybox")
-        .file("init", b"#!/bin/sh\n/bin/busybox poweroff -f\n".to_vec(), 0o755))
+    Ok(base_layout().file("bin/busybox", busybox_bytes, 0o755).symlink("bin/sh", "busybox").file(
+        "init",
+        b"#!/bin/sh\n/bin/busybox poweroff -f\n".to_vec(),
+        0o755,
+    ))
 }
 
 fn base_layout() -> Initramfs {
@@ -168,7 +169,11 @@ mod tests {
         }
         assert_eq!(
             names,
-            [("bin".into(), S_IFDIR | 0o755, 0), ("bin/hello".into(), S_IFREG | 0o755, 3), ("sh".into(), S_IFLNK | 0o777, 9)]
+            [
+                ("bin".into(), S_IFDIR | 0o755, 0),
+                ("bin/hello".into(), S_IFREG | 0o755, 3),
+                ("sh".into(), S_IFLNK | 0o777, 9)
+            ]
         );
     }
 

@@ -104,11 +104,7 @@ pub fn bzimage_release(path: &Path) -> Result<String, ImageError> {
     let text = head.get(offset..).ok_or_else(|| not_bzimage("version string lies outside the setup code"))?;
     let end = text.iter().position(|&b| b == 0).unwrap_or(text.len()).min(256);
     let version = String::from_utf8_lossy(&text[..end]);
-    version
-        .split_whitespace()
-        .next()
-        .map(str::to_string)
-        .ok_or_else(|| not_bzimage("empty version string"))
+    version.split_whitespace().next().map(str::to_string).ok_or_else(|| not_bzimage("empty version string"))
 }
 
 /// `lib/modules/<release>` beside the kernel (an unpacked package: `X/boot/vmlinuz`, `X/lib/modules`),

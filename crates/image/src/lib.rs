@@ -7,7 +7,6 @@ pub mod modules;
 
 use std::path::{Path, PathBuf};
 
-
 pub use initramfs::{exec_initramfs, poweroff_initramfs, Initramfs};
 pub use kernel::{Kernel, KernelSource};
 pub use modules::{ModuleFile, ModuleTree, Resolution};

@@ -127,7 +127,9 @@ pub fn module_bytes(path: &Path) -> Result<Vec<u8>, ImageError> {
     let mut out = Vec::new();
     match path.extension().and_then(|e| e.to_str()) {
         Some("xz") => xz2::read::XzDecoder::new(raw.as_slice()).read_to_end(&mut out).map_err(io_err)?,
-        Some("zst") => zstd::stream::read::Decoder::new(raw.as_slice()).map_err(io_err)?.read_to_end(&mut out).map_err(io_err)?,
+        Some("zst") => {
+            zstd::stream::read::Decoder::new(raw.as_slice()).map_err(io_err)?.read_to_end(&mut out).map_err(io_err)?
+        }
         Some("gz") => flate2::read::GzDecoder::new(raw.as_slice()).read_to_end(&mut out).map_err(io_err)?,
         _ => return Ok(raw),
     };

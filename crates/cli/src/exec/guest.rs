@@ -16,7 +16,8 @@ use super::{AccelArg, ExecArgs, FsArg};
 
 /// Drivers the guest needs beyond the file-sharing one: PCI transport, the agent's virtio-serial
 /// port, and block, network and vsock devices for programs that bring their own.
-const BASE_MODULES: [&str; 5] = ["virtio_pci", "virtio_console", "virtio_blk", "virtio_net", "vmw_vsock_virtio_transport"];
+const BASE_MODULES: [&str; 5] =
+    ["virtio_pci", "virtio_console", "virtio_blk", "virtio_net", "vmw_vsock_virtio_transport"];
 const TMPFS_DIRS: [&str; 3] = ["/tmp", "/run", "/var/tmp"];
 
 pub struct PreparedGuest {
@@ -115,7 +116,9 @@ pub fn choose_fs(request: FsArg, modules: &ModuleTree, have_virtiofsd: bool) -> 
             "the kernel can only share files over virtio-fs and virtiofsd was not found: \
              `cargo install virtiofsd` (scripts/setup does this) or set ATTEST_VIRTIOFSD"
         ),
-        FsArg::Auto => bail!("the kernel has neither a virtiofs nor a 9p driver; pass a kernel that has one with --kernel"),
+        FsArg::Auto => {
+            bail!("the kernel has neither a virtiofs nor a 9p driver; pass a kernel that has one with --kernel")
+        }
     }
 }
 

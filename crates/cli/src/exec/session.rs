@@ -164,7 +164,9 @@ fn drive(
         };
         let event = match rx.recv_timeout(wait_until.saturating_duration_since(Instant::now())) {
             Ok(event) => event,
-            Err(RecvTimeoutError::Timeout) if deadline.is_some_and(|d| Instant::now() >= d) => return Outcome::TimedOut,
+            Err(RecvTimeoutError::Timeout) if deadline.is_some_and(|d| Instant::now() >= d) => {
+                return Outcome::TimedOut
+            }
             Err(RecvTimeoutError::Timeout) if !booted && Instant::now() >= boot_deadline => {
                 return Outcome::GuestFailed(format!(
                     "the guest did not boot: expected the attest agent to report ready within {BOOT_DEADLINE:?}, \
