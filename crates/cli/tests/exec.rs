@@ -1,0 +1,285 @@
+//! `attest exec` end to end: every test boots a real VM (TCG when KVM is unusable) with the default guest.
+
+mod common;
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::ffi::OsStringExt;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[test]
+fn exit_codes_pass_through() {
+    for (script, expected) in [("exit 0", 0), ("exit 1", 1), ("exit 42", 42), ("kill -TERM $$", 128 + 15)] {
+        let run = exec(&[], &["sh", "-c", script]);
+        assert_eq!(run.code, expected, "{script}: {run:?}");
+    }
+}
+
+#[test]
+fn missing_program_is_127() {
+    let run = exec(&[], &["attest-no-such-program"]);
+    assert_eq!(run.code, 127, "{run:?}");
+    assert!(run.stderr.contains("attest-no-such-program"), "{run:?}");
+}
+
+#[test]
+fn stdout_and_stderr_stay_separate_and_ordered() {
+    let run = exec(&[], &["sh", "-c", "for i in $(seq 1 2000); do echo out$i; echo err$i >&2; done"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let expected_out: String = (1..=2000).map(|i| format!("out{i}\n")).collect();
+    let expected_err: String = (1..=2000).map(|i| format!("err{i}\n")).collect();
+    assert_eq!(run.stdout_text(), expected_out);
+    assert_eq!(run.stderr, expected_err);
+}
+
+#[test]
+fn output_streams_while_the_program_runs() {
+    let mut child = exec_command(&[], &["sh", "-c", "echo early; echo early-err >&2; sleep 4; echo late"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "early\n");
+    let early_at = Instant::now();
+    line.clear();
+    stderr.read_line(&mut line).unwrap();
+    assert_eq!(line, "early-err\n");
+    line.clear();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "late\n");
+    assert!(early_at.elapsed() >= Duration::from_secs(3), "early output arrived only at the end");
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn ten_megabytes_of_binary_output_arrive_byte_exact() {
+    // Outside /tmp: the guest's /tmp is its own tmpfs; the rest of the host root is visible read-only.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let data: Vec<u8> = (0..10_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let file = dir.path().join("blob");
+    std::fs::write(&file, &data).unwrap();
+    let run = exec(&[], &[OsString::from("cat"), file.into_os_string()]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.stdout.len(), data.len());
+    assert_eq!(sha256(&run.stdout), sha256(&data));
+}
+
+#[test]
+fn stdin_reaches_the_program() {
+    let mut child = exec_command(&[], &["cat"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(b"hi\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.stdout, b"hi\n");
+    assert!(out.status.success());
+
+    let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    let mut child = exec_command(&[], &["sha256sum"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = {
+        let data = data.clone();
+        std::thread::spawn(move || stdin.write_all(&data).unwrap())
+    };
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{}  -\n", sha256(&data)));
+}
+
+#[test]
+fn awkward_arguments_and_environment_arrive_byte_exact() {
+    let awkward: Vec<OsString> = vec![
+        "it's".into(),
+        "a \"quoted\" word".into(),
+        "new\nline".into(),
+        "ünïcødé ✓".into(),
+        "".into(),
+        "$HOME `id` *".into(),
+        OsString::from_vec(b"not utf8 \xff\xfe".to_vec()),
+    ];
+    let mut program: Vec<OsString> = vec!["sh".into(), "-c".into(), r#"printf '%s\0' "$@""#.into(), "sh".into()];
+    program.extend(awkward.iter().cloned());
+    let run = exec(&[], &program);
+    assert_eq!(run.code, 0, "{run:?}");
+    let expected: Vec<u8> = awkward.iter().flat_map(|a| a.clone().into_vec().into_iter().chain([0])).collect();
+    assert_eq!(run.stdout, expected);
+
+    let mut command = exec_command(
+        &["--env", "ATTEST_T_OVERRIDE=from --env", "--env", "ATTEST_T_NEW=a b\n\"c\" 'd' $e"],
+        &["sh", "-c", r#"printf '%s|%s|%s' "$ATTEST_T_INHERITED" "$ATTEST_T_OVERRIDE" "$ATTEST_T_NEW""#],
+    );
+    command.env("ATTEST_T_INHERITED", "inherited ✓").env("ATTEST_T_OVERRIDE", "from attest's env");
+    let run = run_command(&mut command);
+    assert_eq!(run.stdout_text(), "inherited ✓|from --env|a b\n\"c\" 'd' $e", "{run:?}");
+}
+
+#[test]
+fn runs_in_the_current_directory_and_writes_reach_the_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path().canonicalize().unwrap();
+    let run = run_command(exec_command(&[], &["sh", "-c", "pwd; echo written in the guest > out.txt; id -u"]).current_dir(&cwd));
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(run.stdout_text(), format!("{}\n0\n", cwd.display()));
+    assert_eq!(std::fs::read_to_string(cwd.join("out.txt")).unwrap(), "written in the guest\n");
+}
+
+#[test]
+fn host_root_is_read_only_and_scratch_dirs_are_writable() {
+    let run = exec(&[], &["sh", "-c", "touch /etc/attest-should-fail 2>/dev/null && echo wrote-etc; touch /tmp/x /run/x /var/tmp/x && echo scratch-ok"]);
+    assert_eq!(run.stdout_text(), "scratch-ok\n", "{run:?}");
+    assert!(!std::path::Path::new("/etc/attest-should-fail").exists());
+}
+
+#[test]
+fn shares_honour_read_only_and_read_write() {
+    let ro = tempfile::tempdir().unwrap();
+    let rw = tempfile::tempdir().unwrap();
+    std::fs::write(ro.path().join("host-file"), "from the host\n").unwrap();
+    let ro_arg = format!("{}:/tmp/ro-share:ro", ro.path().display());
+    let rw_arg = format!("{}:/tmp/rw-share", rw.path().display());
+    let script = "cat /tmp/ro-share/host-file; \
+                  if touch /tmp/ro-share/new 2>/dev/null; then echo ro-writable; else echo ro-rejected; fi; \
+                  echo guest > /tmp/rw-share/new && echo rw-ok";
+    let run = exec(&["--share", &ro_arg, "--share", &rw_arg], &["sh", "-c", script]);
+    assert_eq!(run.stdout_text(), "from the host\nro-rejected\nrw-ok\n", "{run:?}");
+    assert!(!ro.path().join("new").exists());
+    assert_eq!(std::fs::read_to_string(rw.path().join("new")).unwrap(), "guest\n");
+}
+
+#[test]
+fn timeout_exits_124_promptly_with_the_console_tail() {
+    let run = exec(&["--timeout", "6"], &["sleep", "600"]);
+    assert_eq!(run.code, 124, "{run:?}");
+    assert!(run.elapsed < Duration::from_secs(6 + 5), "{run:?}");
+    assert!(run.stderr.contains("timed out: expected sleep to finish within 6s"), "{run:?}");
+}
+
+#[test]
+fn guest_kernel_panic_is_125_with_the_console_tail() {
+    let run = exec(&[], &["sh", "-c", "echo c > /proc/sysrq-trigger; sleep 60"]);
+    assert_eq!(run.code, 125, "{run:?}");
+    assert!(run.stderr.contains("the guest kernel panicked"), "{run:?}");
+    assert!(run.stderr.contains("lines of the guest console"), "{run:?}");
+    assert!(run.stderr.contains("  | ") && run.stderr.contains("sysrq triggered crash"), "{run:?}");
+    assert!(run.elapsed < Duration::from_secs(30), "{run:?}");
+}
+
+#[test]
+fn missing_or_corrupt_kernel_is_a_setup_error() {
+    let run = exec(&["--kernel", "/nonexistent/vmlinuz"], &["true"]);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.stderr.contains("/nonexistent/vmlinuz"), "{run:?}");
+
+    let corrupt = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(corrupt.path(), vec![0x5a; 100_000]).unwrap();
+    let run = exec(&["--kernel", corrupt.path().to_str().unwrap()], &["true"]);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.stderr.contains("no x86 boot header"), "{run:?}");
+}
+
+#[test]
+fn bad_usage_is_exit_2() {
+    for options in [&["--memory", "lots"][..], &["--timeout", "-1"], &["--share", "/no/such/dir"], &["--env", "NOEQUALS"]] {
+        let run = exec(options, &["true"]);
+        assert_eq!(run.code, 2, "{options:?}: {run:?}");
+    }
+    let run = run_command(std::process::Command::new(attest_bin()).args(["exec", "true"]));
+    assert_eq!(run.code, 2, "PROGRAM must follow --: {run:?}");
+}
+
+#[test]
+fn the_accelerator_choice_is_announced() {
+    let run = run_command(std::process::Command::new(attest_bin()).args(["exec", "--", "true"]));
+    assert_eq!(run.code, 0, "{run:?}");
+    let line = run.stderr.lines().find(|l| l.starts_with("attest: accel: ")).expect("an accel line");
+    assert!(line.contains("KVM probe ran a guest") || line.contains("KVM is unusable"), "{line}");
+    let run = run_command(std::process::Command::new(attest_bin()).args(["exec", "--accel", "tcg", "--", "true"]));
+    assert!(run.stderr.contains("attest: accel: TCG (software emulation) (requested with --accel tcg)"), "{run:?}");
+}
+
+#[test]
+fn strace_traces_the_program_on_stderr() {
+    let run = exec(&["--strace"], &["true"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stderr.contains("execve(") && run.stderr.contains("exit_group(0)"), "{run:?}");
+}
+
+#[test]
+fn four_parallel_runs_in_one_directory_do_not_collide() {
+    let dir = tempfile::tempdir().unwrap();
+    let children: Vec<_> = (0..4)
+        .map(|i| {
+            exec_command(&[], &["sh", "-c", &format!("echo run{i} > run{i}.txt; echo run{i}")])
+                .current_dir(dir.path())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (i, child) in children.into_iter().enumerate() {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "run {i}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), format!("run{i}\n"));
+        assert_eq!(std::fs::read_to_string(dir.path().join(format!("run{i}.txt"))).unwrap(), format!("run{i}\n"));
+    }
+}
+
+/// Starts `sleep` in a VM, waits until the program runs, and returns attest with its helpers and state dir.
+fn started_run() -> (std::process::Child, Vec<u32>, std::path::PathBuf) {
+    let mut child = exec_command(&[], &["sh", "-c", "echo running; exec sleep 600"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line, "running\n");
+    let helpers = children_of(child.id()).into_iter().filter(|p| !cmdline(*p).contains("attest-reaper")).collect::<Vec<_>>();
+    let qemu = helpers.iter().map(|p| cmdline(*p)).find(|c| c.contains("qemu-system")).expect("a QEMU child");
+    assert!(helpers.len() >= 2, "expected QEMU and virtiofsd children, got {helpers:?}");
+    let state = state_dir_of(&qemu).expect("state dir in QEMU's command line");
+    assert!(state.is_dir());
+    (child, helpers, state)
+}
+
+fn assert_nothing_left(helpers: &[u32], state: &std::path::Path) {
+    eventually("helpers to exit", Duration::from_secs(10), || helpers.iter().all(|p| !is_alive(*p)));
+    eventually("the state directory to be removed", Duration::from_secs(10), || !state.exists());
+}
+
+#[test]
+fn nothing_is_left_after_sigkill_of_attest() {
+    let (mut child, helpers, state) = started_run();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_nothing_left(&helpers, &state);
+}
+
+#[test]
+fn sigterm_and_sigint_clean_up_and_exit_128_plus_signal() {
+    for (signal, code) in [(nix::sys::signal::SIGTERM, 143), (nix::sys::signal::SIGINT, 130)] {
+        let (mut child, helpers, state) = started_run();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
+        let status = child.wait().unwrap();
+        let mut stderr = String::new();
+        child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+        assert_eq!(status.code(), Some(code), "{signal}: {stderr}");
+        assert_nothing_left(&helpers, &state);
+    }
+}
+
+#[test]
+fn keep_state_keeps_the_console_log() {
+    let run = exec(&["--keep-state"], &["true"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let line = run.stderr.lines().find_map(|l| l.strip_prefix("attest: state kept in ")).expect("kept path");
+    let log = std::path::Path::new(line).join("console.log");
+    assert!(log.is_file(), "{}", log.display());
+    std::fs::remove_dir_all(line).unwrap();
+}
