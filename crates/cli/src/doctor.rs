@@ -196,7 +196,7 @@ fn check_disk(cache: &Path) -> Check {
     for dir in [state_dir::base_dir().ok(), Some(cache.to_path_buf())].into_iter().flatten() {
         let probe = dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/")).to_path_buf();
         if let Ok(stat) = nix::sys::statvfs::statvfs(&probe) {
-            let free = stat.blocks_available() as u64 * stat.fragment_size() as u64;
+            let free = stat.blocks_available() * stat.fragment_size();
             if lowest.as_ref().is_none_or(|(f, _)| free < *f) {
                 lowest = Some((free, probe));
             }

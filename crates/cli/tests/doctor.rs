@@ -9,7 +9,21 @@ fn doctor_reports_every_prerequisite_and_passes_after_setup() {
     let run = common::run_command(Command::new(common::attest_bin()).arg("doctor"));
     let out = run.stdout_text();
     assert_eq!(run.code, 0, "setup has run on this machine, so nothing required is missing: {out}");
-    for name in ["qemu", "kvm", "kernel", "modules", "file sharing", "busybox", "tun", "vhost-vsock", "vde_switch", "tesseract", "disk", "memory", "sockets"] {
+    for name in [
+        "qemu",
+        "kvm",
+        "kernel",
+        "modules",
+        "file sharing",
+        "busybox",
+        "tun",
+        "vhost-vsock",
+        "vde_switch",
+        "tesseract",
+        "disk",
+        "memory",
+        "sockets",
+    ] {
         let line = out.lines().find(|l| l.get(6..).is_some_and(|rest| rest.starts_with(name)));
         let line = line.unwrap_or_else(|| panic!("no {name} line in:\n{out}"));
         assert!(line.starts_with("ok  ") || line.starts_with("warn") || line.starts_with("FAIL"), "{line}");
@@ -25,7 +39,8 @@ fn doctor_reports_every_prerequisite_and_passes_after_setup() {
 
 #[test]
 fn doctor_fails_when_a_required_piece_is_missing() {
-    let run = common::run_command(Command::new(common::attest_bin()).args(["doctor", "--kernel", "/nonexistent/vmlinuz"]));
+    let run =
+        common::run_command(Command::new(common::attest_bin()).args(["doctor", "--kernel", "/nonexistent/vmlinuz"]));
     assert_eq!(run.code, 1, "{run:?}");
     assert!(run.stdout_text().contains("FAIL  kernel"), "{run:?}");
     assert!(run.stdout_text().contains("fix: "), "{run:?}");

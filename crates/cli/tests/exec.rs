@@ -122,7 +122,9 @@ fn awkward_arguments_and_environment_arrive_byte_exact() {
 fn runs_in_the_current_directory_and_writes_reach_the_host() {
     let dir = tempfile::tempdir().unwrap();
     let cwd = dir.path().canonicalize().unwrap();
-    let run = run_command(exec_command(&[], &["sh", "-c", "pwd; echo written in the guest > out.txt; id -u"]).current_dir(&cwd));
+    let run = run_command(
+        exec_command(&[], &["sh", "-c", "pwd; echo written in the guest > out.txt; id -u"]).current_dir(&cwd),
+    );
     assert_eq!(run.code, 0, "{run:?}");
     assert_eq!(run.stdout_text(), format!("{}\n0\n", cwd.display()));
     assert_eq!(std::fs::read_to_string(cwd.join("out.txt")).unwrap(), "written in the guest\n");
@@ -184,7 +186,9 @@ fn missing_or_corrupt_kernel_is_a_setup_error() {
 
 #[test]
 fn bad_usage_is_exit_2() {
-    for options in [&["--memory", "lots"][..], &["--timeout", "-1"], &["--share", "/no/such/dir"], &["--env", "NOEQUALS"]] {
+    for options in
+        [&["--memory", "lots"][..], &["--timeout", "-1"], &["--share", "/no/such/dir"], &["--env", "NOEQUALS"]]
+    {
         let run = exec(options, &["true"]);
         assert_eq!(run.code, 2, "{options:?}: {run:?}");
     }
@@ -240,7 +244,8 @@ fn started_run() -> (std::process::Child, Vec<u32>, std::path::PathBuf) {
     let mut line = String::new();
     BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
     assert_eq!(line, "running\n");
-    let helpers = children_of(child.id()).into_iter().filter(|p| !cmdline(*p).contains("attest-reaper")).collect::<Vec<_>>();
+    let helpers =
+        children_of(child.id()).into_iter().filter(|p| !cmdline(*p).contains("attest-reaper")).collect::<Vec<_>>();
     let qemu = helpers.iter().map(|p| cmdline(*p)).find(|c| c.contains("qemu-system")).expect("a QEMU child");
     assert!(helpers.len() >= 2, "expected QEMU and virtiofsd children, got {helpers:?}");
     let state = state_dir_of(&qemu).expect("state dir in QEMU's command line");

@@ -140,9 +140,8 @@ impl Frame {
     /// Reads one frame. `Ok(None)` means the stream ended cleanly between frames.
     pub fn read_from(r: &mut impl Read) -> io::Result<Option<Frame>> {
         let mut header = [0u8; 5];
-        match read_exact_or_eof(r, &mut header)? {
-            false => return Ok(None),
-            true => {}
+        if !read_exact_or_eof(r, &mut header)? {
+            return Ok(None);
         }
         let len = u32::from_le_bytes(header[1..5].try_into().unwrap()) as usize;
         if len > MAX_PAYLOAD {

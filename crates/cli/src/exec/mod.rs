@@ -177,7 +177,7 @@ mod tests {
             parse_share(&format!("{t}:/data:ro")).unwrap(),
             ShareArg { host: tmp.clone(), guest: "/data".into(), read_only: true }
         );
-        assert_eq!(parse_share(&format!("{t}:ro")).unwrap().read_only, true);
+        assert!(parse_share(&format!("{t}:ro")).unwrap().read_only);
         assert!(parse_share(&format!("{t}:relative")).is_err());
         assert!(parse_share("/definitely/not/here").is_err());
         assert!(parse_share(&format!("{t}:/a:/b:ro")).is_err());

@@ -95,7 +95,9 @@ fn ppid_and_state(pid: u32) -> Option<(u32, char)> {
 }
 
 pub fn cmdline(pid: u32) -> String {
-    std::fs::read(format!("/proc/{pid}/cmdline")).map(|b| String::from_utf8_lossy(&b).replace('\0', " ")).unwrap_or_default()
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .unwrap_or_default()
 }
 
 /// Waits (bounded) until `condition` holds; used where the kernel offers no event to wait on.
