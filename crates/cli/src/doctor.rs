@@ -9,7 +9,7 @@ use attest_machine::accel;
 use attest_machine::state_dir::{self, MAX_SOCKET_PATH};
 use attest_machine::{virtiofsd, Qemu, ShareFs};
 
-use crate::exec::guest::{choose_fs, fs_modules, kernel_supports, open_modules};
+use crate::exec::guest::{choose_fs, kernel_supports, open_modules};
 use crate::exec::FsArg;
 
 #[derive(clap::Args)]
@@ -44,6 +44,11 @@ fn warn(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -
 fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
     Check { status: Status::Fail, name, detail: detail.into(), fix: Some(fix.into()) }
 }
+
+/// Every attest guest needs these: the PCI transport and the agent's virtio-serial port.
+const REQUIRED_DRIVERS: [&str; 2] = ["virtio_pci", "virtio_console"];
+/// Loaded when a machine has such a device: disks, network cards, vsock.
+const DEVICE_DRIVERS: [&str; 3] = ["virtio_blk", "virtio_net", "vmw_vsock_virtio_transport"];
 
 const APT: &str = "apt-get install --no-install-recommends";
 
@@ -129,8 +134,7 @@ fn check_kernel(flag: Option<&Path>, cache: &Path) -> Vec<Check> {
         Ok(modules) => modules,
         Err(err) => return vec![fail("modules", err.to_string(), "check the kernel's lib/modules directory")],
     };
-    let required = modules.resolve(&["virtio_pci", "virtio_console"]);
-    checks.push(match (&kernel.modules_dir, required) {
+    checks.push(match (&kernel.modules_dir, modules.resolve(&REQUIRED_DRIVERS)) {
         (None, _) => warn(
             "modules",
             format!("no lib/modules/{} found; virtio drivers must be built in", kernel.release),
@@ -152,11 +156,25 @@ fn check_kernel(flag: Option<&Path>, cache: &Path) -> Vec<Check> {
         ),
         (Some(dir), Err(err)) => fail("modules", format!("{}: {err}", dir.display()), "reinstall the kernel's modules"),
     });
+    if let (Some(dir), Ok(r)) = (&kernel.modules_dir, modules.resolve(&DEVICE_DRIVERS)) {
+        checks.push(match r.missing.is_empty() {
+            true => ok("drivers", format!("{} available", DEVICE_DRIVERS.join(", "))),
+            false => warn(
+                "drivers",
+                format!(
+                    "{}: {} missing; machines with such devices will not see them",
+                    dir.display(),
+                    r.missing.join(", ")
+                ),
+                "use a kernel that has them as modules or built in",
+            ),
+        });
+    }
     let virtiofsd = virtiofsd::find();
     let supported: Vec<&str> = [ShareFs::Virtiofs, ShareFs::NineP]
         .into_iter()
         .filter(|fs| kernel_supports(&modules, *fs))
-        .map(|fs| fs_modules(fs)[0])
+        .map(|fs| fs.guest_drivers()[0])
         .collect();
     checks.push(match choose_fs(FsArg::Auto, &modules, virtiofsd.is_some()) {
         Ok(ShareFs::Virtiofs) => ok(

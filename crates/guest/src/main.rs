@@ -25,6 +25,7 @@ fn boot() -> Result<()> {
     system::mount_kernel_filesystems()?;
     let kernel_ms = system::uptime_ms();
     system::load_modules();
+    let modules_ms = system::uptime_ms();
     let port = system::find_agent_port()?;
     let channel = File::options()
         .read(true)
@@ -32,7 +33,7 @@ fn boot() -> Result<()> {
         .open(&port)
         .with_context(|| format!("opening agent port {}", port.display()))?;
     let writer = run::FrameWriter::new(channel.try_clone()?);
-    writer.send(Frame::Guest(GuestMessage::Ready { kernel_ms, ready_ms: system::uptime_ms() }))?;
+    writer.send(Frame::Guest(GuestMessage::Ready { kernel_ms, modules_ms, ready_ms: system::uptime_ms() }))?;
 
     let mut reader = channel;
     let start = match Frame::read_from(&mut reader).context("reading the start request")? {

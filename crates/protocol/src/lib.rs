@@ -27,6 +27,16 @@ pub enum ShareFs {
     NineP,
 }
 
+impl ShareFs {
+    /// The guest kernel modules that mount this filesystem.
+    pub fn guest_drivers(self) -> &'static [&'static str] {
+        match self {
+            ShareFs::Virtiofs => &["virtiofs"],
+            ShareFs::NineP => &["9p", "9pnet_virtio"],
+        }
+    }
+}
+
 /// One host directory to mount in the guest. A `guest_path` of `/` is the root the program runs in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Mount {
@@ -77,7 +87,7 @@ pub enum HostMessage {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum GuestMessage {
     /// The agent is up and waits for [`HostMessage::Start`].
-    Ready { kernel_ms: u64, ready_ms: u64 },
+    Ready { kernel_ms: u64, modules_ms: u64, ready_ms: u64 },
     /// Mounts are done and the program was spawned.
     Started { started_ms: u64 },
     /// The program ended and its output streams are drained.

@@ -9,15 +9,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use attest_image::{Kernel, ModuleTree};
 use attest_machine::accel::{self, AccelChoice, AccelRequest};
-use attest_machine::{virtiofsd, MachineSpec, Qemu, Share, ShareFs};
+use attest_machine::{virtiofsd, Backend, MachineSpec, Qemu, Share, ShareFs};
 use attest_protocol::{Mount, Start, AGENT_PORT};
 
 use super::{AccelArg, ExecArgs, FsArg};
 
-/// Drivers the guest needs beyond the file-sharing one: PCI transport, the agent's virtio-serial
-/// port, and block, network and vsock devices for programs that bring their own.
-const BASE_MODULES: [&str; 5] =
-    ["virtio_pci", "virtio_console", "virtio_blk", "virtio_net", "vmw_vsock_virtio_transport"];
 const TMPFS_DIRS: [&str; 3] = ["/tmp", "/run", "/var/tmp"];
 
 pub struct PreparedGuest {
@@ -37,15 +33,6 @@ pub fn prepare(args: &ExecArgs) -> Result<PreparedGuest> {
     let virtiofsd = virtiofsd::find();
     let fs = choose_fs(args.fs, &modules, virtiofsd.is_some())?;
 
-    let wanted: Vec<&str> = BASE_MODULES.iter().copied().chain(fs_modules(fs).iter().copied()).collect();
-    let resolution = modules.resolve(&wanted)?;
-    if modules.dir().is_some() && !resolution.missing.is_empty() {
-        tracing::info!(missing = ?resolution.missing, "drivers neither modules nor listed as built in");
-    }
-    let busybox = attest_image::find_busybox()?;
-    let initramfs = attest_image::exec_initramfs(attest_image::GUEST_INIT, &busybox, &resolution.load)?
-        .write_cached(&cache.join("initramfs"))?;
-
     let request = match args.accel {
         AccelArg::Auto => AccelRequest::Auto,
         AccelArg::Kvm => AccelRequest::Kvm,
@@ -55,10 +42,10 @@ pub fn prepare(args: &ExecArgs) -> Result<PreparedGuest> {
 
     let cwd = std::env::current_dir().context("reading the current directory")?;
     let (shares, mounts) = shares_and_mounts(args, &cwd, fs);
-    let spec = MachineSpec {
+    let mut spec = MachineSpec {
         name: "exec".into(),
         kernel: kernel.path.clone(),
-        initrd: Some(initramfs),
+        initrd: None,
         // panic=-1 with QEMU's -no-reboot turns a guest panic into a prompt VMM exit.
         cmdline: "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init attest.guest=exec".into(),
         memory_mib: args.memory,
@@ -67,6 +54,16 @@ pub fn prepare(args: &ExecArgs) -> Result<PreparedGuest> {
         shares,
         agent_port: Some(AGENT_PORT.into()),
     };
+    let qemu = Qemu { binary: qemu_binary, virtiofsd };
+    let resolution = modules.resolve(&qemu.guest_drivers(&spec))?;
+    if modules.dir().is_some() && !resolution.missing.is_empty() {
+        tracing::info!(missing = ?resolution.missing, "drivers neither modules nor listed as built in");
+    }
+    let busybox = attest_image::find_busybox()?;
+    let initramfs = attest_image::exec_initramfs(attest_image::GUEST_INIT, &busybox, &resolution.load)?
+        .write_cached(&cache.join("initramfs"))?;
+    spec.initrd = Some(initramfs);
+
     let start = Start {
         argv: program_argv(args).into_iter().map(OsStringExt::into_vec).collect(),
         env: program_env(args),
@@ -74,7 +71,7 @@ pub fn prepare(args: &ExecArgs) -> Result<PreparedGuest> {
         mounts,
         tmpfs: TMPFS_DIRS.iter().map(|d| d.as_bytes().to_vec()).collect(),
     };
-    Ok(PreparedGuest { qemu: Qemu { binary: qemu_binary, virtiofsd }, spec, start, accel, kernel })
+    Ok(PreparedGuest { qemu, spec, start, accel, kernel })
 }
 
 pub fn open_modules(kernel: &Kernel) -> Result<ModuleTree> {
@@ -84,17 +81,10 @@ pub fn open_modules(kernel: &Kernel) -> Result<ModuleTree> {
     })
 }
 
-pub fn fs_modules(fs: ShareFs) -> &'static [&'static str] {
-    match fs {
-        ShareFs::Virtiofs => &["virtiofs"],
-        ShareFs::NineP => &["9p", "9pnet_virtio"],
-    }
-}
-
 /// Whether the kernel can mount `fs`: as a module or built in. Without a modules directory attest
 /// cannot tell, and assumes it is built in.
 pub fn kernel_supports(modules: &ModuleTree, fs: ShareFs) -> bool {
-    let Ok(r) = modules.resolve(fs_modules(fs)) else { return false };
+    let Ok(r) = modules.resolve(fs.guest_drivers()) else { return false };
     modules.dir().is_none() || r.missing.is_empty()
 }
 

@@ -45,6 +45,7 @@ struct Timings {
     started: Option<Instant>,
     exited: Option<Instant>,
     kernel_ms: u64,
+    modules_ms: u64,
     ready_ms: u64,
 }
 
@@ -178,10 +179,9 @@ fn drive(
         };
         match event {
             Event::AgentConnected(stream) => writer = Some(stream),
-            Event::Agent(GuestMessage::Ready { kernel_ms, ready_ms }) => {
+            Event::Agent(GuestMessage::Ready { kernel_ms, modules_ms, ready_ms }) => {
                 timings.ready = Some(Instant::now());
-                timings.kernel_ms = kernel_ms;
-                timings.ready_ms = ready_ms;
+                (timings.kernel_ms, timings.modules_ms, timings.ready_ms) = (kernel_ms, modules_ms, ready_ms);
                 let Some(mut channel) = writer.take() else {
                     return Outcome::GuestFailed("the agent reported ready on a channel attest never saw".into());
                 };
@@ -262,11 +262,12 @@ fn print_timings(t: &Timings, t0: Instant) {
         _ => "-".into(),
     };
     eprintln!(
-        "attest: timings ms: setup={} vmm_to_ready={} (guest kernel={} init={}) start={} program={} total={}",
+        "attest: timings ms: setup={} vmm_to_ready={} (guest kernel={} modules={} port={}) start={} program={} total={}",
         ms(Some(t0), t.vmm_started),
         ms(t.vmm_started, t.ready),
         t.kernel_ms,
-        t.ready_ms.saturating_sub(t.kernel_ms),
+        t.modules_ms.saturating_sub(t.kernel_ms),
+        t.ready_ms.saturating_sub(t.modules_ms),
         ms(t.ready, t.started),
         ms(t.started, t.exited),
         t0.elapsed().as_millis()

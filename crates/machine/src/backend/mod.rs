@@ -22,6 +22,10 @@ pub use qemu::Qemu;
 pub trait Backend {
     fn name(&self) -> &'static str;
 
+    /// Guest kernel drivers (module names) that the devices this backend gives `spec` need.
+    /// Image builders pack and load exactly these, so a guest pays only for the hardware it has.
+    fn guest_drivers(&self, spec: &MachineSpec) -> Vec<&'static str>;
+
     /// Sets up what the VM needs on the host and returns the VMM command. Helper daemons started
     /// here must be spawned from the calling (main) thread so they die with attest.
     fn prepare(&self, spec: &MachineSpec, dir: &StateDir) -> Result<Prepared>;

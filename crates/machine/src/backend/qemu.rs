@@ -37,6 +37,19 @@ impl Backend for Qemu {
         "qemu"
     }
 
+    fn guest_drivers(&self, spec: &MachineSpec) -> Vec<&'static str> {
+        let mut drivers = vec!["virtio_pci"];
+        if spec.agent_port.is_some() {
+            drivers.push("virtio_console");
+        }
+        for fs in [ShareFs::Virtiofs, ShareFs::NineP] {
+            if spec.shares.iter().any(|s| s.fs == fs) {
+                drivers.extend(fs.guest_drivers());
+            }
+        }
+        drivers
+    }
+
     fn prepare(&self, spec: &MachineSpec, dir: &StateDir) -> Result<Prepared> {
         let mut args: Vec<String> = Vec::new();
         let mut push = |items: &[&str]| args.extend(items.iter().map(|s| s.to_string()));
