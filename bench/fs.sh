@@ -3,7 +3,7 @@
 # has no 9p). Each workload is timed inside the guest, so boot time does not blur the comparison;
 # boot-to-exit is reported separately. Prints the median of RUNS runs per cell.
 #
-#   bench/fs.sh [RUNS]    (default 5; downloads linux-image-amd64 into attest's cache once)
+#   bench/fs.sh [RUNS]    (default 5; scripts/setup fetches the generic kernel)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-5}
@@ -11,15 +11,8 @@ cargo build --release --quiet --bin attest
 attest=$PWD/target/release/attest
 
 cache="${ATTEST_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/attest}"
-package=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ { print $2; exit }')
-kroot="$cache/bench-kernels/$package"
-if [ ! -d "$kroot/boot" ]; then
-  download=$(mktemp -d); chmod 755 "$download"
-  (cd "$download" && apt-get download -qq "$package" 2>/dev/null)
-  mkdir -p "$kroot.partial" && dpkg-deb -x "$download"/*.deb "$kroot.partial" && mv "$kroot.partial" "$kroot"
-  rm -rf "$download"
-fi
-kernel=$(ls "$kroot"/boot/vmlinuz-*)
+kernel=$(ls "$cache"/test-kernels/*/boot/vmlinuz-* 2>/dev/null | tail -n 1)
+[ -n "$kernel" ] || { echo "bench/fs.sh: no generic kernel in $cache/test-kernels; run scripts/setup" >&2; exit 1; }
 
 work=$(mktemp -d -p "$PWD/target")
 trap 'rm -rf "$work"' EXIT

@@ -7,7 +7,6 @@ use std::process::Command;
 
 fn cargo_test(with_runner: bool, fail: bool) -> common::Run {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vm-crate");
-    // Not under /tmp: the guest's /tmp is its own tmpfs, and the test binaries must be visible.
     let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("vm-crate-target");
     let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     command.args(["test", "--quiet"]).current_dir(&fixture).env("CARGO_TARGET_DIR", &target);

@@ -60,8 +60,8 @@ fn output_streams_while_the_program_runs() {
 
 #[test]
 fn ten_megabytes_of_binary_output_arrive_byte_exact() {
-    // Outside /tmp: the guest's /tmp is its own tmpfs; the rest of the host root is visible read-only.
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    // In the host's /tmp, which the guest sees through its private overlay.
+    let dir = tempfile::tempdir().unwrap();
     let data: Vec<u8> = (0..10_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
     let file = dir.path().join("blob");
     std::fs::write(&file, &data).unwrap();
@@ -135,6 +135,16 @@ fn host_root_is_read_only_and_scratch_dirs_are_writable() {
     let run = exec(&[], &["sh", "-c", "touch /etc/attest-should-fail 2>/dev/null && echo wrote-etc; touch /tmp/x /run/x /var/tmp/x && echo scratch-ok"]);
     assert_eq!(run.stdout_text(), "scratch-ok\n", "{run:?}");
     assert!(!std::path::Path::new("/etc/attest-should-fail").exists());
+}
+
+#[test]
+fn host_tmp_is_visible_but_guest_writes_there_stay_private() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("from-host"), "host data\n").unwrap();
+    let script = format!("cat {0}/from-host && echo guest > {0}/from-guest && cat {0}/from-guest", dir.path().display());
+    let run = exec(&[], &["sh", "-c", &script]);
+    assert_eq!(run.stdout_text(), "host data\nguest\n", "{run:?}");
+    assert!(!dir.path().join("from-guest").exists(), "a write to the guest's /tmp reached the host");
 }
 
 #[test]
@@ -287,4 +297,100 @@ fn keep_state_keeps_the_console_log() {
     let log = std::path::Path::new(line).join("console.log");
     assert!(log.is_file(), "{}", log.display());
     std::fs::remove_dir_all(line).unwrap();
+}
+
+#[test]
+fn a_closed_output_pipe_ends_the_program_with_sigpipe() {
+    let mut child = exec_command(&[], &["yes"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut first = [0u8; 4];
+    child.stdout.as_mut().unwrap().read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"y\ny\n");
+    drop(child.stdout.take());
+    let started = Instant::now();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + 13), "yes | head must end yes with SIGPIPE");
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+#[test]
+fn a_guest_that_does_not_boot_in_time_is_125() {
+    let run = exec(&["--boot-timeout", "0.3"], &["true"]);
+    assert_eq!(run.code, 125, "{run:?}");
+    assert!(
+        run.stderr.contains("the guest did not boot: expected the attest agent to report ready within 0.3s"),
+        "{run:?}"
+    );
+    assert!(run.elapsed < Duration::from_secs(10), "{run:?}");
+}
+
+#[test]
+fn an_init_failure_is_125_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let share = format!("{}:/attest-no-such-dir/inside", dir.path().display());
+    let run = exec(&["--share", &share], &["true"]);
+    assert_eq!(run.code, 125, "{run:?}");
+    assert!(run.stderr.contains("the guest agent failed mounting the host's files"), "{run:?}");
+    assert!(run.stderr.contains("/attest-no-such-dir/inside"), "{run:?}");
+}
+
+#[test]
+fn console_shows_the_boot_live() {
+    let run = exec(&["--console"], &["sh", "-c", "echo program-output"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stderr.contains("Linux version"), "{run:?}");
+    assert_eq!(run.stdout_text(), "program-output\n");
+}
+
+/// Runs attest with its state under a private XDG_RUNTIME_DIR, then checks that neither a state
+/// directory nor a process that used one outlived it.
+fn assert_run_leaves_nothing(options: &[&str], program: &[&str], expected_code: i32) {
+    let runtime = tempfile::tempdir().unwrap();
+    let run = run_command(exec_command(options, program).env("XDG_RUNTIME_DIR", runtime.path()));
+    assert_eq!(run.code, expected_code, "{run:?}");
+    let state_base = runtime.path().join("attest");
+    let leftovers: Vec<_> = std::fs::read_dir(&state_base).unwrap().flatten().map(|e| e.path()).collect();
+    assert!(leftovers.is_empty(), "state left behind: {leftovers:?}");
+    let marker = runtime.path().to_string_lossy().into_owned();
+    let survivors: Vec<_> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|pid| is_alive(*pid) && cmdline(*pid).contains(&marker))
+        .collect();
+    assert!(survivors.is_empty(), "processes left behind: {survivors:?}");
+}
+
+#[test]
+fn nothing_is_left_after_success_failure_timeout_or_panic() {
+    assert_run_leaves_nothing(&[], &["true"], 0);
+    assert_run_leaves_nothing(&[], &["sh", "-c", "exit 3"], 3);
+    assert_run_leaves_nothing(&["--timeout", "5"], &["sleep", "600"], 124);
+    assert_run_leaves_nothing(&[], &["sh", "-c", "echo c > /proc/sysrq-trigger"], 125);
+}
+
+#[test]
+fn another_distro_kernel_with_9p_works() {
+    let cache = std::env::var_os("ATTEST_CACHE_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/attest"));
+    let kernel = std::fs::read_dir(cache.join("test-kernels"))
+        .expect("scripts/setup fetches Debian's generic kernel into the cache's test-kernels/")
+        .flatten()
+        .flat_map(|pkg| std::fs::read_dir(pkg.path().join("boot")).into_iter().flatten().flatten())
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("vmlinuz-"))
+        .expect("a vmlinuz in test-kernels/*/boot");
+    let dir = tempfile::tempdir().unwrap();
+    let kernel_arg = kernel.to_str().unwrap();
+    let run = run_command(
+        exec_command(
+            &["--kernel", kernel_arg, "--fs", "9p"],
+            &["sh", "-c", "uname -r; grep -c ' 9p ' /proc/mounts; echo ok > f"],
+        )
+        .current_dir(dir.path()),
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    let release = kernel.file_name().unwrap().to_string_lossy().trim_start_matches("vmlinuz-").to_string();
+    assert_eq!(run.stdout_text(), format!("{release}\n2\n"), "{run:?}");
+    assert_eq!(std::fs::read_to_string(dir.path().join("f")).unwrap(), "ok\n");
 }

@@ -1,5 +1,6 @@
-//! Builds the program's root inside the guest: the host's shares, fresh tmpfs for writable scratch
-//! directories and the kernel filesystems, then chroots into it.
+//! Builds the program's root inside the guest: the host's shares, privately writable scratch
+//! directories (tmpfs, or an overlay of the host's directory) and the kernel filesystems, then
+//! chroots into it.
 
 use std::ffi::OsStr;
 use std::fs;
@@ -7,7 +8,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use attest_protocol::{Mount, ShareFs, Start};
+use attest_protocol::{Mount, Scratch, ShareFs, Start};
 use nix::mount::{mount, MsFlags};
 
 const NEW_ROOT: &str = "/sysroot";
@@ -20,11 +21,11 @@ pub fn prepare_root(start: &Start) -> Result<()> {
     fs::create_dir_all(NEW_ROOT)?;
     mount_share(root, Path::new(NEW_ROOT))?;
 
-    for dir in &start.tmpfs {
-        let target = under_root(dir);
+    for (index, scratch) in start.scratch.iter().enumerate() {
+        let target = under_root(&scratch.path);
         if target.is_dir() {
-            mount(Some("tmpfs"), &target, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))
-                .with_context(|| format!("mounting tmpfs on {}", display(dir)))?;
+            mount_scratch(scratch, &target, index)
+                .with_context(|| format!("making {} writable", display(&scratch.path)))?;
         }
     }
     for (fs, dir, data) in [
@@ -52,6 +53,31 @@ pub fn prepare_root(start: &Start) -> Result<()> {
 
     nix::unistd::chroot(NEW_ROOT).context("chroot into the host root")?;
     std::env::set_current_dir("/")?;
+    Ok(())
+}
+
+fn mount_scratch(scratch: &Scratch, target: &Path, index: usize) -> Result<()> {
+    let tmpfs = |at: &Path| {
+        mount(Some("tmpfs"), at, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))
+            .with_context(|| format!("mounting a tmpfs on {}", at.display()))
+    };
+    if !scratch.over_host {
+        return tmpfs(target);
+    }
+    // The overlay's own layers live on a tmpfs outside the new root.
+    let layers = PathBuf::from(format!("/overlays/{index}"));
+    fs::create_dir_all(&layers)?;
+    tmpfs(&layers)?;
+    let (upper, work) = (layers.join("upper"), layers.join("work"));
+    fs::create_dir(&upper)?;
+    fs::create_dir(&work)?;
+    fs::set_permissions(&upper, fs::metadata(target)?.permissions())?;
+    let options = format!("lowerdir={},upperdir={},workdir={}", target.display(), upper.display(), work.display());
+    if let Err(err) = mount(Some("overlay"), target, Some("overlay"), MsFlags::empty(), Some(options.as_str())) {
+        // Without overlayfs the directory still becomes writable, only without the host's files.
+        println!("attest-init: overlay on {} failed ({err}); using an empty tmpfs", display(&scratch.path));
+        return tmpfs(target);
+    }
     Ok(())
 }
 

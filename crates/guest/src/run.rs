@@ -7,6 +7,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::process::{ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -68,19 +69,24 @@ pub fn run_program(start: &Start, channel: File, writer: &FrameWriter) -> Result
     writer.send(Frame::Guest(GuestMessage::Started { started_ms: uptime_ms() }))?;
 
     let (drained_tx, drained_rx) = mpsc::channel();
-    for (pipe, wrap) in [
-        (Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>, Frame::Stdout as fn(Vec<u8>) -> Frame),
-        (Box::new(child.stderr.take().unwrap()), Frame::Stderr),
+    let closed = HostReaders::default();
+    for (pipe, wrap, gone) in [
+        (
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Frame::Stdout as fn(Vec<u8>) -> Frame,
+            closed.stdout.clone(),
+        ),
+        (Box::new(child.stderr.take().unwrap()), Frame::Stderr, closed.stderr.clone()),
     ] {
         let writer = writer.clone();
         let drained = drained_tx.clone();
         thread::spawn(move || {
-            pump_output(pipe, wrap, &writer);
+            pump_output(pipe, wrap, &gone, &writer);
             drained.send(()).ok();
         });
     }
     let stdin = child.stdin.take().unwrap();
-    thread::spawn(move || pump_stdin(channel, stdin));
+    thread::spawn(move || pump_stdin(channel, stdin, closed));
 
     let status = wait_reaping_orphans(Pid::from_raw(child.id() as i32))?;
     let deadline = Instant::now() + DRAIN_DEADLINE;
@@ -102,11 +108,21 @@ fn exited(writer: &FrameWriter, status: ExitStatus) -> Result<()> {
     Ok(())
 }
 
-fn pump_output(mut pipe: Box<dyn Read + Send>, wrap: fn(Vec<u8>) -> Frame, writer: &FrameWriter) {
+/// Set when the host's reader of that stream has gone away.
+#[derive(Default)]
+struct HostReaders {
+    stdout: Arc<AtomicBool>,
+    stderr: Arc<AtomicBool>,
+}
+
+/// Forwards one output pipe. Once the host reader is gone the pipe is dropped, so the program's
+/// next write fails with EPIPE/SIGPIPE exactly as it would writing into a closed shell pipe.
+fn pump_output(mut pipe: Box<dyn Read + Send>, wrap: fn(Vec<u8>) -> Frame, gone: &AtomicBool, writer: &FrameWriter) {
     let mut buf = vec![0u8; CHUNK];
     loop {
         match pipe.read(&mut buf) {
             Ok(0) => return,
+            Ok(_) if gone.load(Ordering::SeqCst) => return,
             Ok(n) => {
                 if writer.send(wrap(buf[..n].to_vec())).is_err() {
                     return;
@@ -118,8 +134,9 @@ fn pump_output(mut pipe: Box<dyn Read + Send>, wrap: fn(Vec<u8>) -> Frame, write
     }
 }
 
-/// Feeds host stdin frames to the program. A program that stops reading only loses its own stdin.
-fn pump_stdin(mut channel: File, stdin: ChildStdin) {
+/// Feeds host stdin frames to the program (a program that stops reading only loses its own stdin)
+/// and notes when the host's readers of its output go away.
+fn pump_stdin(mut channel: File, stdin: ChildStdin, closed: HostReaders) {
     let mut stdin = Some(stdin);
     while let Ok(Some(frame)) = Frame::read_from(&mut channel) {
         match frame {
@@ -131,6 +148,8 @@ fn pump_stdin(mut channel: File, stdin: ChildStdin) {
                 }
             }
             Frame::StdinEof => stdin = None,
+            Frame::StdoutClosed => closed.stdout.store(true, Ordering::SeqCst),
+            Frame::StderrClosed => closed.stderr.store(true, Ordering::SeqCst),
             _ => {}
         }
     }

@@ -54,8 +54,16 @@ pub struct Start {
     pub cwd: Vec<u8>,
     /// Mounted in order; the root mount (guest path `/`) comes first.
     pub mounts: Vec<Mount>,
-    /// Directories of the new root that get a fresh writable tmpfs (e.g. `/tmp`).
-    pub tmpfs: Vec<Vec<u8>>,
+    /// Directories of the new root made privately writable, before the other mounts.
+    pub scratch: Vec<Scratch>,
+}
+
+/// A privately writable directory: a fresh tmpfs, or the host's directory seen through an overlay
+/// whose upper layer is a tmpfs (reads see the host's files, writes stay in the guest).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Scratch {
+    pub path: Vec<u8>,
+    pub over_host: bool,
 }
 
 /// How the program ended.
@@ -105,6 +113,10 @@ pub enum Frame {
     StdinEof,
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
+    /// The host's reader of the program's stdout (or stderr) went away: like a closed pipe, the
+    /// program's next write there should fail with EPIPE/SIGPIPE.
+    StdoutClosed,
+    StderrClosed,
 }
 
 const KIND_HOST: u8 = 1;
@@ -113,6 +125,8 @@ const KIND_STDIN: u8 = 3;
 const KIND_STDIN_EOF: u8 = 4;
 const KIND_STDOUT: u8 = 5;
 const KIND_STDERR: u8 = 6;
+const KIND_STDOUT_CLOSED: u8 = 7;
+const KIND_STDERR_CLOSED: u8 = 8;
 
 fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
@@ -135,6 +149,8 @@ impl Frame {
             Frame::StdinEof => (KIND_STDIN_EOF, &[]),
             Frame::Stdout(b) => (KIND_STDOUT, b),
             Frame::Stderr(b) => (KIND_STDERR, b),
+            Frame::StdoutClosed => (KIND_STDOUT_CLOSED, &[]),
+            Frame::StderrClosed => (KIND_STDERR_CLOSED, &[]),
         };
         if payload.len() > MAX_PAYLOAD {
             return Err(invalid(format!("frame payload of {} bytes exceeds {MAX_PAYLOAD}", payload.len())));
@@ -167,6 +183,8 @@ impl Frame {
             KIND_STDIN_EOF => Frame::StdinEof,
             KIND_STDOUT => Frame::Stdout(payload),
             KIND_STDERR => Frame::Stderr(payload),
+            KIND_STDOUT_CLOSED => Frame::StdoutClosed,
+            KIND_STDERR_CLOSED => Frame::StderrClosed,
             other => return Err(invalid(format!("unknown frame kind {other}"))),
         }))
     }
@@ -204,12 +222,14 @@ mod tests {
         roundtrip(Frame::Stdout((0..=255).collect()));
         roundtrip(Frame::Stderr(Vec::new()));
         roundtrip(Frame::StdinEof);
+        roundtrip(Frame::StdoutClosed);
+        roundtrip(Frame::StderrClosed);
         roundtrip(Frame::Host(HostMessage::Start(Start {
             argv: vec![b"sh".to_vec(), b"-c".to_vec(), b"echo 'a\"b'\n\xff".to_vec()],
             env: vec![(b"K".to_vec(), b"v\x00 w".to_vec())],
             cwd: b"/tmp/x y".to_vec(),
             mounts: vec![Mount { tag: "root".into(), fs: ShareFs::NineP, guest_path: b"/".to_vec(), read_only: true }],
-            tmpfs: vec![b"/tmp".to_vec()],
+            scratch: vec![Scratch { path: b"/tmp".to_vec(), over_host: true }],
         })));
         roundtrip(Frame::Guest(GuestMessage::Exited { status: ExitStatus::Signal(9), exited_ms: 3 }));
     }

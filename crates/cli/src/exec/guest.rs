@@ -10,11 +10,15 @@ use anyhow::{bail, Context, Result};
 use attest_image::{Kernel, ModuleTree};
 use attest_machine::accel::{self, AccelChoice, AccelRequest};
 use attest_machine::{virtiofsd, Backend, MachineSpec, Qemu, Share, ShareFs};
-use attest_protocol::{Mount, Start, AGENT_PORT};
+use attest_protocol::{Mount, Scratch, Start, AGENT_PORT};
 
 use super::{AccelArg, ExecArgs, FsArg};
 
-const TMPFS_DIRS: [&str; 3] = ["/tmp", "/run", "/var/tmp"];
+/// Privately writable directories: (path, whether the host's files show through an overlay).
+/// /run stays empty: the host's sockets and pid files there mean nothing inside the guest.
+const SCRATCH_DIRS: [(&str, bool); 3] = [("/tmp", true), ("/var/tmp", true), ("/run", false)];
+/// Filesystems the agent itself mounts, beyond the shares' drivers.
+const AGENT_DRIVERS: [&str; 1] = ["overlay"];
 
 pub struct PreparedGuest {
     pub qemu: Qemu,
@@ -47,7 +51,10 @@ pub fn prepare(args: &ExecArgs) -> Result<PreparedGuest> {
         kernel: kernel.path.clone(),
         initrd: None,
         // panic=-1 with QEMU's -no-reboot turns a guest panic into a prompt VMM exit.
-        cmdline: "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init attest.guest=exec".into(),
+        cmdline: format!(
+            "console=ttyS0 panic=-1 {} rdinit=/init attest.guest=exec",
+            if args.console { "loglevel=7" } else { "quiet loglevel=4" }
+        ),
         memory_mib: args.memory,
         cpus: args.cpus,
         accel: accel.accel,
@@ -55,7 +62,8 @@ pub fn prepare(args: &ExecArgs) -> Result<PreparedGuest> {
         agent_port: Some(AGENT_PORT.into()),
     };
     let qemu = Qemu { binary: qemu_binary, virtiofsd };
-    let resolution = modules.resolve(&qemu.guest_drivers(&spec))?;
+    let drivers: Vec<&str> = qemu.guest_drivers(&spec).into_iter().chain(AGENT_DRIVERS).collect();
+    let resolution = modules.resolve(&drivers)?;
     if modules.dir().is_some() && !resolution.missing.is_empty() {
         tracing::info!(missing = ?resolution.missing, "drivers neither modules nor listed as built in");
     }
@@ -69,7 +77,10 @@ pub fn prepare(args: &ExecArgs) -> Result<PreparedGuest> {
         env: program_env(args),
         cwd: cwd.into_os_string().into_vec(),
         mounts,
-        tmpfs: TMPFS_DIRS.iter().map(|d| d.as_bytes().to_vec()).collect(),
+        scratch: SCRATCH_DIRS
+            .iter()
+            .map(|(path, over_host)| Scratch { path: path.as_bytes().to_vec(), over_host: *over_host })
+            .collect(),
     };
     Ok(PreparedGuest { qemu, spec, start, accel, kernel })
 }

@@ -33,6 +33,9 @@ pub struct ExecArgs {
     /// Give up after SECS (boot included) and exit 124.
     #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
     pub timeout: Option<f64>,
+    /// Give up if the guest has not booted after SECS and exit 125. TCG boots take seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 120.0, value_parser = parse_seconds)]
+    pub boot_timeout: f64,
     /// Share a host directory: HOST[:GUEST][:ro|rw] (default: same path, rw). Repeatable.
     #[arg(long = "share", value_name = "HOST[:GUEST][:ro|rw]", value_parser = parse_share)]
     pub shares: Vec<ShareArg>,
@@ -42,7 +45,7 @@ pub struct ExecArgs {
     /// Run the program under strace -f; the trace goes to stderr.
     #[arg(long)]
     pub strace: bool,
-    /// Show the guest console live on stderr.
+    /// Show the guest console live on stderr, with the kernel's boot messages.
     #[arg(long)]
     pub console: bool,
     /// Keep the run's state directory (console log, sockets) and print its path.

@@ -4,8 +4,8 @@
 //! Everything that can happen arrives as an [`Event`] on one channel, so the main thread waits on a
 //! single `recv_timeout` with the run's deadline, and tears down in one place.
 
-use std::os::unix::net::UnixStream;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use attest_machine::{StateDir, Vm};
@@ -13,18 +13,16 @@ use attest_protocol::{ExitStatus, Frame, GuestMessage, HostMessage};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 use super::guest::{describe_kernel, PreparedGuest};
-use super::stdio::{forward_stdin, RawOut};
+use super::stdio::{forward_stdin, send, AgentWriter, RawOut};
 use super::ExecArgs;
 use crate::exit_code;
 
-/// From VMM start to the agent's hello. TCG boots of the default guest take about 3 s here.
-const BOOT_DEADLINE: Duration = Duration::from_secs(120);
 /// After the agent channel breaks, how long to wait for the VMM's own exit to explain why.
 const DEATH_GRACE: Duration = Duration::from_secs(5);
 const CONSOLE_TAIL: usize = 40;
 
 enum Event {
-    AgentConnected(UnixStream),
+    AgentConnected(AgentWriter),
     Agent(GuestMessage),
     AgentClosed(String),
     VmExited(ExitStatus),
@@ -76,12 +74,12 @@ pub fn run(guest: PreparedGuest, args: &ExecArgs) -> i32 {
         Err(err) => return exit_code::setup_error(&format!("starting the VM: {err:#}")),
     };
     let deadline = args.timeout.map(|secs| t0 + Duration::from_secs_f64(secs));
-    let boot_deadline = Instant::now() + BOOT_DEADLINE;
+    let boot_deadline = Instant::now() + Duration::from_secs_f64(args.boot_timeout);
     if let Some(transport) = vm.take_agent() {
         spawn_agent_reader(transport, boot_deadline, tx);
     }
 
-    let outcome = drive(&rx, &guest, deadline, boot_deadline, &mut timings);
+    let outcome = drive(&rx, &guest, deadline, (boot_deadline, args.boot_timeout), &mut timings);
     let outcome = explain_agent_loss(outcome, &rx);
     let console_tail = vm.console().tail(CONSOLE_TAIL);
     vm.kill();
@@ -122,25 +120,31 @@ fn spawn_agent_reader(mut transport: Box<dyn attest_machine::Transport>, deadlin
                 return;
             }
         };
-        match stream.try_clone() {
-            Ok(writer) => tx.send(Event::AgentConnected(writer)).ok(),
+        let writer: AgentWriter = match stream.try_clone() {
+            Ok(writer) => Arc::new(Mutex::new(writer)),
             Err(err) => return drop(tx.send(Event::AgentClosed(err.to_string()))),
         };
+        tx.send(Event::AgentConnected(writer.clone())).ok();
         let (mut stdout, mut stderr) = (RawOut::stdout(), RawOut::stderr());
         let why = loop {
-            match Frame::read_from(&mut stream) {
-                Ok(Some(Frame::Stdout(data))) => stdout.write(&data),
-                Ok(Some(Frame::Stderr(data))) => stderr.write(&data),
+            // When attest's own reader goes away, the program's stream is closed the same way.
+            let reader_gone = match Frame::read_from(&mut stream) {
+                Ok(Some(Frame::Stdout(data))) => stdout.write(&data).then_some(Frame::StdoutClosed),
+                Ok(Some(Frame::Stderr(data))) => stderr.write(&data).then_some(Frame::StderrClosed),
                 Ok(Some(Frame::Guest(message))) => {
                     let done = matches!(message, GuestMessage::Exited { .. } | GuestMessage::Failed { .. });
                     tx.send(Event::Agent(message)).ok();
                     if done {
                         return;
                     }
+                    None
                 }
                 Ok(Some(other)) => break format!("unexpected frame from the guest: {other:?}"),
                 Ok(None) => break "the guest closed the agent channel".to_string(),
                 Err(err) => break format!("reading from the guest agent: {err}"),
+            };
+            if let Some(frame) = reader_gone {
+                send(&writer, &frame).ok();
             }
         };
         tx.send(Event::AgentClosed(why)).ok();
@@ -151,10 +155,10 @@ fn drive(
     rx: &Receiver<Event>,
     guest: &PreparedGuest,
     deadline: Option<Instant>,
-    boot_deadline: Instant,
+    (boot_deadline, boot_secs): (Instant, f64),
     timings: &mut Timings,
 ) -> Outcome {
-    let mut writer: Option<UnixStream> = None;
+    let mut writer: Option<AgentWriter> = None;
     loop {
         let booted = timings.ready.is_some();
         let wait_until = match (booted, deadline) {
@@ -170,8 +174,8 @@ fn drive(
             }
             Err(RecvTimeoutError::Timeout) if !booted && Instant::now() >= boot_deadline => {
                 return Outcome::GuestFailed(format!(
-                    "the guest did not boot: expected the attest agent to report ready within {BOOT_DEADLINE:?}, \
-                     but it never did"
+                    "the guest did not boot: expected the attest agent to report ready within {boot_secs}s \
+                     (--boot-timeout), but it never did"
                 ));
             }
             Err(RecvTimeoutError::Timeout) => continue,
@@ -182,11 +186,11 @@ fn drive(
             Event::Agent(GuestMessage::Ready { kernel_ms, modules_ms, ready_ms }) => {
                 timings.ready = Some(Instant::now());
                 (timings.kernel_ms, timings.modules_ms, timings.ready_ms) = (kernel_ms, modules_ms, ready_ms);
-                let Some(mut channel) = writer.take() else {
+                let Some(channel) = writer.take() else {
                     return Outcome::GuestFailed("the agent reported ready on a channel attest never saw".into());
                 };
                 let start = Frame::Host(HostMessage::Start(guest.start.clone()));
-                if let Err(err) = start.write_to(&mut channel) {
+                if let Err(err) = send(&channel, &start) {
                     return Outcome::GuestFailed(format!("sending the program to the guest: {err}"));
                 }
                 forward_stdin(channel);

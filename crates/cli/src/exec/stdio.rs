@@ -6,6 +6,7 @@ use std::io::{self, Read, Write};
 use std::mem::ManuallyDrop;
 use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
 
 use attest_protocol::{Frame, CHUNK};
 
@@ -25,16 +26,26 @@ impl RawOut {
     }
 
     /// Once the reader has gone (EPIPE), further output is dropped rather than failing the run.
-    pub fn write(&mut self, data: &[u8]) {
+    /// Returns true exactly once: on the write that found the reader gone.
+    pub fn write(&mut self, data: &[u8]) -> bool {
         if !self.broken && self.file.write_all(data).is_err() {
             self.broken = true;
+            return true;
         }
+        false
     }
+}
+
+/// The host's end of the agent channel, shared by the threads that write frames to it.
+pub type AgentWriter = Arc<Mutex<UnixStream>>;
+
+pub fn send(writer: &AgentWriter, frame: &Frame) -> io::Result<()> {
+    frame.write_to(&mut *writer.lock().unwrap_or_else(|p| p.into_inner()))
 }
 
 /// Forwards attest's stdin to the program on a thread, ending with an EOF marker.
 /// A program that never reads stdin leaves this thread blocked, which is harmless: attest exits.
-pub fn forward_stdin(mut channel: UnixStream) {
+pub fn forward_stdin(channel: AgentWriter) {
     std::thread::spawn(move || {
         let mut stdin = ManuallyDrop::new(unsafe { File::from_raw_fd(0) });
         let mut buf = vec![0u8; CHUNK];
@@ -46,7 +57,7 @@ pub fn forward_stdin(mut channel: UnixStream) {
                 Err(_) => Frame::StdinEof,
             };
             let last = frame == Frame::StdinEof;
-            if frame.write_to(&mut channel).is_err() || last {
+            if send(&channel, &frame).is_err() || last {
                 return;
             }
         }
