@@ -141,7 +141,8 @@ fn host_root_is_read_only_and_scratch_dirs_are_writable() {
 fn host_tmp_is_visible_but_guest_writes_there_stay_private() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("from-host"), "host data\n").unwrap();
-    let script = format!("cat {0}/from-host && echo guest > {0}/from-guest && cat {0}/from-guest", dir.path().display());
+    let script =
+        format!("cat {0}/from-host && echo guest > {0}/from-guest && cat {0}/from-guest", dir.path().display());
     let run = exec(&[], &["sh", "-c", &script]);
     assert_eq!(run.stdout_text(), "host data\nguest\n", "{run:?}");
     assert!(!dir.path().join("from-guest").exists(), "a write to the guest's /tmp reached the host");
