@@ -95,7 +95,9 @@ impl Backend for Qemu {
                 ShareFs::NineP => {
                     let ro = if share.read_only { ",readonly=on" } else { "" };
                     let path = qemu_option_value(path_str(&share.host_path)?);
-                    push(&["-fsdev", &format!("local,id={id},path={path},security_model=none{ro}")]);
+                    // remap: the host's mounts below the share (e.g. /proc and /sys under /) have
+                    // colliding inode numbers, which 9p clients would otherwise merge.
+                    push(&["-fsdev", &format!("local,id={id},path={path},security_model=none,multidevs=remap{ro}")]);
                     push(&["-device", &format!("virtio-9p-pci,fsdev={id},mount_tag={}", share.tag)]);
                 }
             }
