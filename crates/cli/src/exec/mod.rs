@@ -94,11 +94,13 @@ pub struct ShareArg {
 }
 
 pub fn run(args: ExecArgs) -> i32 {
+    // --timeout counts from here: building or finding the guest is part of the run.
+    let started = std::time::Instant::now();
     let guest = match guest::prepare(&args) {
         Ok(guest) => guest,
         Err(err) => return exit_code::setup_error(&err),
     };
-    session::run(guest, &args)
+    session::run(guest, &args, started)
 }
 
 fn parse_memory_mib(text: &str) -> Result<u64, String> {

@@ -47,8 +47,7 @@ struct Timings {
     ready_ms: u64,
 }
 
-pub fn run(guest: PreparedGuest, args: &ExecArgs) -> i32 {
-    let t0 = Instant::now();
+pub fn run(guest: PreparedGuest, args: &ExecArgs, t0: Instant) -> i32 {
     if !args.quiet {
         eprintln!("attest: accel: {} ({})", guest.accel.accel, guest.accel.reason);
     }
@@ -82,8 +81,7 @@ pub fn run(guest: PreparedGuest, args: &ExecArgs) -> i32 {
     let outcome = drive(&rx, &guest, deadline, (boot_deadline, args.boot_timeout), &mut timings);
     let outcome = explain_agent_loss(outcome, &rx);
     let console_tail = vm.console().tail(CONSOLE_TAIL);
-    vm.kill();
-    drop(vm);
+    drop(vm); // kills and reaps QEMU and its helpers before the state directory goes
     let state_path = state.path().to_path_buf();
     let kept = state.keep();
     drop(state);
