@@ -395,3 +395,12 @@ fn another_distro_kernel_with_9p_works() {
     assert_eq!(run.stdout_text(), format!("{release}\n2\n"), "{run:?}");
     assert_eq!(std::fs::read_to_string(dir.path().join("f")).unwrap(), "ok\n");
 }
+
+#[test]
+fn a_background_process_holding_stdout_does_not_hang_the_run() {
+    let run = exec(&[], &["sh", "-c", "sleep 600 & echo done"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(run.stdout_text(), "done\n");
+    assert!(run.stderr.contains("output still held open by a background process"), "{run:?}");
+    assert!(run.elapsed < Duration::from_secs(20), "{run:?}");
+}

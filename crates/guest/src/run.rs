@@ -7,11 +7,11 @@ use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::process::{ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use attest_protocol::{ExitStatus, Frame, GuestMessage, Start, CHUNK};
@@ -20,8 +20,9 @@ use nix::unistd::Pid;
 
 use crate::system::uptime_ms;
 
-/// After the program exits, a background process may still hold its stdout open; this bounds the drain.
-const DRAIN_DEADLINE: Duration = Duration::from_secs(2);
+/// After the program exits, a background process may still hold its stdout open. The drain gives
+/// up once no output has moved for this long; output that keeps flowing is never cut off.
+const DRAIN_IDLE: Duration = Duration::from_secs(2);
 
 /// Serialises whole frames from several threads onto the one channel.
 #[derive(Clone)]
@@ -69,6 +70,7 @@ pub fn run_program(start: &Start, channel: File, writer: &FrameWriter) -> Result
     writer.send(Frame::Guest(GuestMessage::Started { started_ms: uptime_ms() }))?;
 
     let (drained_tx, drained_rx) = mpsc::channel();
+    let forwarded = Arc::new(AtomicU64::new(0));
     let closed = HostReaders::default();
     for (pipe, wrap, gone) in [
         (
@@ -80,8 +82,9 @@ pub fn run_program(start: &Start, channel: File, writer: &FrameWriter) -> Result
     ] {
         let writer = writer.clone();
         let drained = drained_tx.clone();
+        let forwarded = forwarded.clone();
         thread::spawn(move || {
-            pump_output(pipe, wrap, &gone, &writer);
+            pump_output(pipe, wrap, &gone, &forwarded, &writer);
             drained.send(()).ok();
         });
     }
@@ -89,13 +92,17 @@ pub fn run_program(start: &Start, channel: File, writer: &FrameWriter) -> Result
     thread::spawn(move || pump_stdin(channel, stdin, closed));
 
     let status = wait_reaping_orphans(Pid::from_raw(child.id() as i32))?;
-    let deadline = Instant::now() + DRAIN_DEADLINE;
-    for _ in 0..2 {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if drained_rx.recv_timeout(left).is_err() {
-            let note = "attest: output still held open by a background process after exit; not waiting for it\n";
-            writer.send(Frame::Stderr(note.as_bytes().to_vec()))?;
-            break;
+    let mut open_pipes = 2;
+    let mut seen = forwarded.load(Ordering::SeqCst);
+    while open_pipes > 0 {
+        match drained_rx.recv_timeout(DRAIN_IDLE) {
+            Ok(()) => open_pipes -= 1,
+            Err(_) if forwarded.load(Ordering::SeqCst) != seen => seen = forwarded.load(Ordering::SeqCst),
+            Err(_) => {
+                let note = "attest: output still held open by a background process after exit; not waiting for it\n";
+                writer.send(Frame::Stderr(note.as_bytes().to_vec()))?;
+                break;
+            }
         }
     }
     exited(writer, status)
@@ -117,7 +124,13 @@ struct HostReaders {
 
 /// Forwards one output pipe. Once the host reader is gone the pipe is dropped, so the program's
 /// next write fails with EPIPE/SIGPIPE exactly as it would writing into a closed shell pipe.
-fn pump_output(mut pipe: Box<dyn Read + Send>, wrap: fn(Vec<u8>) -> Frame, gone: &AtomicBool, writer: &FrameWriter) {
+fn pump_output(
+    mut pipe: Box<dyn Read + Send>,
+    wrap: fn(Vec<u8>) -> Frame,
+    gone: &AtomicBool,
+    forwarded: &AtomicU64,
+    writer: &FrameWriter,
+) {
     let mut buf = vec![0u8; CHUNK];
     loop {
         match pipe.read(&mut buf) {
@@ -127,6 +140,7 @@ fn pump_output(mut pipe: Box<dyn Read + Send>, wrap: fn(Vec<u8>) -> Frame, gone:
                 if writer.send(wrap(buf[..n].to_vec())).is_err() {
                     return;
                 }
+                forwarded.fetch_add(n as u64, Ordering::SeqCst);
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => return,
