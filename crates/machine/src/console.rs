@@ -19,13 +19,14 @@ struct State {
     tail: VecDeque<String>,
     partial: Vec<u8>,
     echo: bool,
+    kernel_panic: Option<String>,
 }
 
 impl Console {
     /// `log` receives every byte; `echo` also copies them to attest's stderr as they arrive.
     pub fn new(log: Option<&Path>, echo: bool) -> std::io::Result<Console> {
         let log = log.map(File::create).transpose()?;
-        let state = State { log, tail: VecDeque::new(), partial: Vec::new(), echo };
+        let state = State { log, tail: VecDeque::new(), partial: Vec::new(), echo, kernel_panic: None };
         Ok(Console { state: Arc::new(Mutex::new(state)) })
     }
 
@@ -58,6 +59,12 @@ impl Console {
         }
     }
 
+    /// The guest kernel's panic line, if it panicked. Kept apart from the tail, which a long
+    /// backtrace pushes it out of.
+    pub fn kernel_panic(&self) -> Option<String> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).kernel_panic.clone()
+    }
+
     /// The last `n` complete lines, plus any unterminated last line.
     pub fn tail(&self, n: usize) -> Vec<String> {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -75,7 +82,11 @@ impl State {
         if self.tail.len() == TAIL_LINES {
             self.tail.pop_front();
         }
-        self.tail.push_back(clean(line));
+        let line = clean(line);
+        if self.kernel_panic.is_none() && line.contains("Kernel panic - not syncing") {
+            self.kernel_panic = Some(line.trim().to_string());
+        }
+        self.tail.push_back(line);
     }
 }
 
@@ -96,5 +107,16 @@ mod tests {
         console.record(b"no newline yet");
         let tail = console.tail(3);
         assert_eq!(tail, ["line 298", "line 299", "no newline yet"]);
+        assert_eq!(console.kernel_panic(), None);
+    }
+
+    #[test]
+    fn a_panic_line_is_kept_after_it_leaves_the_tail() {
+        let console = Console::new(None, false).unwrap();
+        console.record(b"[    2.0] Kernel panic - not syncing: sysrq triggered crash\n");
+        for i in 0..300 {
+            console.record(format!("[    2.1] trace {i}\n").as_bytes());
+        }
+        assert_eq!(console.kernel_panic().unwrap(), "[    2.0] Kernel panic - not syncing: sysrq triggered crash");
     }
 }

@@ -81,6 +81,7 @@ pub fn run(guest: PreparedGuest, args: &ExecArgs, t0: Instant) -> i32 {
     let outcome = drive(&rx, &guest, deadline, (boot_deadline, args.boot_timeout), &mut timings);
     let outcome = explain_agent_loss(outcome, &rx);
     let console_tail = vm.console().tail(CONSOLE_TAIL);
+    let kernel_panic = vm.console().kernel_panic();
     drop(vm); // kills and reaps QEMU and its helpers before the state directory goes
     let state_path = state.path().to_path_buf();
     let kept = state.keep();
@@ -92,7 +93,7 @@ pub fn run(guest: PreparedGuest, args: &ExecArgs, t0: Instant) -> i32 {
     if kept {
         eprintln!("attest: state kept in {}", state_path.display());
     }
-    report(outcome, args, &console_tail, &state_path, kept)
+    report(outcome, args, kernel_panic, &console_tail, (&state_path, kept))
 }
 
 fn forward_signals(tx: Sender<Event>) -> std::io::Result<()> {
@@ -227,7 +228,13 @@ fn explain_agent_loss(outcome: Outcome, rx: &Receiver<Event>) -> Outcome {
     Outcome::GuestFailed(why)
 }
 
-fn report(outcome: Outcome, args: &ExecArgs, console: &[String], state: &std::path::Path, kept: bool) -> i32 {
+fn report(
+    outcome: Outcome,
+    args: &ExecArgs,
+    kernel_panic: Option<String>,
+    console: &[String],
+    (state, kept): (&std::path::Path, bool),
+) -> i32 {
     let program = args.command.first().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
     let (code, message) = match outcome {
         Outcome::Program(status) => return exit_code::of_program(status),
@@ -237,9 +244,8 @@ fn report(outcome: Outcome, args: &ExecArgs, console: &[String], state: &std::pa
             format!("timed out: expected {program} to finish within {}s", args.timeout.unwrap_or_default()),
         ),
         Outcome::GuestFailed(why) => {
-            let panic = console.iter().find(|l| l.contains("Kernel panic"));
-            let message = match panic {
-                Some(line) => format!("the guest kernel panicked while running {program}: {}", line.trim()),
+            let message = match kernel_panic {
+                Some(line) => format!("the guest kernel panicked while running {program}: {line}"),
                 None => format!("the guest failed while running {program}: {why}"),
             };
             (exit_code::GUEST_FAILURE, message)
