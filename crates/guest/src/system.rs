@@ -2,6 +2,7 @@
 
 use std::ffi::CString;
 use std::fs::{self, File};
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -9,7 +10,9 @@ use anyhow::{bail, Context, Result};
 use attest_protocol::AGENT_PORT;
 use nix::kmod::{finit_module, ModuleInitFlags};
 use nix::mount::{mount, MsFlags};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::reboot::{reboot, RebootMode};
+use nix::sys::socket::{bind, recv, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType};
 
 /// Written by the host's initramfs builder: one module path per line, dependencies first.
 const MODULE_LIST: &str = "/etc/attest/modules";
@@ -45,28 +48,45 @@ pub fn load_modules() {
     }
 }
 
-/// Finds `/dev/vportNpM` whose sysfs name is the agent port, waiting until the driver has announced it.
+/// Finds `/dev/vportNpM` whose sysfs name is the agent port, waiting until the driver has announced
+/// it. The port and its name arrive asynchronously from the device; each step raises a kernel uevent,
+/// so the wait sleeps on the uevent socket and rescans sysfs only when something changed.
 pub fn find_agent_port() -> Result<PathBuf> {
     let deadline = Instant::now() + PORT_DEADLINE;
+    // Subscribe before the first scan, so an announcement between scan and wait is not missed.
+    let uevents =
+        socket(AddressFamily::Netlink, SockType::Datagram, SockFlag::SOCK_CLOEXEC, SockProtocol::NetlinkKObjectUEvent)
+            .context("opening the kernel uevent socket")?;
+    bind(uevents.as_raw_fd(), &NetlinkAddr::new(0, 1)).context("subscribing to kernel uevents")?;
+    let mut buf = vec![0u8; 8192];
     loop {
-        if let Ok(entries) = fs::read_dir("/sys/class/virtio-ports") {
-            for entry in entries.flatten() {
-                let name = fs::read_to_string(entry.path().join("name")).unwrap_or_default();
-                let dev = PathBuf::from("/dev").join(entry.file_name());
-                if name.trim_end() == AGENT_PORT && dev.exists() {
-                    return Ok(dev);
-                }
-            }
+        if let Some(port) = scan_for_agent_port() {
+            return Ok(port);
         }
-        if Instant::now() > deadline {
-            bail!(
+        let left = deadline.saturating_duration_since(Instant::now());
+        let timeout = PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(uevents.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, timeout) {
+            Ok(0) => bail!(
                 "virtio-serial port {AGENT_PORT:?} did not appear within {PORT_DEADLINE:?} \
                  (is virtio_console loaded? see the module messages above)"
-            );
+            ),
+            Ok(_) => while recv(uevents.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT).is_ok_and(|n| n > 0) {},
+            Err(nix::Error::EINTR) => {}
+            Err(e) => return Err(e).context("waiting for kernel uevents"),
         }
-        // No event source exists for sysfs class additions this early; a short poll is cheap here.
-        std::thread::sleep(Duration::from_millis(2));
     }
+}
+
+fn scan_for_agent_port() -> Option<PathBuf> {
+    for entry in fs::read_dir("/sys/class/virtio-ports").ok()?.flatten() {
+        let name = fs::read_to_string(entry.path().join("name")).unwrap_or_default();
+        let dev = PathBuf::from("/dev").join(entry.file_name());
+        if name.trim_end() == AGENT_PORT && dev.exists() {
+            return Some(dev);
+        }
+    }
+    None
 }
 
 pub fn uptime_ms() -> u64 {
