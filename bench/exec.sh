@@ -6,6 +6,7 @@
 #   bench/exec.sh [RUNS]        (default 11; needs scripts/setup to have run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.sh
 runs=${1:-11}
 cargo build --release --quiet --bin attest
 attest=target/release/attest
@@ -20,8 +21,6 @@ floor() {
     -append "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init" -serial null
 }
 
-ms_now() { echo $(( $(date +%s%N) / 1000000 )); }
-median() { sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT

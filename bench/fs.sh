@@ -6,6 +6,7 @@
 #   bench/fs.sh [RUNS]    (default 5; scripts/setup fetches the generic kernel)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.sh
 runs=${1:-5}
 cargo build --release --quiet --bin attest
 attest=$PWD/target/release/attest
@@ -25,8 +26,6 @@ workloads=(
   "bulk read: cat 200 MB from the shared cwd|cat big >/dev/null"
   "small writes: 500 files into the shared cwd|mkdir -p w && for i in \$(seq 500); do echo \$i > w/f\$i; done; rm -r w"
 )
-median() { sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
-ms_now() { echo $(( $(date +%s%N) / 1000000 )); }
 
 echo "kernel $(basename "$kernel"), $runs runs per cell, medians in ms (lower is better)"
 echo

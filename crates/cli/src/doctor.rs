@@ -203,9 +203,9 @@ fn check_device(path: &str, name: &'static str, why: &str, fix: &str) -> Check {
 }
 
 fn check_tool(program: &'static str, why: &str, package: &str) -> Check {
-    match attest_image::find_in_path(program) {
-        Some(path) => ok(program, path.display().to_string()),
-        None => warn(program, format!("not found; {why}"), format!("{APT} {package}")),
+    match which::which(program) {
+        Ok(path) => ok(program, path.display().to_string()),
+        Err(_) => warn(program, format!("not found; {why}"), format!("{APT} {package}")),
     }
 }
 

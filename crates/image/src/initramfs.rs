@@ -91,10 +91,7 @@ impl Initramfs {
     /// Writes the archive to `dir/<digest>.cpio` unless it is already there; returns the path.
     /// The write goes through a temporary file and a rename, so concurrent builders never see a torn file.
     pub fn write_cached(&self, dir: &Path) -> Result<PathBuf, ImageError> {
-        let io_err = |what: &str| {
-            let what = format!("{what} in {}", dir.display());
-            move |source| ImageError::Io { what, source }
-        };
+        let io_err = |what: &str| ImageError::io(format!("{what} in {}", dir.display()));
         let path = dir.join(format!("{}.cpio", self.digest()));
         if path.exists() {
             return Ok(path);
@@ -111,12 +108,8 @@ impl Initramfs {
 /// The initramfs of an `attest exec` guest: the guest init as `/init`, busybox for debugging and
 /// tooling, and the driver modules with the list the init loads them from.
 pub fn exec_initramfs(init: &[u8], busybox: &Path, modules: &[ModuleFile]) -> Result<Initramfs, ImageError> {
-    let busybox_bytes = std::fs::read(busybox)
-        .map_err(|source| ImageError::Io { what: format!("reading busybox {}", busybox.display()), source })?;
-    let mut image = base_layout()
+    let mut image = base_layout(busybox)?
         .file("init", init.to_vec(), 0o755)
-        .file("bin/busybox", busybox_bytes, 0o755)
-        .symlink("bin/sh", "busybox")
         .dir("lib")
         .dir("lib/modules")
         .dir("lib/modules/attest");
@@ -131,22 +124,19 @@ pub fn exec_initramfs(init: &[u8], busybox: &Path, modules: &[ModuleFile]) -> Re
 
 /// The floor for benchmarks: the same busybox, and an init that powers off at once.
 pub fn poweroff_initramfs(busybox: &Path) -> Result<Initramfs, ImageError> {
-    let busybox_bytes = std::fs::read(busybox)
-        .map_err(|source| ImageError::Io { what: format!("reading busybox {}", busybox.display()), source })?;
-    Ok(base_layout().file("bin/busybox", busybox_bytes, 0o755).symlink("bin/sh", "busybox").file(
-        "init",
-        b"#!/bin/sh\n/bin/busybox poweroff -f\n".to_vec(),
-        0o755,
-    ))
+    Ok(base_layout(busybox)?.file("init", b"#!/bin/sh\n/bin/busybox poweroff -f\n".to_vec(), 0o755))
 }
 
-fn base_layout() -> Initramfs {
+/// What every attest initramfs has: the top-level directories, a console node and busybox.
+fn base_layout(busybox: &Path) -> Result<Initramfs, ImageError> {
+    let busybox_bytes =
+        std::fs::read(busybox).map_err(ImageError::io(format!("reading busybox {}", busybox.display())))?;
     let mut image = Initramfs::new();
     for dir in ["bin", "dev", "etc", "proc", "sys", "sysroot", "tmp", "root"] {
         image = image.dir(dir);
     }
     // The kernel opens /dev/console for init's stdio before anything could mount devtmpfs.
-    image.char_device("dev/console", 5, 1)
+    Ok(image.char_device("dev/console", 5, 1).file("bin/busybox", busybox_bytes, 0o755).symlink("bin/sh", "busybox"))
 }
 
 #[cfg(test)]

@@ -93,9 +93,9 @@ fn nix_uname_release() -> Option<String> {
 /// Reads the release from an x86 bzImage's setup header (boot protocol ≥ 2.00: "HdrS" at 0x202,
 /// the version string's offset minus 0x200 at 0x20E).
 pub fn bzimage_release(path: &Path) -> Result<String, ImageError> {
-    let io_err = |source| ImageError::Io { what: format!("reading kernel {}", path.display()), source };
+    let io_err = ImageError::io(format!("reading kernel {}", path.display()));
     let mut head = Vec::with_capacity(64 * 1024);
-    File::open(path).map_err(io_err)?.take(64 * 1024).read_to_end(&mut head).map_err(io_err)?;
+    File::open(path).map_err(&io_err)?.take(64 * 1024).read_to_end(&mut head).map_err(&io_err)?;
     let not_bzimage = |why: &str| ImageError::BadKernel { path: path.to_path_buf(), why: why.to_string() };
     if head.len() < 0x210 || &head[0x202..0x206] != b"HdrS" {
         return Err(not_bzimage("no x86 boot header (\"HdrS\" at 0x202); expected a bzImage such as /boot/vmlinuz-*"));

@@ -31,6 +31,14 @@ pub enum ImageError {
     DynamicBusybox { path: PathBuf },
 }
 
+impl ImageError {
+    /// Wraps an I/O error with what was being done, for `map_err`.
+    pub fn io(what: impl Into<String>) -> impl Fn(std::io::Error) -> ImageError {
+        let what = what.into();
+        move |source| ImageError::Io { what: what.clone(), source }
+    }
+}
+
 /// attest's cache: `$ATTEST_CACHE_DIR`, else `$XDG_CACHE_HOME/attest`, else `~/.cache/attest`.
 pub fn cache_dir() -> PathBuf {
     let env = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
@@ -40,28 +48,17 @@ pub fn cache_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/cache/attest"))
 }
 
-/// A static busybox: `$ATTEST_BUSYBOX`, else the first `busybox` on PATH, else `/bin/busybox`.
+/// A static busybox: `$ATTEST_BUSYBOX`, else the first `busybox` on PATH.
 pub fn find_busybox() -> Result<PathBuf, ImageError> {
     let path = std::env::var_os("ATTEST_BUSYBOX")
         .map(PathBuf::from)
-        .or_else(|| find_in_path("busybox"))
+        .or_else(|| which::which("busybox").ok())
         .filter(|p| p.is_file())
         .ok_or(ImageError::NoBusybox)?;
     if !is_static_elf(&path) {
         return Err(ImageError::DynamicBusybox { path });
     }
     Ok(path)
-}
-
-/// Looks a program up on PATH the way a shell would.
-pub fn find_in_path(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
-    std::env::split_paths(&path).map(|dir| dir.join(program)).find(|p| is_executable(p))
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    path.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 /// True for an ELF executable with no program interpreter (nothing to load from the host).

@@ -66,8 +66,7 @@ impl ModuleTree {
     }
 
     fn walk(&mut self, dir: &Path) -> Result<(), ImageError> {
-        let entries = std::fs::read_dir(dir)
-            .map_err(|source| ImageError::Io { what: format!("listing {}", dir.display()), source })?;
+        let entries = std::fs::read_dir(dir).map_err(ImageError::io(format!("listing {}", dir.display())))?;
         for entry in entries.flatten() {
             let path = entry.path();
             if entry.file_type().is_ok_and(|t| t.is_dir()) {
@@ -122,15 +121,15 @@ impl ModuleTree {
 
 /// The module's ELF bytes, decompressed from `.ko.xz`, `.ko.zst` or `.ko.gz` as needed.
 pub fn module_bytes(path: &Path) -> Result<Vec<u8>, ImageError> {
-    let io_err = |source| ImageError::Io { what: format!("reading module {}", path.display()), source };
-    let raw = std::fs::read(path).map_err(io_err)?;
+    let io_err = ImageError::io(format!("reading module {}", path.display()));
+    let raw = std::fs::read(path).map_err(&io_err)?;
     let mut out = Vec::new();
     match path.extension().and_then(|e| e.to_str()) {
-        Some("xz") => xz2::read::XzDecoder::new(raw.as_slice()).read_to_end(&mut out).map_err(io_err)?,
+        Some("xz") => xz2::read::XzDecoder::new(raw.as_slice()).read_to_end(&mut out).map_err(&io_err)?,
         Some("zst") => {
-            zstd::stream::read::Decoder::new(raw.as_slice()).map_err(io_err)?.read_to_end(&mut out).map_err(io_err)?
+            zstd::stream::read::Decoder::new(raw.as_slice()).map_err(&io_err)?.read_to_end(&mut out).map_err(&io_err)?
         }
-        Some("gz") => flate2::read::GzDecoder::new(raw.as_slice()).read_to_end(&mut out).map_err(io_err)?,
+        Some("gz") => flate2::read::GzDecoder::new(raw.as_slice()).read_to_end(&mut out).map_err(&io_err)?,
         _ => return Ok(raw),
     };
     Ok(out)

@@ -22,9 +22,8 @@ pub fn find() -> Option<PathBuf> {
         return Some(PathBuf::from(path));
     }
     let home_cargo = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin/virtiofsd"));
-    let path_hit = std::env::var_os("PATH")
-        .and_then(|p| std::env::split_paths(&p).map(|d| d.join("virtiofsd")).find(|p| p.is_file()));
-    path_hit
+    which::which("virtiofsd")
+        .ok()
         .into_iter()
         .chain(["/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"].map(PathBuf::from))
         .chain(home_cargo)

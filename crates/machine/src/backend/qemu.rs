@@ -27,8 +27,7 @@ impl Qemu {
         if let Some(path) = std::env::var_os("ATTEST_QEMU") {
             return Some(PathBuf::from(path));
         }
-        let path = std::env::var_os("PATH")?;
-        std::env::split_paths(&path).map(|d| d.join("qemu-system-x86_64")).find(|p| p.is_file())
+        which::which("qemu-system-x86_64").ok()
     }
 }
 
