@@ -89,7 +89,10 @@ pub fn run_program(start: &Start, channel: File, writer: &FrameWriter) -> Result
         });
     }
     let stdin = child.stdin.take().unwrap();
-    thread::spawn(move || pump_stdin(channel, stdin, closed));
+    let (stdin_tx, stdin_rx) = mpsc::channel();
+    let credit_writer = writer.clone();
+    thread::spawn(move || feed_stdin(stdin, stdin_rx, &credit_writer));
+    thread::spawn(move || read_host_frames(channel, stdin_tx, closed));
 
     let status = wait_reaping_orphans(Pid::from_raw(child.id() as i32))?;
     let mut open_pipes = 2;
@@ -148,23 +151,35 @@ fn pump_output(
     }
 }
 
-/// Feeds host stdin frames to the program (a program that stops reading only loses its own stdin)
-/// and notes when the host's readers of its output go away.
-fn pump_stdin(mut channel: File, stdin: ChildStdin, closed: HostReaders) {
+/// Reads the host's frames for the running program. It never blocks on the program: stdin goes to
+/// [`feed_stdin`] (the host keeps within the credit window, so that queue stays bounded).
+fn read_host_frames(mut channel: File, stdin: mpsc::Sender<Vec<u8>>, closed: HostReaders) {
     let mut stdin = Some(stdin);
     while let Ok(Some(frame)) = Frame::read_from(&mut channel) {
         match frame {
             Frame::Stdin(data) => {
-                if let Some(pipe) = stdin.as_mut() {
-                    if pipe.write_all(&data).is_err() {
-                        stdin = None;
-                    }
+                if let Some(queue) = &stdin {
+                    queue.send(data).ok();
                 }
             }
             Frame::StdinEof => stdin = None,
             Frame::StdoutClosed => closed.stdout.store(true, Ordering::SeqCst),
             Frame::StderrClosed => closed.stderr.store(true, Ordering::SeqCst),
             _ => {}
+        }
+    }
+}
+
+/// Writes queued stdin to the program and returns credit to the host for each chunk, also for
+/// chunks dropped because the program closed its stdin, so the host is never left waiting.
+fn feed_stdin(stdin: ChildStdin, queue: mpsc::Receiver<Vec<u8>>, writer: &FrameWriter) {
+    let mut stdin = Some(stdin);
+    for data in queue {
+        if stdin.as_mut().is_some_and(|pipe| pipe.write_all(&data).is_err()) {
+            stdin = None;
+        }
+        if writer.send(Frame::StdinCredit(data.len() as u64)).is_err() {
+            return;
         }
     }
 }

@@ -5,13 +5,16 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 const TAIL_LINES: usize = 200;
 
 #[derive(Clone)]
 pub struct Console {
     state: Arc<Mutex<State>>,
+    /// Signalled when an attached source ends.
+    closed: Arc<Condvar>,
 }
 
 struct State {
@@ -20,18 +23,21 @@ struct State {
     partial: Vec<u8>,
     echo: bool,
     kernel_panic: Option<String>,
+    open_sources: usize,
 }
 
 impl Console {
     /// `log` receives every byte; `echo` also copies them to attest's stderr as they arrive.
     pub fn new(log: Option<&Path>, echo: bool) -> std::io::Result<Console> {
         let log = log.map(File::create).transpose()?;
-        let state = State { log, tail: VecDeque::new(), partial: Vec::new(), echo, kernel_panic: None };
-        Ok(Console { state: Arc::new(Mutex::new(state)) })
+        let state =
+            State { log, tail: VecDeque::new(), partial: Vec::new(), echo, kernel_panic: None, open_sources: 0 };
+        Ok(Console { state: Arc::new(Mutex::new(state)), closed: Arc::new(Condvar::new()) })
     }
 
     /// Reads `source` on a thread until it ends.
     pub fn attach(&self, mut source: impl Read + Send + 'static) {
+        self.lock().open_sources += 1;
         let console = self.clone();
         std::thread::spawn(move || {
             let mut buf = [0u8; 8192];
@@ -41,11 +47,24 @@ impl Console {
                 }
                 console.record(&buf[..n]);
             }
+            console.lock().open_sources -= 1;
+            console.closed.notify_all();
         });
     }
 
+    /// Waits, at most `timeout`, until every attached source has ended (e.g. after the VMM died),
+    /// so that the tail includes its last words.
+    pub fn wait_closed(&self, timeout: Duration) {
+        let state = self.lock();
+        drop(self.closed.wait_timeout_while(state, timeout, |s| s.open_sources > 0));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn record(&self, bytes: &[u8]) {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.lock();
         if state.echo {
             std::io::stderr().write_all(bytes).ok();
         }
@@ -62,12 +81,12 @@ impl Console {
     /// The guest kernel's panic line, if it panicked. Kept apart from the tail, which a long
     /// backtrace pushes it out of.
     pub fn kernel_panic(&self) -> Option<String> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).kernel_panic.clone()
+        self.lock().kernel_panic.clone()
     }
 
     /// The last `n` complete lines, plus any unterminated last line.
     pub fn tail(&self, n: usize) -> Vec<String> {
-        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let state = self.lock();
         let mut lines: Vec<String> = state.tail.iter().cloned().collect();
         if !state.partial.is_empty() {
             lines.push(clean(&state.partial));

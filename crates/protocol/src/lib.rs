@@ -12,11 +12,17 @@ use serde::{Deserialize, Serialize};
 /// Name of the virtio-serial port the agent speaks on (`/sys/class/virtio-ports/*/name`).
 pub const AGENT_PORT: &str = "attest.agent";
 
-/// Largest payload a frame may carry; larger stream chunks are split by the sender.
-pub const MAX_PAYLOAD: usize = 1 << 20;
+/// Largest payload a frame may carry: room for a start request with argv and environment at the
+/// kernel's own limits, JSON-encoded. Stream data travels in [`CHUNK`]s.
+pub const MAX_PAYLOAD: usize = 16 << 20;
 
 /// A stream chunk size that keeps frames well under [`MAX_PAYLOAD`] while amortising the header.
 pub const CHUNK: usize = 64 * 1024;
+
+/// Stdin bytes the host may send before the guest has written them to the program. The guest
+/// returns credit ([`Frame::StdinCredit`]) as the program consumes its input, so stdin never backs
+/// up the shared channel and control frames always get through.
+pub const STDIN_WINDOW: u64 = 4 * CHUNK as u64;
 
 /// Filesystem that carries a host directory into the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,6 +123,8 @@ pub enum Frame {
     /// program's next write there should fail with EPIPE/SIGPIPE.
     StdoutClosed,
     StderrClosed,
+    /// The guest wrote this many more stdin bytes to the program (see [`STDIN_WINDOW`]).
+    StdinCredit(u64),
 }
 
 const KIND_HOST: u8 = 1;
@@ -127,6 +135,7 @@ const KIND_STDOUT: u8 = 5;
 const KIND_STDERR: u8 = 6;
 const KIND_STDOUT_CLOSED: u8 = 7;
 const KIND_STDERR_CLOSED: u8 = 8;
+const KIND_STDIN_CREDIT: u8 = 9;
 
 fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
@@ -136,6 +145,7 @@ impl Frame {
     /// Writes the frame as one `write_all` so concurrent writers behind a lock never interleave.
     pub fn write_to(&self, w: &mut impl Write) -> io::Result<()> {
         let json;
+        let credit;
         let (kind, payload): (u8, &[u8]) = match self {
             Frame::Host(m) => {
                 json = serde_json::to_vec(m).map_err(io::Error::other)?;
@@ -151,6 +161,10 @@ impl Frame {
             Frame::Stderr(b) => (KIND_STDERR, b),
             Frame::StdoutClosed => (KIND_STDOUT_CLOSED, &[]),
             Frame::StderrClosed => (KIND_STDERR_CLOSED, &[]),
+            Frame::StdinCredit(bytes) => {
+                credit = bytes.to_le_bytes();
+                (KIND_STDIN_CREDIT, &credit)
+            }
         };
         if payload.len() > MAX_PAYLOAD {
             return Err(invalid(format!("frame payload of {} bytes exceeds {MAX_PAYLOAD}", payload.len())));
@@ -185,6 +199,9 @@ impl Frame {
             KIND_STDERR => Frame::Stderr(payload),
             KIND_STDOUT_CLOSED => Frame::StdoutClosed,
             KIND_STDERR_CLOSED => Frame::StderrClosed,
+            KIND_STDIN_CREDIT => Frame::StdinCredit(u64::from_le_bytes(
+                payload.as_slice().try_into().map_err(|_| invalid(format!("stdin credit of {len} bytes")))?,
+            )),
             other => return Err(invalid(format!("unknown frame kind {other}"))),
         }))
     }
@@ -224,6 +241,7 @@ mod tests {
         roundtrip(Frame::StdinEof);
         roundtrip(Frame::StdoutClosed);
         roundtrip(Frame::StderrClosed);
+        roundtrip(Frame::StdinCredit(u64::MAX - 1));
         roundtrip(Frame::Host(HostMessage::Start(Start {
             argv: vec![b"sh".to_vec(), b"-c".to_vec(), b"echo 'a\"b'\n\xff".to_vec()],
             env: vec![(b"K".to_vec(), b"v\x00 w".to_vec())],

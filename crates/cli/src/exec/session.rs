@@ -5,7 +5,6 @@
 //! single `recv_timeout` with the run's deadline, and tears down in one place.
 
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use attest_machine::{StateDir, Vm};
@@ -13,12 +12,15 @@ use attest_protocol::{ExitStatus, Frame, GuestMessage, HostMessage};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 use super::guest::{describe_kernel, PreparedGuest};
-use super::stdio::{forward_stdin, send, AgentWriter, RawOut};
+use super::stdio::{forward_stdin, AgentWriter, RawOut};
 use super::ExecArgs;
 use crate::exit_code;
 
-/// After the agent channel breaks, how long to wait for the VMM's own exit to explain why.
+/// After the agent channel ends or the VMM exits, how long to wait for the other sign (and for
+/// the agent's last frames) before reporting what is known.
 const DEATH_GRACE: Duration = Duration::from_secs(5);
+/// How long the console may take to hand over the dead VMM's last output.
+const CONSOLE_DRAIN: Duration = Duration::from_secs(2);
 const CONSOLE_TAIL: usize = 40;
 
 enum Event {
@@ -79,10 +81,12 @@ pub fn run(guest: PreparedGuest, args: &ExecArgs, t0: Instant) -> i32 {
     }
 
     let outcome = drive(&rx, &guest, deadline, (boot_deadline, args.boot_timeout), &mut timings);
-    let outcome = explain_agent_loss(outcome, &rx);
-    let console_tail = vm.console().tail(CONSOLE_TAIL);
-    let kernel_panic = vm.console().kernel_panic();
-    drop(vm); // kills and reaps QEMU and its helpers before the state directory goes
+    vm.kill();
+    // QEMU is gone, so its console pipes end; read them out before taking the tail.
+    let console = vm.console().clone();
+    console.wait_closed(CONSOLE_DRAIN);
+    let (console_tail, kernel_panic) = (console.tail(CONSOLE_TAIL), console.kernel_panic());
+    drop(vm);
     let state_path = state.path().to_path_buf();
     let kept = state.keep();
     drop(state);
@@ -119,8 +123,8 @@ fn spawn_agent_reader(mut transport: Box<dyn attest_machine::Transport>, deadlin
                 return;
             }
         };
-        let writer: AgentWriter = match stream.try_clone() {
-            Ok(writer) => Arc::new(Mutex::new(writer)),
+        let writer = match stream.try_clone() {
+            Ok(writer) => AgentWriter::new(writer),
             Err(err) => return drop(tx.send(Event::AgentClosed(err.to_string()))),
         };
         tx.send(Event::AgentConnected(writer.clone())).ok();
@@ -130,6 +134,10 @@ fn spawn_agent_reader(mut transport: Box<dyn attest_machine::Transport>, deadlin
             let reader_gone = match Frame::read_from(&mut stream) {
                 Ok(Some(Frame::Stdout(data))) => stdout.write(&data).then_some(Frame::StdoutClosed),
                 Ok(Some(Frame::Stderr(data))) => stderr.write(&data).then_some(Frame::StderrClosed),
+                Ok(Some(Frame::StdinCredit(bytes))) => {
+                    writer.grant_stdin(bytes);
+                    None
+                }
                 Ok(Some(Frame::Guest(message))) => {
                     let done = matches!(message, GuestMessage::Exited { .. } | GuestMessage::Failed { .. });
                     tx.send(Event::Agent(message)).ok();
@@ -143,7 +151,7 @@ fn spawn_agent_reader(mut transport: Box<dyn attest_machine::Transport>, deadlin
                 Err(err) => break format!("reading from the guest agent: {err}"),
             };
             if let Some(frame) = reader_gone {
-                send(&writer, &frame).ok();
+                writer.send(&frame).ok();
             }
         };
         tx.send(Event::AgentClosed(why)).ok();
@@ -158,20 +166,40 @@ fn drive(
     timings: &mut Timings,
 ) -> Outcome {
     let mut writer: Option<AgentWriter> = None;
+    // A dying guest shows two signs: the agent channel ends and the VMM exits. Either may come
+    // first, and the agent's last frames (its exit report included) may still be in flight when the
+    // VMM exit arrives, so after the first sign keep reading, briefly, for the rest.
+    let mut agent_lost: Option<String> = None;
+    let mut vm_exit: Option<ExitStatus> = None;
+    let mut grace: Option<Instant> = None;
     loop {
+        match (&agent_lost, vm_exit) {
+            (Some(why), Some(status)) => return Outcome::GuestFailed(format!("{why}; the VM exited ({status})")),
+            _ if grace.is_some_and(|g| Instant::now() >= g) => {
+                return Outcome::GuestFailed(match (agent_lost, vm_exit) {
+                    (Some(why), _) => why,
+                    (None, Some(status)) => format!("the VM exited ({status}) before the program finished"),
+                    (None, None) => unreachable!("grace starts with one of them"),
+                });
+            }
+            _ => {}
+        }
         let booted = timings.ready.is_some();
-        let wait_until = match (booted, deadline) {
+        let mut wait_until = match (booted, deadline) {
             (false, Some(d)) => d.min(boot_deadline),
             (false, None) => boot_deadline,
             (true, Some(d)) => d,
             (true, None) => Instant::now() + Duration::from_secs(3600),
         };
+        if let Some(grace) = grace {
+            wait_until = wait_until.min(grace);
+        }
         let event = match rx.recv_timeout(wait_until.saturating_duration_since(Instant::now())) {
             Ok(event) => event,
             Err(RecvTimeoutError::Timeout) if deadline.is_some_and(|d| Instant::now() >= d) => {
                 return Outcome::TimedOut
             }
-            Err(RecvTimeoutError::Timeout) if !booted && Instant::now() >= boot_deadline => {
+            Err(RecvTimeoutError::Timeout) if !booted && grace.is_none() && Instant::now() >= boot_deadline => {
                 return Outcome::GuestFailed(format!(
                     "the guest did not boot: expected the attest agent to report ready within {boot_secs}s \
                      (--boot-timeout), but it never did"
@@ -189,7 +217,7 @@ fn drive(
                     return Outcome::GuestFailed("the agent reported ready on a channel attest never saw".into());
                 };
                 let start = Frame::Host(HostMessage::Start(guest.start.clone()));
-                if let Err(err) = send(&channel, &start) {
+                if let Err(err) = channel.send(&start) {
                     return Outcome::GuestFailed(format!("sending the program to the guest: {err}"));
                 }
                 forward_stdin(channel);
@@ -203,29 +231,17 @@ fn drive(
                 let what = if stage == "mount" { "mounting the host's files" } else { "starting the program" };
                 return Outcome::GuestFailed(format!("the guest agent failed {what}: {message}"));
             }
-            Event::AgentClosed(why) => return Outcome::GuestFailed(why),
+            Event::AgentClosed(why) => {
+                agent_lost = Some(why);
+                grace.get_or_insert(Instant::now() + DEATH_GRACE);
+            }
             Event::VmExited(status) => {
-                return Outcome::GuestFailed(format!("the VM exited ({status}) before the program finished"))
+                vm_exit = Some(status);
+                grace.get_or_insert(Instant::now() + DEATH_GRACE);
             }
             Event::Signal(signal) => return Outcome::Interrupted(signal),
         }
     }
-}
-
-/// A broken agent channel is a symptom; the VMM's exit (a panic, QEMU refusing the kernel) is the cause.
-fn explain_agent_loss(outcome: Outcome, rx: &Receiver<Event>) -> Outcome {
-    let Outcome::GuestFailed(why) = outcome else { return outcome };
-    let deadline = Instant::now() + DEATH_GRACE;
-    while let Ok(event) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-        match event {
-            Event::VmExited(status) => {
-                return Outcome::GuestFailed(format!("{why}; the VM exited ({status})"));
-            }
-            Event::Signal(signal) => return Outcome::Interrupted(signal),
-            _ => {}
-        }
-    }
-    Outcome::GuestFailed(why)
 }
 
 fn report(

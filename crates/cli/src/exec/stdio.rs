@@ -6,9 +6,9 @@ use std::io::{self, Read, Write};
 use std::mem::ManuallyDrop;
 use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
-use attest_protocol::{Frame, CHUNK};
+use attest_protocol::{Frame, CHUNK, STDIN_WINDOW};
 
 /// Writes straight to a file descriptor attest does not own (no buffering, never closed).
 pub struct RawOut {
@@ -36,15 +36,45 @@ impl RawOut {
     }
 }
 
-/// The host's end of the agent channel, shared by the threads that write frames to it.
-pub type AgentWriter = Arc<Mutex<UnixStream>>;
-
-pub fn send(writer: &AgentWriter, frame: &Frame) -> io::Result<()> {
-    frame.write_to(&mut *writer.lock().unwrap_or_else(|p| p.into_inner()))
+/// The host's end of the agent channel: the stream, shared by the threads that write frames to it
+/// (each holds the lock for one frame only), and the stdin credit the guest has granted.
+#[derive(Clone)]
+pub struct AgentWriter {
+    stream: Arc<Mutex<UnixStream>>,
+    stdin_credit: Arc<(Mutex<u64>, Condvar)>,
 }
 
-/// Forwards attest's stdin to the program on a thread, ending with an EOF marker.
-/// A program that never reads stdin leaves this thread blocked, which is harmless: attest exits.
+impl AgentWriter {
+    pub fn new(stream: UnixStream) -> Self {
+        AgentWriter {
+            stream: Arc::new(Mutex::new(stream)),
+            stdin_credit: Arc::new((Mutex::new(STDIN_WINDOW), Condvar::new())),
+        }
+    }
+
+    pub fn send(&self, frame: &Frame) -> io::Result<()> {
+        frame.write_to(&mut *self.stream.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The guest wrote `bytes` more stdin to the program.
+    pub fn grant_stdin(&self, bytes: u64) {
+        let (credit, changed) = &*self.stdin_credit;
+        *credit.lock().unwrap_or_else(|p| p.into_inner()) += bytes;
+        changed.notify_all();
+    }
+
+    /// Blocks until `bytes` of stdin may be sent, then takes that much credit.
+    fn take_stdin_credit(&self, bytes: u64) {
+        let (credit, changed) = &*self.stdin_credit;
+        let guard = credit.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = changed.wait_while(guard, |c| *c < bytes).unwrap_or_else(|p| p.into_inner());
+        *guard -= bytes;
+    }
+}
+
+/// Forwards attest's stdin to the program on a thread, ending with an EOF marker, never more than
+/// the credit window ahead of what the program has read. A program that never reads stdin leaves
+/// this thread waiting, which is harmless: attest exits when the program does.
 pub fn forward_stdin(channel: AgentWriter) {
     std::thread::spawn(move || {
         let mut stdin = ManuallyDrop::new(unsafe { File::from_raw_fd(0) });
@@ -52,12 +82,15 @@ pub fn forward_stdin(channel: AgentWriter) {
         loop {
             let frame = match stdin.read(&mut buf) {
                 Ok(0) => Frame::StdinEof,
-                Ok(n) => Frame::Stdin(buf[..n].to_vec()),
+                Ok(n) => {
+                    channel.take_stdin_credit(n as u64);
+                    Frame::Stdin(buf[..n].to_vec())
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => Frame::StdinEof,
             };
             let last = frame == Frame::StdinEof;
-            if send(&channel, &frame).is_err() || last {
+            if channel.send(&frame).is_err() || last {
                 return;
             }
         }
