@@ -247,7 +247,7 @@ fn four_parallel_runs_in_one_directory_do_not_collide() {
 
 /// Starts `sleep` in a VM, waits until the program runs, and returns attest with its helpers and state dir.
 fn started_run() -> (std::process::Child, Vec<u32>, std::path::PathBuf) {
-    let mut child = exec_command(&[], &["sh", "-c", "echo running; exec sleep 600"])
+    let mut child = exec_command(&["--timeout", "120"], &["sh", "-c", "echo running; exec sleep 600"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -410,4 +410,17 @@ fn a_background_process_holding_stdout_does_not_hang_the_run() {
     assert_eq!(run.stdout_text(), "done\n");
     assert!(run.stderr.contains("output still held open by a background process"), "{run:?}");
     assert!(run.elapsed < Duration::from_secs(20), "{run:?}");
+}
+
+#[test]
+fn a_file_sharing_daemon_that_dies_fails_the_run_with_its_reason() {
+    let (mut child, helpers, state) = started_run();
+    let virtiofsd = helpers.iter().copied().find(|p| cmdline(*p).contains("virtiofsd")).expect("a virtiofsd child");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(virtiofsd as i32), nix::sys::signal::SIGKILL).unwrap();
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert_eq!(status.code(), Some(125), "{stderr}");
+    assert!(stderr.contains("virtiofsd for") && stderr.contains("killed by signal 9"), "{stderr}");
+    assert_nothing_left(&helpers, &state);
 }

@@ -17,4 +17,4 @@ pub use console::Console;
 pub use spec::{MachineSpec, Share, ShareFs};
 pub use state_dir::StateDir;
 pub use transport::Transport;
-pub use vm::Vm;
+pub use vm::{EventSink, Vm, VmEvent};

@@ -13,10 +13,12 @@ use anyhow::{Context, Result};
 
 use crate::process::ManagedChild;
 use crate::spec::Share;
+use crate::vm::{EventSink, VmEvent};
 
 const LISTEN_FD: RawFd = 3;
 
-/// `$ATTEST_VIRTIOFSD`, else `virtiofsd` on PATH, else the distributions' libexec locations, else cargo's bin dir.
+/// `$ATTEST_VIRTIOFSD`, else `virtiofsd` on PATH, else where distributions put the Rust virtiofsd,
+/// else cargo's bin dir. (QEMU's old C daemon in /usr/lib/qemu takes other options and is not used.)
 pub fn find() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os("ATTEST_VIRTIOFSD") {
         return Some(PathBuf::from(path));
@@ -25,14 +27,15 @@ pub fn find() -> Option<PathBuf> {
     which::which("virtiofsd")
         .ok()
         .into_iter()
-        .chain(["/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"].map(PathBuf::from))
+        .chain([PathBuf::from("/usr/libexec/virtiofsd")])
         .chain(home_cargo)
         .find(|p| p.is_file())
 }
 
-pub fn spawn(binary: &Path, share: &Share, socket: &Path, log: &Path) -> Result<ManagedChild> {
+/// Starts the daemon; if it exits on its own, `events` hears why, with the tail of its log.
+pub fn spawn(binary: &Path, share: &Share, socket: &Path, log_path: &Path, events: EventSink) -> Result<ManagedChild> {
     let listener = UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
-    let log = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let log = File::create(log_path).with_context(|| format!("creating {}", log_path.display()))?;
     let mut command = Command::new(binary);
     command
         .arg(format!("--fd={LISTEN_FD}"))
@@ -56,7 +59,15 @@ pub fn spawn(binary: &Path, share: &Share, socket: &Path, log: &Path) -> Result<
             Ok(())
         });
     }
-    let name = format!("virtiofsd {}", share.host_path.display());
-    ManagedChild::spawn(name, &mut command, |_| {})
+    let name = format!("virtiofsd for {}", share.host_path.display());
+    let on_exit = {
+        let (name, log_path) = (name.clone(), log_path.to_path_buf());
+        move |status| {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let last: Vec<&str> = log.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect();
+            events(VmEvent::HelperFailed(format!("{name} exited ({status}); its log ends: {}", last.join(" | "))));
+        }
+    };
+    ManagedChild::spawn(name, &mut command, on_exit)
         .with_context(|| format!("starting {} for {}", binary.display(), share.host_path.display()))
 }

@@ -2,6 +2,7 @@
 //! Dropping a `Vm` kills and reaps all of them.
 
 use std::process::Stdio;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use attest_protocol::ExitStatus;
@@ -13,6 +14,17 @@ use crate::spec::MachineSpec;
 use crate::state_dir::StateDir;
 use crate::transport::Transport;
 
+/// What a running machine reports, from watcher threads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmEvent {
+    /// The VMM process exited.
+    VmmExited(ExitStatus),
+    /// A helper daemon the VM depends on exited while the VM ran.
+    HelperFailed(String),
+}
+
+pub type EventSink = Arc<dyn Fn(VmEvent) + Send + Sync>;
+
 pub struct Vm {
     name: String,
     vmm: ManagedChild,
@@ -22,20 +34,21 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Starts the machine; `on_exit` is called from a watcher thread when the VMM process exits.
+    /// Starts the machine; `events` hears, from watcher threads, when the VMM or a helper exits.
     /// Call from the main thread (see [`ManagedChild::spawn`]).
     pub fn start(
         backend: &dyn Backend,
         spec: &MachineSpec,
         dir: &StateDir,
         echo_console: bool,
-        on_exit: impl FnOnce(ExitStatus) + Send + 'static,
+        events: EventSink,
     ) -> Result<Vm> {
-        let prepared = backend.prepare(spec, dir)?;
+        let prepared = backend.prepare(spec, dir, &events)?;
         let console = Console::new(Some(&dir.path().join("console.log")), echo_console)?;
         let mut command = prepared.command;
         command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         tracing::debug!(?command, "starting {}", backend.name());
+        let on_exit = move |status| events(VmEvent::VmmExited(status));
         let mut vmm = ManagedChild::spawn(format!("{} ({})", spec.name, backend.name()), &mut command, on_exit)
             .with_context(|| format!("starting {}", command.get_program().to_string_lossy()))?;
         console.attach(vmm.take_stdout().expect("piped stdout"));
@@ -55,6 +68,7 @@ impl Vm {
         self.agent.take()
     }
 
+    /// Kills the VMM, then its helpers (which exit with it anyway, and are not failing).
     pub fn kill(&mut self) {
         self.vmm.kill();
         for helper in &mut self.helpers {

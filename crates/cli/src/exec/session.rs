@@ -5,9 +5,10 @@
 //! single `recv_timeout` with the run's deadline, and tears down in one place.
 
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use attest_machine::{StateDir, Vm};
+use attest_machine::{EventSink, StateDir, Vm, VmEvent};
 use attest_protocol::{ExitStatus, Frame, GuestMessage, HostMessage};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
@@ -27,7 +28,7 @@ enum Event {
     AgentConnected(AgentWriter),
     Agent(GuestMessage),
     AgentClosed(String),
-    VmExited(ExitStatus),
+    Vm(VmEvent),
     Signal(i32),
 }
 
@@ -63,14 +64,12 @@ pub fn run(guest: PreparedGuest, args: &ExecArgs, t0: Instant) -> i32 {
         return exit_code::setup_error(&format!("installing signal handlers: {err}"));
     }
 
-    let on_exit = {
+    let vm_events: EventSink = {
         let tx = tx.clone();
-        move |status| {
-            tx.send(Event::VmExited(status)).ok();
-        }
+        Arc::new(move |event| drop(tx.send(Event::Vm(event))))
     };
     let mut timings = Timings { vmm_started: Some(Instant::now()), ..Timings::default() };
-    let mut vm = match Vm::start(&guest.qemu, &guest.spec, &state, args.console, on_exit) {
+    let mut vm = match Vm::start(&guest.qemu, &guest.spec, &state, args.console, vm_events) {
         Ok(vm) => vm,
         Err(err) => return exit_code::setup_error(&format!("starting the VM: {err:#}")),
     };
@@ -166,23 +165,14 @@ fn drive(
     timings: &mut Timings,
 ) -> Outcome {
     let mut writer: Option<AgentWriter> = None;
-    // A dying guest shows two signs: the agent channel ends and the VMM exits. Either may come
-    // first, and the agent's last frames (its exit report included) may still be in flight when the
-    // VMM exit arrives, so after the first sign keep reading, briefly, for the rest.
-    let mut agent_lost: Option<String> = None;
-    let mut vm_exit: Option<ExitStatus> = None;
+    // A dying guest shows several signs: the agent channel ends, the VMM exits, its helpers exit.
+    // They come in any order, and the agent's last frames (its exit report included) may still be in
+    // flight when the VMM exit arrives, so after the first sign keep reading, briefly, for the rest.
+    let mut signs = DeathSigns::default();
     let mut grace: Option<Instant> = None;
     loop {
-        match (&agent_lost, vm_exit) {
-            (Some(why), Some(status)) => return Outcome::GuestFailed(format!("{why}; the VM exited ({status})")),
-            _ if grace.is_some_and(|g| Instant::now() >= g) => {
-                return Outcome::GuestFailed(match (agent_lost, vm_exit) {
-                    (Some(why), _) => why,
-                    (None, Some(status)) => format!("the VM exited ({status}) before the program finished"),
-                    (None, None) => unreachable!("grace starts with one of them"),
-                });
-            }
-            _ => {}
+        if signs.complete() || grace.is_some_and(|g| Instant::now() >= g) {
+            return Outcome::GuestFailed(signs.explain());
         }
         let booted = timings.ready.is_some();
         let mut wait_until = match (booted, deadline) {
@@ -232,14 +222,44 @@ fn drive(
                 return Outcome::GuestFailed(format!("the guest agent failed {what}: {message}"));
             }
             Event::AgentClosed(why) => {
-                agent_lost = Some(why);
+                signs.agent_lost = Some(why);
                 grace.get_or_insert(Instant::now() + DEATH_GRACE);
             }
-            Event::VmExited(status) => {
-                vm_exit = Some(status);
+            Event::Vm(VmEvent::VmmExited(status)) => {
+                signs.vm_exit = Some(status);
+                grace.get_or_insert(Instant::now() + DEATH_GRACE);
+            }
+            Event::Vm(VmEvent::HelperFailed(why)) => {
+                signs.helper_failed.get_or_insert(why);
                 grace.get_or_insert(Instant::now() + DEATH_GRACE);
             }
             Event::Signal(signal) => return Outcome::Interrupted(signal),
+        }
+    }
+}
+
+/// What has been seen of a guest that is going away.
+#[derive(Default)]
+struct DeathSigns {
+    agent_lost: Option<String>,
+    vm_exit: Option<ExitStatus>,
+    helper_failed: Option<String>,
+}
+
+impl DeathSigns {
+    fn complete(&self) -> bool {
+        self.agent_lost.is_some() && self.vm_exit.is_some()
+    }
+
+    /// The VMM's exit explains the rest (helpers end with it); a helper dying under a live VMM
+    /// explains a stalled guest.
+    fn explain(self) -> String {
+        match (self.vm_exit, self.agent_lost, self.helper_failed) {
+            (Some(status), Some(why), _) => format!("{why}; the VM exited ({status})"),
+            (Some(status), None, _) => format!("the VM exited ({status}) before the program finished"),
+            (None, _, Some(helper)) => helper,
+            (None, Some(why), None) => why,
+            (None, None, None) => "the guest stopped answering".into(),
         }
     }
 }

@@ -16,6 +16,7 @@ use crate::process::ManagedChild;
 use crate::spec::MachineSpec;
 use crate::state_dir::StateDir;
 use crate::transport::Transport;
+use crate::vm::EventSink;
 
 pub use qemu::Qemu;
 
@@ -27,8 +28,9 @@ pub trait Backend {
     fn guest_drivers(&self, spec: &MachineSpec) -> Vec<&'static str>;
 
     /// Sets up what the VM needs on the host and returns the VMM command. Helper daemons started
-    /// here must be spawned from the calling (main) thread so they die with attest.
-    fn prepare(&self, spec: &MachineSpec, dir: &StateDir) -> Result<Prepared>;
+    /// here must be spawned from the calling (main) thread so they die with attest, and report an
+    /// unexpected exit to `events`.
+    fn prepare(&self, spec: &MachineSpec, dir: &StateDir, events: &EventSink) -> Result<Prepared>;
 }
 
 pub struct Prepared {

@@ -11,6 +11,7 @@ use crate::spec::{MachineSpec, ShareFs};
 use crate::state_dir::StateDir;
 use crate::transport::{Transport, VirtioSerialSocket};
 use crate::virtiofsd;
+use crate::vm::EventSink;
 
 /// q35 for every VM attest starts, the KVM probe included.
 pub const MACHINE_TYPE: &str = "q35";
@@ -49,7 +50,7 @@ impl Backend for Qemu {
         drivers
     }
 
-    fn prepare(&self, spec: &MachineSpec, dir: &StateDir) -> Result<Prepared> {
+    fn prepare(&self, spec: &MachineSpec, dir: &StateDir, events: &EventSink) -> Result<Prepared> {
         let mut args: Vec<String> = Vec::new();
         let mut push = |items: &[&str]| args.extend(items.iter().map(|s| s.to_string()));
         push(&["-name", &spec.name, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
@@ -87,7 +88,7 @@ impl Backend for Qemu {
                     };
                     let socket = dir.socket(&format!("virtiofs-{index}.sock"))?;
                     let log = dir.path().join(format!("virtiofsd-{index}.log"));
-                    helpers.push(virtiofsd::spawn(binary, share, &socket, &log)?);
+                    helpers.push(virtiofsd::spawn(binary, share, &socket, &log, events.clone())?);
                     push(&["-chardev", &format!("socket,id={id},path={}", path_str(&socket)?)]);
                     push(&["-device", &format!("vhost-user-fs-pci,chardev={id},tag={}", share.tag)]);
                 }
