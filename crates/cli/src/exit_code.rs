@@ -19,6 +19,6 @@ pub fn of_program(status: ExitStatus) -> i32 {
 
 /// Prints a setup error and returns [`SETUP`].
 pub fn setup_error(err: &dyn std::fmt::Display) -> i32 {
-    eprintln!("attest: error: {err:#}");
+    say!("attest: error: {err:#}");
     SETUP
 }

@@ -1,5 +1,13 @@
 //! The `attest` command line: `exec` runs one program in a fresh VM, `doctor` checks the host.
 
+/// Like eprintln!, but a closed stderr must not turn a report into a panic (and exit 101).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stderr(), $($arg)*).ok();
+    }};
+}
+
 mod doctor;
 mod exec;
 mod exit_code;

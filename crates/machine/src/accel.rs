@@ -60,6 +60,9 @@ pub struct KvmProbe {
     pub detail: String,
     #[serde(skip)]
     pub cached: bool,
+    /// The verdict holds until the host reboots (only such verdicts are cached).
+    #[serde(skip)]
+    pub definitive: bool,
 }
 
 const PROBE_DEADLINE: Duration = Duration::from_secs(15);
@@ -74,7 +77,15 @@ pub fn choose(request: AccelRequest, qemu: &Path, cache_dir: &Path) -> Result<Ac
     let cached = if probe.cached { ", cached for this boot" } else { "" };
     match (request, probe.usable) {
         (_, true) => Ok(AccelChoice { accel: Accel::Kvm, reason: format!("KVM probe ran a guest{cached}") }),
-        (AccelRequest::Kvm, false) => Err(format!("--accel kvm was requested but KVM is unusable: {}", probe.detail)),
+        (AccelRequest::Kvm, false) => Err(format!(
+            "--accel kvm was requested but KVM is unusable: {}{}",
+            probe.detail,
+            if probe.cached {
+                " (verdict cached for this boot: remove kvm-probe.json in attest's cache to probe again)"
+            } else {
+                ""
+            }
+        )),
         _ => Ok(AccelChoice { accel: Accel::Tcg, reason: format!("KVM is unusable: {}{cached}", probe.detail) }),
     }
 }
@@ -95,6 +106,11 @@ pub fn probe_kvm_cached(qemu: &Path, cache_dir: &Path) -> KvmProbe {
         }
     }
     let probe = probe_kvm(qemu);
+    // Only a verdict that cannot change before the next boot is kept: KVM ran, or QEMU itself
+    // refused it. Permissions, a missing binary or a probe slowed by load are checked afresh.
+    if !probe.definitive {
+        return probe;
+    }
     let entry = CacheEntry { boot_id, qemu: qemu.to_path_buf(), probe: probe.clone() };
     if std::fs::create_dir_all(cache_dir).is_ok() {
         if let Ok(tmp) = tempfile::NamedTempFile::new_in(cache_dir) {
@@ -111,21 +127,29 @@ pub fn probe_kvm(qemu: &Path) -> KvmProbe {
         .read(true)
         .write(true)
         .open("/dev/kvm")
-        .map_err(|e| format!("cannot open /dev/kvm: {e}"))
+        .map_err(|e| ProbeFailure { detail: format!("cannot open /dev/kvm: {e}"), definitive: false })
         .and_then(|_| run_probe_guest(qemu, Accel::Kvm));
     match verdict {
-        Ok(()) => KvmProbe { usable: true, detail: "a KVM guest ran".into(), cached: false },
-        Err(detail) => KvmProbe { usable: false, detail, cached: false },
+        Ok(()) => KvmProbe { usable: true, detail: "a KVM guest ran".into(), cached: false, definitive: true },
+        Err(ProbeFailure { detail, definitive }) => KvmProbe { usable: false, detail, cached: false, definitive },
     }
 }
 
+/// Why a probe guest did not run; `definitive` when QEMU itself ran and refused the accelerator.
+#[derive(Debug)]
+pub struct ProbeFailure {
+    pub detail: String,
+    pub definitive: bool,
+}
+
 /// Boots a 64 KiB "BIOS" whose reset vector writes to isa-debug-exit, under the given accelerator.
-pub fn run_probe_guest(qemu: &Path, accel: Accel) -> Result<(), String> {
+pub fn run_probe_guest(qemu: &Path, accel: Accel) -> Result<(), ProbeFailure> {
+    let transient = |detail: String| ProbeFailure { detail, definitive: false };
     let mut bios = vec![0xF4u8; 64 * 1024];
     // At the reset vector F000:FFF0: mov al,0x31; out 0xf4,al; cli; hlt; jmp $-1
     bios[0xFFF0..0xFFF8].copy_from_slice(&[0xB0, 0x31, 0xE6, 0xF4, 0xFA, 0xF4, 0xEB, 0xFD]);
-    let file = tempfile::NamedTempFile::new().map_err(|e| format!("creating the probe image: {e}"))?;
-    std::fs::write(file.path(), &bios).map_err(|e| format!("writing the probe image: {e}"))?;
+    let file = tempfile::NamedTempFile::new().map_err(|e| transient(format!("creating the probe image: {e}")))?;
+    std::fs::write(file.path(), &bios).map_err(|e| transient(format!("writing the probe image: {e}")))?;
 
     let mut command = Command::new(qemu);
     command
@@ -138,7 +162,7 @@ pub fn run_probe_guest(qemu: &Path, accel: Accel) -> Result<(), String> {
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     let mut child = ManagedChild::spawn("kvm-probe", &mut command, |_| {})
-        .map_err(|e| format!("cannot run {}: {e}", qemu.display()))?;
+        .map_err(|e| transient(format!("cannot run {}: {e}", qemu.display())))?;
     let status = child.wait_until(Instant::now() + PROBE_DEADLINE);
     child.kill();
     let mut stderr = String::new();
@@ -148,13 +172,16 @@ pub fn run_probe_guest(qemu: &Path, accel: Accel) -> Result<(), String> {
     let first_error = stderr.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string();
     match status {
         Some(ExitStatus::Code(PROBE_EXIT)) => Ok(()),
-        None => Err(format!("a {accel} probe guest did not finish within {PROBE_DEADLINE:?}")),
-        Some(status) => Err(format!(
-            "{} {} failed ({status}){}",
-            qemu.display(),
-            accel.qemu_args().join(" "),
-            if first_error.is_empty() { String::new() } else { format!(": {first_error}") }
-        )),
+        None => Err(transient(format!("a {accel} probe guest did not finish within {PROBE_DEADLINE:?}"))),
+        Some(status) => Err(ProbeFailure {
+            definitive: true,
+            detail: format!(
+                "{} {} failed ({status}){}",
+                qemu.display(),
+                accel.qemu_args().join(" "),
+                if first_error.is_empty() { String::new() } else { format!(": {first_error}") }
+            ),
+        }),
     }
 }
 

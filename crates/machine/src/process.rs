@@ -38,7 +38,8 @@ impl ManagedChild {
                 nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
                 // The parent may have died between fork and prctl; then nobody would ever signal us.
                 if nix::unistd::getppid() != parent {
-                    return Err(io::Error::other("parent exited during spawn"));
+                    // No allocation after fork: a bare errno, which std hands back to the parent.
+                    return Err(nix::Error::ESRCH.into());
                 }
                 Ok(())
             });

@@ -52,7 +52,7 @@ struct Timings {
 
 pub fn run(guest: PreparedGuest, args: &ExecArgs, t0: Instant) -> i32 {
     if !args.quiet {
-        eprintln!("attest: accel: {} ({})", guest.accel.accel, guest.accel.reason);
+        say!("attest: accel: {} ({})", guest.accel.accel, guest.accel.reason);
     }
     tracing::debug!(kernel = %describe_kernel(&guest.kernel), "guest");
     let state = match StateDir::create(args.keep_state) {
@@ -94,7 +94,7 @@ pub fn run(guest: PreparedGuest, args: &ExecArgs, t0: Instant) -> i32 {
         print_timings(&timings, t0);
     }
     if kept {
-        eprintln!("attest: state kept in {}", state_path.display());
+        say!("attest: state kept in {}", state_path.display());
     }
     report(outcome, args, kernel_panic, &console_tail, (&state_path, kept))
 }
@@ -287,15 +287,15 @@ fn report(
             (exit_code::GUEST_FAILURE, message)
         }
     };
-    eprintln!("attest: error: {message}");
+    say!("attest: error: {message}");
     let log = if kept { format!(" ({})", state.join("console.log").display()) } else { String::new() };
     if console.is_empty() {
-        eprintln!("attest: the guest console printed nothing{log}");
+        say!("attest: the guest console printed nothing{log}");
     } else {
-        eprintln!("attest: last {} lines of the guest console{log}:", console.len());
+        say!("attest: last {} lines of the guest console{log}:", console.len());
     }
     for line in console {
-        eprintln!("  | {line}");
+        say!("  | {line}");
     }
     code
 }
@@ -305,7 +305,7 @@ fn print_timings(t: &Timings, t0: Instant) {
         (Some(a), Some(b)) => format!("{}", b.saturating_duration_since(a).as_millis()),
         _ => "-".into(),
     };
-    eprintln!(
+    say!(
         "attest: timings ms: setup={} vmm_to_ready={} (guest kernel={} modules={} port={}) start={} program={} total={}",
         ms(Some(t0), t.vmm_started),
         ms(t.vmm_started, t.ready),

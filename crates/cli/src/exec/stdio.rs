@@ -4,11 +4,12 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::mem::ManuallyDrop;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Condvar, Mutex};
 
 use attest_protocol::{Frame, CHUNK, STDIN_WINDOW};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 /// Writes straight to a file descriptor attest does not own (no buffering, never closed).
 pub struct RawOut {
@@ -25,12 +26,23 @@ impl RawOut {
         RawOut { file: ManuallyDrop::new(unsafe { File::from_raw_fd(2) }), broken: false }
     }
 
-    /// Once the reader has gone (EPIPE), further output is dropped rather than failing the run.
-    /// Returns true exactly once: on the write that found the reader gone.
-    pub fn write(&mut self, data: &[u8]) -> bool {
-        if !self.broken && self.file.write_all(data).is_err() {
-            self.broken = true;
-            return true;
+    /// Once the reader has gone (EPIPE, or any other hard error), further output is dropped rather
+    /// than failing the run. A non-blocking descriptor inherited from the caller is waited on, not
+    /// mistaken for a closed one. Returns true exactly once: on the write that found the reader gone.
+    pub fn write(&mut self, mut data: &[u8]) -> bool {
+        while !self.broken && !data.is_empty() {
+            match self.file.write(data) {
+                Ok(n) => data = &data[n..],
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let mut fds = [PollFd::new(self.file.as_fd(), PollFlags::POLLOUT)];
+                    poll(&mut fds, PollTimeout::NONE).ok();
+                }
+                Err(_) => {
+                    self.broken = true;
+                    return true;
+                }
+            }
         }
         false
     }
