@@ -40,19 +40,21 @@ pub fn prepare_root(start: &Start) -> Result<()> {
         mount(Some(fs), &target, Some(fs), MsFlags::empty(), data)
             .with_context(|| format!("mounting {fs} on {dir}"))?;
     }
+    nix::unistd::chroot(NEW_ROOT).context("chroot into the host root")?;
+    std::env::set_current_dir("/")?;
+
+    // The other shares are mounted from inside the new root, so their paths (and any symlinks on
+    // the way) resolve as the program will see them.
     for share in rest {
-        let target = under_root(&share.guest_path);
-        fs::create_dir_all(&target).with_context(|| {
+        let target = Path::new(OsStr::from_bytes(&share.guest_path));
+        fs::create_dir_all(target).with_context(|| {
             format!(
-                "creating mount point {} (it must exist in the host root or lie in a tmpfs)",
+                "creating mount point {} (it must exist in the host root or lie in /tmp, /var/tmp or /run)",
                 display(&share.guest_path)
             )
         })?;
-        mount_share(share, &target)?;
+        mount_share(share, target)?;
     }
-
-    nix::unistd::chroot(NEW_ROOT).context("chroot into the host root")?;
-    std::env::set_current_dir("/")?;
     Ok(())
 }
 

@@ -6,6 +6,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -13,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use attest_protocol::{ExitStatus, Frame, GuestMessage, Start, CHUNK};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
@@ -41,12 +42,16 @@ impl FrameWriter {
 
 pub fn run_program(start: &Start, channel: File, writer: &FrameWriter) -> Result<()> {
     let (program, args) = start.argv.split_first().context("empty command")?;
+    let cwd = Path::new(OsStr::from_bytes(&start.cwd));
+    if !cwd.is_dir() {
+        bail!("the working directory {} does not exist in the guest", cwd.display());
+    }
     let mut command = Command::new(OsStr::from_bytes(program));
     command
         .args(args.iter().map(|a| OsStr::from_bytes(a)))
         .env_clear()
         .envs(start.env.iter().map(|(k, v)| (OsStr::from_bytes(k), OsStr::from_bytes(v))))
-        .current_dir(OsStr::from_bytes(&start.cwd))
+        .current_dir(cwd)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

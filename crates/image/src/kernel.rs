@@ -75,8 +75,22 @@ fn cached_kernel(cache_dir: &Path) -> Option<PathBuf> {
         .flat_map(|dir| dir.flatten().map(|e| e.path()))
         .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz-")))
         .collect();
-    found.sort();
+    found.sort_by_cached_key(|path| version_key(&path.to_string_lossy()));
     found.pop()
+}
+
+/// Orders version strings numerically where they have numbers: 6.10 after 6.9.
+fn version_key(text: &str) -> Vec<(u64, String)> {
+    let mut key = Vec::new();
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let (number, after) = rest.split_at(digits);
+        let text_len = after.find(|c: char| c.is_ascii_digit()).unwrap_or(after.len());
+        key.push((number.parse().unwrap_or(0), after[..text_len].to_string()));
+        rest = &after[text_len..];
+    }
+    key
 }
 
 fn host_kernel() -> Option<(PathBuf, KernelSource)> {
@@ -138,6 +152,13 @@ mod tests {
     fn reads_release_from_setup_header() {
         let k = fake_bzimage("6.1.0-56-cloud-amd64 (debian-kernel@lists.debian.org) #1 SMP");
         assert_eq!(bzimage_release(k.path()).unwrap(), "6.1.0-56-cloud-amd64");
+    }
+
+    #[test]
+    fn newer_kernels_sort_last_numerically() {
+        let mut versions = ["vmlinuz-6.10.0-1-amd64", "vmlinuz-6.9.0-3-amd64", "vmlinuz-6.9.0-12-amd64"];
+        versions.sort_by_cached_key(|v| version_key(v));
+        assert_eq!(versions, ["vmlinuz-6.9.0-3-amd64", "vmlinuz-6.9.0-12-amd64", "vmlinuz-6.10.0-1-amd64"]);
     }
 
     #[test]

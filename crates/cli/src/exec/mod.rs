@@ -42,6 +42,9 @@ pub struct ExecArgs {
     /// Set KEY=VALUE in the program's environment (which otherwise is attest's). Repeatable.
     #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
     pub env: Vec<(OsString, OsString)>,
+    /// Give the program an empty stdin instead of attest's (like ssh -n), e.g. inside `while read`.
+    #[arg(short = 'n', long)]
+    pub no_stdin: bool,
     /// Run the program under strace -f; the trace goes to stderr.
     #[arg(long)]
     pub strace: bool,
@@ -146,8 +149,8 @@ fn parse_share(text: &str) -> Result<ShareArg, String> {
         return Err(format!("share {} is not a directory", host.display()));
     }
     let guest = guest.map(PathBuf::from).unwrap_or_else(|| host.clone());
-    if !guest.is_absolute() {
-        return Err(format!("guest path {} must be absolute", guest.display()));
+    if !guest.is_absolute() || guest.components().any(|c| c == std::path::Component::ParentDir) {
+        return Err(format!("guest path {} must be absolute, without ..", guest.display()));
     }
     Ok(ShareArg { host, guest, read_only })
 }
@@ -184,6 +187,7 @@ mod tests {
         );
         assert!(parse_share(&format!("{t}:ro")).unwrap().read_only);
         assert!(parse_share(&format!("{t}:relative")).is_err());
+        assert!(parse_share(&format!("{t}:/tmp/../etc")).is_err());
         assert!(parse_share("/definitely/not/here").is_err());
         assert!(parse_share(&format!("{t}:/a:/b:ro")).is_err());
     }

@@ -79,7 +79,7 @@ pub fn run(guest: PreparedGuest, args: &ExecArgs, t0: Instant) -> i32 {
         spawn_agent_reader(transport, boot_deadline, tx);
     }
 
-    let outcome = drive(&rx, &guest, deadline, (boot_deadline, args.boot_timeout), &mut timings);
+    let outcome = drive(&rx, &guest, deadline, (boot_deadline, args.boot_timeout), !args.no_stdin, &mut timings);
     vm.kill();
     // QEMU is gone, so its console pipes end; read them out before taking the tail.
     let console = vm.console().clone();
@@ -162,6 +162,7 @@ fn drive(
     guest: &PreparedGuest,
     deadline: Option<Instant>,
     (boot_deadline, boot_secs): (Instant, f64),
+    forward_stdin_enabled: bool,
     timings: &mut Timings,
 ) -> Outcome {
     let mut writer: Option<AgentWriter> = None;
@@ -210,7 +211,7 @@ fn drive(
                 if let Err(err) = channel.send(&start) {
                     return Outcome::GuestFailed(format!("sending the program to the guest: {err}"));
                 }
-                forward_stdin(channel);
+                forward_stdin(channel, forward_stdin_enabled);
             }
             Event::Agent(GuestMessage::Started { .. }) => timings.started = Some(Instant::now()),
             Event::Agent(GuestMessage::Exited { status, .. }) => {

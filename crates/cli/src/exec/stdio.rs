@@ -11,6 +11,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use attest_protocol::{Frame, CHUNK, STDIN_WINDOW};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
+fn is_background_terminal() -> bool {
+    let stdin = std::io::stdin();
+    std::io::IsTerminal::is_terminal(&stdin)
+        && nix::unistd::tcgetpgrp(&stdin).is_ok_and(|foreground| foreground != nix::unistd::getpgrp())
+}
+
 /// Writes straight to a file descriptor attest does not own (no buffering, never closed).
 pub struct RawOut {
     file: ManuallyDrop<File>,
@@ -87,7 +93,14 @@ impl AgentWriter {
 /// Forwards attest's stdin to the program on a thread, ending with an EOF marker, never more than
 /// the credit window ahead of what the program has read. A program that never reads stdin leaves
 /// this thread waiting, which is harmless: attest exits when the program does.
-pub fn forward_stdin(channel: AgentWriter) {
+///
+/// With `forward` false, or when stdin is a terminal attest does not own (a background job, which
+/// would be stopped by SIGTTIN on reading), the program gets an empty stdin instead.
+pub fn forward_stdin(channel: AgentWriter, forward: bool) {
+    if !forward || is_background_terminal() {
+        channel.send(&Frame::StdinEof).ok();
+        return;
+    }
     std::thread::spawn(move || {
         let mut stdin = ManuallyDrop::new(unsafe { File::from_raw_fd(0) });
         let mut buf = vec![0u8; CHUNK];

@@ -68,7 +68,7 @@ impl Backend for Qemu {
         if let Some(port) = &spec.agent_port {
             let socket = VirtioSerialSocket::bind(&dir.socket("agent.sock")?)?;
             push(&["-device", "virtio-serial-pci,id=agentbus"]);
-            push(&["-chardev", &format!("socket,id=agent,path={}", path_str(socket.path())?)]);
+            push(&["-chardev", &format!("socket,id=agent,path={}", qemu_option_value(path_str(socket.path())?))]);
             push(&["-device", &format!("virtserialport,bus=agentbus.0,chardev=agent,name={port}")]);
             agent = Some(Box::new(socket));
         }
@@ -89,7 +89,7 @@ impl Backend for Qemu {
                     let socket = dir.socket(&format!("virtiofs-{index}.sock"))?;
                     let log = dir.path().join(format!("virtiofsd-{index}.log"));
                     helpers.push(virtiofsd::spawn(binary, share, &socket, &log, events.clone())?);
-                    push(&["-chardev", &format!("socket,id={id},path={}", path_str(&socket)?)]);
+                    push(&["-chardev", &format!("socket,id={id},path={}", qemu_option_value(path_str(&socket)?))]);
                     push(&["-device", &format!("vhost-user-fs-pci,chardev={id},tag={}", share.tag)]);
                 }
                 ShareFs::NineP => {
