@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use attest_image::{Kernel, ModuleTree};
 use attest_machine::accel::{self, AccelChoice, AccelRequest};
 use attest_machine::{virtiofsd, Backend, MachineSpec, Qemu, Share, ShareFs};
-use attest_protocol::{Mount, Scratch, Start, AGENT_PORT};
+use attest_protocol::{Frame, HostMessage, Mount, Scratch, Start, AGENT_PORT};
 
 use super::{AccelArg, ExecArgs, FsArg};
 
@@ -82,6 +82,8 @@ pub fn prepare(args: &ExecArgs) -> Result<PreparedGuest> {
             .map(|(path, over_host)| Scratch { path: path.as_bytes().to_vec(), over_host: *over_host })
             .collect(),
     };
+    let encoded = Frame::Host(HostMessage::Start(start.clone())).write_to(&mut std::io::sink());
+    encoded.context("the program's arguments and environment are too large to send to the guest")?;
     Ok(PreparedGuest { qemu, spec, start, accel, kernel })
 }
 
