@@ -440,3 +440,23 @@ fn a_file_sharing_daemon_that_dies_fails_the_run_with_its_reason() {
     assert!(stderr.contains("virtiofsd for") && stderr.contains("killed by signal 9"), "{stderr}");
     assert_nothing_left(&helpers, &state);
 }
+
+#[test]
+fn a_slow_reader_gets_all_output_and_the_real_exit_status() {
+    // `attest exec -- cat blob | (sleep 7; cat)`: the program finishes while megabytes still wait
+    // in the VM's queues; neither they nor the exit status may be lost.
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..5_000_000u32).map(|i| (i.wrapping_mul(40503) >> 7) as u8).collect();
+    std::fs::write(dir.path().join("blob"), &data).unwrap();
+    let mut child = exec_command(&["--timeout", "120"], &["sh", "-c", "cat blob; exit 7"])
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(7));
+    let mut out = Vec::new();
+    child.stdout.take().unwrap().read_to_end(&mut out).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(7));
+    assert_eq!(out.len(), data.len());
+    assert_eq!(sha256(&out), sha256(&data));
+}

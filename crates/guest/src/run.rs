@@ -69,7 +69,9 @@ pub fn run_program(start: &Start, channel: File, writer: &FrameWriter) -> Result
             let code = if err.kind() == io::ErrorKind::NotFound { 127 } else { 126 };
             let msg = format!("attest: {}: {err}\n", String::from_utf8_lossy(program));
             writer.send(Frame::Stderr(msg.into_bytes()))?;
-            return exited(writer, ExitStatus::Code(code));
+            let (hangup_tx, hangup_rx) = mpsc::channel();
+            thread::spawn(move || read_host_frames(channel, mpsc::channel().0, HostReaders::default(), hangup_tx));
+            return exited(writer, ExitStatus::Code(code), hangup_rx);
         }
     };
     writer.send(Frame::Guest(GuestMessage::Started { started_ms: uptime_ms() }))?;
@@ -97,7 +99,8 @@ pub fn run_program(start: &Start, channel: File, writer: &FrameWriter) -> Result
     let (stdin_tx, stdin_rx) = mpsc::channel();
     let credit_writer = writer.clone();
     thread::spawn(move || feed_stdin(stdin, stdin_rx, &credit_writer));
-    thread::spawn(move || read_host_frames(channel, stdin_tx, closed));
+    let (hangup_tx, hangup_rx) = mpsc::channel();
+    thread::spawn(move || read_host_frames(channel, stdin_tx, closed, hangup_tx));
 
     let status = wait_reaping_orphans(Pid::from_raw(child.id() as i32))?;
     let mut open_pipes = 2;
@@ -113,13 +116,17 @@ pub fn run_program(start: &Start, channel: File, writer: &FrameWriter) -> Result
             }
         }
     }
-    exited(writer, status)
+    exited(writer, status, hangup_rx)
 }
 
-fn exited(writer: &FrameWriter, status: ExitStatus) -> Result<()> {
+/// Reports the exit, then waits for the host to hang up. From here the host owns the VM's
+/// lifetime: it kills the VMM once it has read the report, and the VMM dies with the host. Powering
+/// off ourselves could drop frames still queued for a host whose stdout is slow (a pager, say).
+fn exited(writer: &FrameWriter, status: ExitStatus, hangup: mpsc::Receiver<()>) -> Result<()> {
     // Writes to shared directories must be on the host before the host tears the VM down.
     nix::unistd::sync();
     writer.send(Frame::Guest(GuestMessage::Exited { status, exited_ms: uptime_ms() }))?;
+    hangup.recv().ok();
     Ok(())
 }
 
@@ -158,7 +165,8 @@ fn pump_output(
 
 /// Reads the host's frames for the running program. It never blocks on the program: stdin goes to
 /// [`feed_stdin`] (the host keeps within the credit window, so that queue stays bounded).
-fn read_host_frames(mut channel: File, stdin: mpsc::Sender<Vec<u8>>, closed: HostReaders) {
+/// Signals `hangup` when the host closes the channel.
+fn read_host_frames(mut channel: File, stdin: mpsc::Sender<Vec<u8>>, closed: HostReaders, hangup: mpsc::Sender<()>) {
     let mut stdin = Some(stdin);
     while let Ok(Some(frame)) = Frame::read_from(&mut channel) {
         match frame {
@@ -173,6 +181,7 @@ fn read_host_frames(mut channel: File, stdin: mpsc::Sender<Vec<u8>>, closed: Hos
             _ => {}
         }
     }
+    hangup.send(()).ok();
 }
 
 /// Writes queued stdin to the program and returns credit to the host for each chunk, also for

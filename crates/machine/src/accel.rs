@@ -90,8 +90,12 @@ pub fn choose(request: AccelRequest, qemu: &Path, cache_dir: &Path) -> Result<Ac
     }
 }
 
+/// Bumped when the meaning of a cached verdict changes, so older entries are ignored.
+const CACHE_FORMAT: u32 = 2;
+
 #[derive(Serialize, Deserialize)]
 struct CacheEntry {
+    format: u32,
     boot_id: String,
     qemu: PathBuf,
     probe: KvmProbe,
@@ -101,7 +105,8 @@ pub fn probe_kvm_cached(qemu: &Path, cache_dir: &Path) -> KvmProbe {
     let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default().trim().to_string();
     let cache_file = cache_dir.join("kvm-probe.json");
     if let Some(entry) = std::fs::read(&cache_file).ok().and_then(|b| serde_json::from_slice::<CacheEntry>(&b).ok()) {
-        if entry.boot_id == boot_id && entry.qemu == qemu {
+        // /dev/kvm access can change within a boot (group membership, seat ACLs): check it anyway.
+        if entry.format == CACHE_FORMAT && entry.boot_id == boot_id && entry.qemu == qemu && open_kvm().is_ok() {
             return KvmProbe { cached: true, ..entry.probe };
         }
     }
@@ -111,7 +116,7 @@ pub fn probe_kvm_cached(qemu: &Path, cache_dir: &Path) -> KvmProbe {
     if !probe.definitive {
         return probe;
     }
-    let entry = CacheEntry { boot_id, qemu: qemu.to_path_buf(), probe: probe.clone() };
+    let entry = CacheEntry { format: CACHE_FORMAT, boot_id, qemu: qemu.to_path_buf(), probe: probe.clone() };
     if std::fs::create_dir_all(cache_dir).is_ok() {
         if let Ok(tmp) = tempfile::NamedTempFile::new_in(cache_dir) {
             if serde_json::to_writer(tmp.as_file(), &entry).is_ok() {
@@ -122,17 +127,26 @@ pub fn probe_kvm_cached(qemu: &Path, cache_dir: &Path) -> KvmProbe {
     probe
 }
 
+fn open_kvm() -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm")
+}
+
 pub fn probe_kvm(qemu: &Path) -> KvmProbe {
-    let verdict = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
+    let verdict = open_kvm()
         .map_err(|e| ProbeFailure { detail: format!("cannot open /dev/kvm: {e}"), definitive: false })
         .and_then(|_| run_probe_guest(qemu, Accel::Kvm));
     match verdict {
         Ok(()) => KvmProbe { usable: true, detail: "a KVM guest ran".into(), cached: false, definitive: true },
         Err(ProbeFailure { detail, definitive }) => KvmProbe { usable: false, detail, cached: false, definitive },
     }
+}
+
+/// QEMU ran and named KVM in its complaint, and the cause is not a passing shortage (busy
+/// virtualisation extensions, memory) or an outside kill (e.g. the OOM killer).
+fn refuses_for_good(status: ExitStatus, stderr: &str) -> bool {
+    let text = stderr.to_ascii_lowercase();
+    let transient = ["busy", "cannot allocate memory", "out of memory", "interrupted"].iter().any(|t| text.contains(t));
+    status != ExitStatus::Signal(9) && text.contains("kvm") && !transient
 }
 
 /// Why a probe guest did not run; `definitive` when QEMU itself ran and refused the accelerator.
@@ -174,7 +188,7 @@ pub fn run_probe_guest(qemu: &Path, accel: Accel) -> Result<(), ProbeFailure> {
         Some(ExitStatus::Code(PROBE_EXIT)) => Ok(()),
         None => Err(transient(format!("a {accel} probe guest did not finish within {PROBE_DEADLINE:?}"))),
         Some(status) => Err(ProbeFailure {
-            definitive: true,
+            definitive: refuses_for_good(status, &stderr),
             detail: format!(
                 "{} {} failed ({status}){}",
                 qemu.display(),
@@ -197,6 +211,17 @@ mod tests {
             return;
         };
         run_probe_guest(&qemu, Accel::Tcg).expect("the probe guest must reach isa-debug-exit under TCG");
+    }
+
+    #[test]
+    fn only_lasting_refusals_are_definitive() {
+        let pvm = "qemu-system-x86_64: error: failed to set MSR 0x10a to 0x69\n\
+                   qemu-system-x86_64: ../../target/i386/kvm/kvm.c:3183: kvm_buf_set_msrs: Assertion failed.";
+        assert!(refuses_for_good(ExitStatus::Signal(6), pvm));
+        assert!(refuses_for_good(ExitStatus::Code(1), "Could not access KVM kernel module: No such file"));
+        assert!(!refuses_for_good(ExitStatus::Code(1), "failed to initialize kvm: Device or resource busy"));
+        assert!(!refuses_for_good(ExitStatus::Signal(9), pvm));
+        assert!(!refuses_for_good(ExitStatus::Code(1), "qemu: could not load PC BIOS"));
     }
 
     #[test]

@@ -167,9 +167,11 @@ fn drive(
 ) -> Outcome {
     let mut writer: Option<AgentWriter> = None;
     // A dying guest shows several signs: the agent channel ends, the VMM exits, its helpers exit.
-    // They come in any order, and the agent's last frames (its exit report included) may still be in
-    // flight when the VMM exit arrives, so after the first sign keep reading, briefly, for the rest.
+    // They come in any order. Once the VMM is gone the channel is certain to reach its end, and the
+    // agent's last frames (its exit report included) may still be in flight, so that end is awaited
+    // however long the reader takes to write them out; other signs wait a few seconds for the rest.
     let mut signs = DeathSigns::default();
+    let mut agent_connected = false;
     let mut grace: Option<Instant> = None;
     loop {
         if signs.complete() || grace.is_some_and(|g| Instant::now() >= g) {
@@ -200,18 +202,19 @@ fn drive(
             Err(RecvTimeoutError::Disconnected) => return Outcome::GuestFailed("all event sources ended".into()),
         };
         match event {
-            Event::AgentConnected(stream) => writer = Some(stream),
+            Event::AgentConnected(stream) => {
+                agent_connected = true;
+                writer = Some(stream);
+            }
             Event::Agent(GuestMessage::Ready { kernel_ms, modules_ms, ready_ms }) => {
                 timings.ready = Some(Instant::now());
                 (timings.kernel_ms, timings.modules_ms, timings.ready_ms) = (kernel_ms, modules_ms, ready_ms);
                 let Some(channel) = writer.take() else {
                     return Outcome::GuestFailed("the agent reported ready on a channel attest never saw".into());
                 };
+                // Sent from the stdin thread: a stalled guest must not block this loop and its deadlines.
                 let start = Frame::Host(HostMessage::Start(guest.start.clone()));
-                if let Err(err) = channel.send(&start) {
-                    return Outcome::GuestFailed(format!("sending the program to the guest: {err}"));
-                }
-                forward_stdin(channel, forward_stdin_enabled);
+                forward_stdin(channel, start, forward_stdin_enabled);
             }
             Event::Agent(GuestMessage::Started { .. }) => timings.started = Some(Instant::now()),
             Event::Agent(GuestMessage::Exited { status, .. }) => {
@@ -228,9 +231,12 @@ fn drive(
             }
             Event::Vm(VmEvent::VmmExited(status)) => {
                 signs.vm_exit = Some(status);
-                grace.get_or_insert(Instant::now() + DEATH_GRACE);
+                if !agent_connected {
+                    grace.get_or_insert(Instant::now() + DEATH_GRACE);
+                }
             }
             Event::Vm(VmEvent::HelperFailed(why)) => {
+                signs.helper_first |= signs.vm_exit.is_none();
                 signs.helper_failed.get_or_insert(why);
                 grace.get_or_insert(Instant::now() + DEATH_GRACE);
             }
@@ -245,6 +251,8 @@ struct DeathSigns {
     agent_lost: Option<String>,
     vm_exit: Option<ExitStatus>,
     helper_failed: Option<String>,
+    /// The helper died while the VMM still ran: then it is the likelier cause.
+    helper_first: bool,
 }
 
 impl DeathSigns {
@@ -252,12 +260,18 @@ impl DeathSigns {
         self.agent_lost.is_some() && self.vm_exit.is_some()
     }
 
-    /// The VMM's exit explains the rest (helpers end with it); a helper dying under a live VMM
-    /// explains a stalled guest.
+    /// A helper dying under a live VMM explains what follows; otherwise the VMM's exit explains the
+    /// rest (helpers end with it).
     fn explain(self) -> String {
+        let vm_part = |why: Option<String>, status: ExitStatus| match why {
+            Some(why) => format!("{why}; the VM exited ({status})"),
+            None => format!("the VM exited ({status}) before the program finished"),
+        };
         match (self.vm_exit, self.agent_lost, self.helper_failed) {
-            (Some(status), Some(why), _) => format!("{why}; the VM exited ({status})"),
-            (Some(status), None, _) => format!("the VM exited ({status}) before the program finished"),
+            (Some(status), why, Some(helper)) if self.helper_first => {
+                format!("{helper}; then {}", vm_part(why, status))
+            }
+            (Some(status), why, _) => vm_part(why, status),
             (None, _, Some(helper)) => helper,
             (None, Some(why), None) => why,
             (None, None, None) => "the guest stopped answering".into(),

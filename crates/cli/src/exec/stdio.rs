@@ -94,14 +94,19 @@ impl AgentWriter {
 /// the credit window ahead of what the program has read. A program that never reads stdin leaves
 /// this thread waiting, which is harmless: attest exits when the program does.
 ///
+/// The thread first sends `start`, the request that makes the guest run the program.
+///
 /// With `forward` false, or when stdin is a terminal attest does not own (a background job, which
 /// would be stopped by SIGTTIN on reading), the program gets an empty stdin instead.
-pub fn forward_stdin(channel: AgentWriter, forward: bool) {
-    if !forward || is_background_terminal() {
-        channel.send(&Frame::StdinEof).ok();
-        return;
-    }
+pub fn forward_stdin(channel: AgentWriter, start: Frame, forward: bool) {
     std::thread::spawn(move || {
+        if channel.send(&start).is_err() {
+            return; // the guest is going away; its other signs will say why
+        }
+        if !forward || is_background_terminal() {
+            channel.send(&Frame::StdinEof).ok();
+            return;
+        }
         let mut stdin = ManuallyDrop::new(unsafe { File::from_raw_fd(0) });
         let mut buf = vec![0u8; CHUNK];
         loop {
@@ -120,4 +125,28 @@ pub fn forward_stdin(channel: AgentWriter, forward: bool) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn stdin_credit_blocks_until_the_guest_grants_more() {
+        let (stream, _peer) = UnixStream::pair().unwrap();
+        let writer = AgentWriter::new(stream);
+        writer.take_stdin_credit(STDIN_WINDOW); // the whole initial window
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let taker = writer.clone();
+        std::thread::spawn(move || {
+            taker.take_stdin_credit(CHUNK as u64);
+            done_tx.send(()).unwrap();
+        });
+        assert!(done_rx.recv_timeout(Duration::from_millis(200)).is_err(), "sent beyond the window");
+        writer.grant_stdin(CHUNK as u64 - 1);
+        assert!(done_rx.recv_timeout(Duration::from_millis(200)).is_err(), "sent on partial credit");
+        writer.grant_stdin(1);
+        done_rx.recv_timeout(Duration::from_secs(5)).expect("credit granted, send proceeds");
+    }
 }
