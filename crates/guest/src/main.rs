@@ -2,7 +2,8 @@
 //!
 //! Brings up the minimal system (kernel filesystems, driver modules), reaches the host over the agent
 //! virtio-serial port, mounts the host's shares, runs the requested program and reports its streams and
-//! exit status. Whatever happens, it ends by syncing and powering the VM off: PID 1 must never return.
+//! exit status. After a report it waits for the host to hang up (the host then kills the VM); on any
+//! failure, and after the hang-up, it syncs and powers the VM off: PID 1 must never return.
 
 mod mounts;
 mod run;
