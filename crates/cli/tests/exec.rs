@@ -375,12 +375,7 @@ fn assert_run_leaves_nothing(options: &[&str], program: &[&str], expected_code: 
     let leftovers: Vec<_> = std::fs::read_dir(&state_base).unwrap().flatten().map(|e| e.path()).collect();
     assert!(leftovers.is_empty(), "state left behind: {leftovers:?}");
     let marker = runtime.path().to_string_lossy().into_owned();
-    let survivors: Vec<_> = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
-        .filter(|pid| is_alive(*pid) && cmdline(*pid).contains(&marker))
-        .collect();
+    let survivors: Vec<_> = live_pids().into_iter().filter(|pid| cmdline(*pid).contains(&marker)).collect();
     assert!(survivors.is_empty(), "processes left behind: {survivors:?}");
 }
 

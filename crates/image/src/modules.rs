@@ -2,6 +2,7 @@
 //! to load them (dependencies first, from `modules.dep` or, where depmod never ran, from each module's
 //! `.modinfo`), and their bytes, decompressed when the distribution compresses them.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -16,8 +17,9 @@ pub struct ModuleTree {
     dir: Option<PathBuf>,
     paths: HashMap<String, PathBuf>,
     builtin: HashSet<String>,
-    /// From modules.dep; `None` means read each module's `.modinfo` instead.
-    deps: Option<HashMap<String, Vec<String>>>,
+    /// Each module's dependencies: all of modules.dep when depmod ran, else filled from the
+    /// modules' own `.modinfo` as they are visited (so a module is read for this at most once).
+    deps: RefCell<HashMap<String, Vec<String>>>,
 }
 
 /// A module to load, with its bytes ready for the initramfs.
@@ -58,7 +60,7 @@ impl ModuleTree {
                     tree.paths.insert(name.clone(), dir.join(module));
                     deps.insert(name, needs.split_whitespace().map(|d| module_name(Path::new(d))).collect());
                 }
-                tree.deps = Some(deps);
+                tree.deps = RefCell::new(deps);
             }
             Err(_) => tree.walk(dir)?,
         }
@@ -107,9 +109,14 @@ impl ModuleTree {
             // A dependency that is built in needs no loading.
             return Ok(());
         };
-        let deps = match &self.deps {
-            Some(deps) => deps.get(name).cloned().unwrap_or_default(),
-            None => modinfo_depends(&module_bytes(path)?),
+        let known = self.deps.borrow().get(name).cloned();
+        let deps = match known {
+            Some(deps) => deps,
+            None => {
+                let deps = modinfo_depends(&module_bytes(path)?);
+                self.deps.borrow_mut().insert(name.to_string(), deps.clone());
+                deps
+            }
         };
         for dep in deps {
             self.visit(&dep, seen, order)?;

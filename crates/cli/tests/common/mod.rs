@@ -65,18 +65,19 @@ pub fn sha256(data: &[u8]) -> String {
     sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Live (non-zombie) processes whose parent is `pid`.
+/// Every live (non-zombie) process on the host.
+pub fn live_pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|pid| is_alive(*pid))
+        .collect()
+}
+
+/// Live processes whose parent is `pid`.
 pub fn children_of(pid: u32) -> Vec<u32> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        if let Some((ppid, state)) = ppid_and_state(child) {
-            if ppid == pid && state != 'Z' {
-                found.push(child);
-            }
-        }
-    }
-    found
+    live_pids().into_iter().filter(|child| ppid_and_state(*child).is_some_and(|(ppid, _)| ppid == pid)).collect()
 }
 
 /// True while `pid` exists and is not a zombie.

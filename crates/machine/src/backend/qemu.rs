@@ -68,7 +68,7 @@ impl Backend for Qemu {
         if let Some(port) = &spec.agent_port {
             let socket = VirtioSerialSocket::bind(&dir.socket("agent.sock")?)?;
             push(&["-device", "virtio-serial-pci,id=agentbus"]);
-            push(&["-chardev", &format!("socket,id=agent,path={}", qemu_option_value(path_str(socket.path())?))]);
+            push(&["-chardev", &format!("socket,id=agent,path={}", option_path(socket.path())?)]);
             push(&["-device", &format!("virtserialport,bus=agentbus.0,chardev=agent,name={port}")]);
             agent = Some(Box::new(socket));
         }
@@ -89,12 +89,12 @@ impl Backend for Qemu {
                     let socket = dir.socket(&format!("virtiofs-{index}.sock"))?;
                     let log = dir.path().join(format!("virtiofsd-{index}.log"));
                     helpers.push(virtiofsd::spawn(binary, share, &socket, &log, events.clone())?);
-                    push(&["-chardev", &format!("socket,id={id},path={}", qemu_option_value(path_str(&socket)?))]);
+                    push(&["-chardev", &format!("socket,id={id},path={}", option_path(&socket)?)]);
                     push(&["-device", &format!("vhost-user-fs-pci,chardev={id},tag={}", share.tag)]);
                 }
                 ShareFs::NineP => {
                     let ro = if share.read_only { ",readonly=on" } else { "" };
-                    let path = qemu_option_value(path_str(&share.host_path)?);
+                    let path = option_path(&share.host_path)?;
                     // remap: the host's mounts below the share (e.g. /proc and /sys under /) have
                     // colliding inode numbers, which 9p clients would otherwise merge.
                     push(&["-fsdev", &format!("local,id={id},path={path},security_model=none,multidevs=remap{ro}")]);
@@ -113,7 +113,7 @@ fn path_str(path: &Path) -> Result<&str> {
     path.to_str().with_context(|| format!("path {} is not UTF-8, which QEMU options cannot carry", path.display()))
 }
 
-/// QEMU option values escape a literal comma by doubling it.
-fn qemu_option_value(value: &str) -> String {
-    value.replace(',', ",,")
+/// A path as a QEMU option value (`key=value,…`), where a literal comma is written doubled.
+fn option_path(path: &Path) -> Result<String> {
+    Ok(path_str(path)?.replace(',', ",,"))
 }
