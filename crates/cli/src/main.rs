@@ -21,7 +21,8 @@ use clap::{Parser, Subcommand};
     about = "Boot real VMs, get a root command channel into each, and drive them from tests"
 )]
 struct Cli {
-    /// More diagnostics on stderr (-v: debug, -vv: trace). ATTEST_LOG takes a tracing filter.
+    /// More on stderr: -v the accelerator and phase timings of each run, -vv debug logs, -vvv trace.
+    /// ATTEST_LOG takes a tracing filter.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
     #[command(subcommand)]
@@ -43,7 +44,7 @@ fn main() {
     let cli = Cli::parse();
     init_logging(cli.verbose);
     let code = match cli.command {
-        Command::Exec(args) => exec::run(args),
+        Command::Exec(args) => exec::run(args, cli.verbose > 0),
         Command::Doctor(args) => doctor::run(args),
         Command::BenchFloorInitramfs => bench_floor_initramfs(),
     };
@@ -53,7 +54,8 @@ fn main() {
 fn init_logging(verbose: u8) {
     let default = match verbose {
         0 => "warn",
-        1 => "debug",
+        1 => "info",
+        2 => "debug",
         _ => "trace",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("ATTEST_LOG")

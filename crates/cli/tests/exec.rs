@@ -5,7 +5,7 @@ mod common;
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::ffi::OsStringExt;
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -218,17 +218,34 @@ fn bad_usage_is_exit_2() {
         let run = exec(options, &["true"]);
         assert_eq!(run.code, 2, "{options:?}: {run:?}");
     }
-    let run = run_command(std::process::Command::new(attest_bin()).args(["exec", "true"]));
+    let run = run_command(Command::new(attest_bin()).args(["exec", "true"]));
     assert_eq!(run.code, 2, "PROGRAM must follow --: {run:?}");
 }
 
 #[test]
-fn the_accelerator_choice_is_announced() {
-    let run = run_command(std::process::Command::new(attest_bin()).args(["exec", "--", "true"]));
+fn stderr_is_exactly_the_programs_whether_the_accelerator_verdict_is_new_or_cached() {
+    // A cache of its own, so the first run really makes the KVM verdict (and builds the initramfs).
+    let cache = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(cache_dir().join("kernels"), cache.path().join("kernels")).unwrap();
+    for attempt in ["verdict made now", "verdict cached"] {
+        let mut command = exec_command(&[], &["sh", "-c", "echo out; echo err >&2"]);
+        let run = run_command(command.env("ATTEST_CACHE_DIR", cache.path()));
+        assert_eq!(run.code, 0, "{attempt}: {run:?}");
+        assert_eq!(run.stdout, b"out\n", "{attempt}: {run:?}");
+        assert_eq!(run.stderr, "err\n", "{attempt}: {run:?}");
+    }
+    let failing = exec(&[], &["sh", "-c", "echo err >&2; exit 3"]);
+    assert_eq!((failing.code, failing.stderr.as_str()), (3, "err\n"), "a program failing on its own: {failing:?}");
+}
+
+#[test]
+fn verbose_reports_the_accelerator_and_the_timings() {
+    let run = run_command(Command::new(attest_bin()).args(["-v", "exec", "--", "true"]).stdin(Stdio::null()));
     assert_eq!(run.code, 0, "{run:?}");
     let line = run.stderr.lines().find(|l| l.starts_with("attest: accel: ")).expect("an accel line");
     assert!(line.contains("KVM probe ran a guest") || line.contains("KVM is unusable"), "{line}");
-    let run = run_command(std::process::Command::new(attest_bin()).args(["exec", "--accel", "tcg", "--", "true"]));
+    assert!(run.stderr.contains("attest: timings ms: setup="), "{run:?}");
+    let run = run_command(Command::new(attest_bin()).args(["exec", "-v", "--accel", "tcg", "--", "true"]));
     assert!(run.stderr.contains("attest: accel: TCG (software emulation) (requested with --accel tcg)"), "{run:?}");
 }
 
@@ -389,9 +406,7 @@ fn nothing_is_left_after_success_failure_timeout_or_panic() {
 
 #[test]
 fn another_distro_kernel_with_9p_works() {
-    let cache = std::env::var_os("ATTEST_CACHE_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/attest"));
+    let cache = cache_dir();
     let kernel = std::fs::read_dir(cache.join("test-kernels"))
         .expect("scripts/setup fetches Debian's generic kernel into the cache's test-kernels/")
         .flatten()

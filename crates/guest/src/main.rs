@@ -6,13 +6,15 @@
 //! failure, and after the hang-up, it syncs and powers the VM off: PID 1 must never return.
 
 mod mounts;
+mod net;
 mod run;
 mod system;
+mod terminal;
 
 use std::fs::File;
 
 use anyhow::{Context, Result};
-use attest_protocol::{Frame, GuestMessage, HostMessage};
+use attest_protocol::{FailedStage, Frame, GuestMessage, HostMessage};
 
 fn main() {
     if let Err(err) = boot() {
@@ -43,13 +45,14 @@ fn boot() -> Result<()> {
         None => anyhow::bail!("host closed the agent channel before sending a start request"),
     };
 
-    let outcome = mounts::prepare_root(&start)
-        .map_err(|e| ("mount", e))
-        .and_then(|()| run::run_program(&start, reader, &writer).map_err(|e| ("run", e)));
+    let outcome = net::configure(&start.hostname, &start.network)
+        .map_err(|e| (FailedStage::Network, e))
+        .and_then(|()| mounts::prepare_root(&start).map_err(|e| (FailedStage::Mount, e)))
+        .and_then(|()| run::run_program(&start, reader, &writer).map_err(|e| (FailedStage::Run, e)));
     if let Err((stage, err)) = outcome {
         let message = format!("{err:#}");
         println!("attest-init: {stage} failed: {message}");
-        writer.send(Frame::Guest(GuestMessage::Failed { stage: stage.into(), message }))?;
+        writer.send(Frame::Guest(GuestMessage::Failed { stage, message }))?;
     }
     Ok(())
 }

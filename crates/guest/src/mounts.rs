@@ -4,6 +4,7 @@
 
 use std::ffi::OsStr;
 use std::fs;
+use std::net::IpAddr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -55,7 +56,30 @@ pub fn prepare_root(start: &Start) -> Result<()> {
         })?;
         mount_share(share, target)?;
     }
+    if !start.network.nameservers.is_empty() {
+        overlay_resolv_conf(&start.network.nameservers).context("pointing /etc/resolv.conf at the guest's DNS")?;
+    }
     Ok(())
+}
+
+/// Shows the program a resolv.conf naming the guest network's DNS servers, bind-mounted over the
+/// host's (read-only) one. Where the host's is a symlink into /run (systemd-resolved), the link's
+/// target is created in the guest's private /run, so the bind lands where the link points.
+fn overlay_resolv_conf(nameservers: &[IpAddr]) -> Result<()> {
+    const TARGET: &str = "/etc/resolv.conf";
+    let text: String = nameservers.iter().map(|server| format!("nameserver {server}\n")).collect();
+    let source = Path::new("/run/attest/resolv.conf");
+    fs::create_dir_all("/run/attest")?;
+    fs::write(source, text)?;
+    if fs::metadata(TARGET).is_err() {
+        if let Ok(link) = fs::read_link(TARGET) {
+            let dangling = Path::new("/etc").join(link);
+            fs::create_dir_all(dangling.parent().unwrap_or(Path::new("/")))?;
+            fs::write(&dangling, b"")?;
+        }
+    }
+    mount(Some(source), TARGET, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .with_context(|| format!("bind-mounting {} on {TARGET}", source.display()))
 }
 
 fn mount_scratch(scratch: &Scratch, target: &Path, index: usize) -> Result<()> {

@@ -7,7 +7,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{ChildStdin, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -15,11 +15,12 @@ use std::thread;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use attest_protocol::{ExitStatus, Frame, GuestMessage, Start, CHUNK};
+use attest_protocol::{ExitStatus, Frame, GuestMessage, HostMessage, Start, CHUNK, FALLBACK_SHELLS};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::system::uptime_ms;
+use crate::terminal::{self, Pty};
 
 /// After the program exits, a background process may still hold its stdout open. The drain gives
 /// up once no output has moved for this long; output that keeps flowing is never cut off.
@@ -41,7 +42,8 @@ impl FrameWriter {
 }
 
 pub fn run_program(start: &Start, channel: File, writer: &FrameWriter) -> Result<()> {
-    let (program, args) = start.argv.split_first().context("empty command")?;
+    let argv = program_argv(start)?;
+    let (program, args) = argv.split_first().context("empty command")?;
     let cwd = Path::new(OsStr::from_bytes(&start.cwd));
     if !cwd.is_dir() {
         bail!("the working directory {} does not exist in the guest", cwd.display());
@@ -51,42 +53,71 @@ pub fn run_program(start: &Start, channel: File, writer: &FrameWriter) -> Result
         .args(args.iter().map(|a| OsStr::from_bytes(a)))
         .env_clear()
         .envs(start.env.iter().map(|(k, v)| (OsStr::from_bytes(k), OsStr::from_bytes(v))))
-        .current_dir(cwd)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // The program gets default signal dispositions and its own session, like a login shell's child.
-    unsafe {
-        command.pre_exec(|| {
-            nix::unistd::setsid().ok();
-            Ok(())
-        });
-    }
+        .current_dir(cwd);
+    let mut pty = match start.terminal {
+        Some(size) => {
+            let pty = Pty::open(size)?;
+            pty.attach(&mut command)?;
+            Some(pty)
+        }
+        None => {
+            command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+            // The program gets default signal dispositions and its own session, like a login shell's child.
+            // SAFETY: setsid is async-signal-safe and the hook allocates nothing.
+            unsafe {
+                command.pre_exec(|| {
+                    nix::unistd::setsid().ok();
+                    Ok(())
+                });
+            }
+            None
+        }
+    };
 
-    let mut child = match command.spawn() {
+    let spawned = command.spawn();
+    // The command holds the agent's copies of the terminal's slave side: close them now, so the
+    // master ends once the program's side of the terminal is closed.
+    drop(command);
+    let mut child = match spawned {
         Ok(child) => child,
         Err(err) => {
             let code = if err.kind() == io::ErrorKind::NotFound { 127 } else { 126 };
             let msg = format!("attest: {}: {err}\n", String::from_utf8_lossy(program));
             writer.send(Frame::Stderr(msg.into_bytes()))?;
             let (hangup_tx, hangup_rx) = mpsc::channel();
-            thread::spawn(move || read_host_frames(channel, mpsc::channel().0, HostReaders::default(), hangup_tx));
+            thread::spawn(move || read_host_frames(channel, HostFrameSinks::default(), hangup_tx));
             return exited(writer, ExitStatus::Code(code), hangup_rx);
         }
     };
     writer.send(Frame::Guest(GuestMessage::Started { started_ms: uptime_ms() }))?;
 
+    let closed = HostReaders::default();
+    let (outputs, stdin, resize): (Vec<Output>, Box<dyn Write + Send>, Option<File>) = match &mut pty {
+        Some(pty) => {
+            pty.close_slave();
+            let outputs = vec![(
+                Box::new(pty.master()?) as Box<dyn Read + Send>,
+                Frame::Stdout as fn(Vec<u8>) -> Frame,
+                closed.stdout.clone(),
+            )];
+            (outputs, Box::new(pty.master()?), Some(pty.master()?))
+        }
+        None => {
+            let outputs = vec![
+                (
+                    Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+                    Frame::Stdout as fn(Vec<u8>) -> Frame,
+                    closed.stdout.clone(),
+                ),
+                (Box::new(child.stderr.take().unwrap()), Frame::Stderr, closed.stderr.clone()),
+            ];
+            (outputs, Box::new(child.stdin.take().unwrap()), None)
+        }
+    };
     let (drained_tx, drained_rx) = mpsc::channel();
     let forwarded = Arc::new(AtomicU64::new(0));
-    let closed = HostReaders::default();
-    for (pipe, wrap, gone) in [
-        (
-            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-            Frame::Stdout as fn(Vec<u8>) -> Frame,
-            closed.stdout.clone(),
-        ),
-        (Box::new(child.stderr.take().unwrap()), Frame::Stderr, closed.stderr.clone()),
-    ] {
+    let mut open_outputs = outputs.len();
+    for (pipe, wrap, gone) in outputs {
         let writer = writer.clone();
         let drained = drained_tx.clone();
         let forwarded = forwarded.clone();
@@ -95,19 +126,18 @@ pub fn run_program(start: &Start, channel: File, writer: &FrameWriter) -> Result
             drained.send(()).ok();
         });
     }
-    let stdin = child.stdin.take().unwrap();
     let (stdin_tx, stdin_rx) = mpsc::channel();
     let credit_writer = writer.clone();
     thread::spawn(move || feed_stdin(stdin, stdin_rx, &credit_writer));
     let (hangup_tx, hangup_rx) = mpsc::channel();
-    thread::spawn(move || read_host_frames(channel, stdin_tx, closed, hangup_tx));
+    let sinks = HostFrameSinks { stdin: Some(stdin_tx), closed, terminal: resize };
+    thread::spawn(move || read_host_frames(channel, sinks, hangup_tx));
 
     let status = wait_reaping_orphans(Pid::from_raw(child.id() as i32))?;
-    let mut open_pipes = 2;
     let mut seen = forwarded.load(Ordering::SeqCst);
-    while open_pipes > 0 {
+    while open_outputs > 0 {
         match drained_rx.recv_timeout(DRAIN_IDLE) {
-            Ok(()) => open_pipes -= 1,
+            Ok(()) => open_outputs -= 1,
             Err(_) if forwarded.load(Ordering::SeqCst) != seen => seen = forwarded.load(Ordering::SeqCst),
             Err(_) => {
                 let note = "attest: output still held open by a background process after exit; not waiting for it\n";
@@ -117,6 +147,26 @@ pub fn run_program(start: &Start, channel: File, writer: &FrameWriter) -> Result
         }
     }
     exited(writer, status, hangup_rx)
+}
+
+/// One output of the program: where to read it, how to frame it, and whether the host's reader is gone.
+type Output = (Box<dyn Read + Send>, fn(Vec<u8>) -> Frame, Arc<AtomicBool>);
+
+/// The program's argv; an empty one asks for an interactive shell: `$SHELL` if it exists here,
+/// else the first fallback shell that does.
+fn program_argv(start: &Start) -> Result<Vec<Vec<u8>>> {
+    if !start.argv.is_empty() {
+        return Ok(start.argv.clone());
+    }
+    let from_env = start.env.iter().find(|(key, _)| key == b"SHELL").map(|(_, value)| value.clone());
+    let shell = from_env
+        .into_iter()
+        .chain(FALLBACK_SHELLS.iter().map(|s| s.as_bytes().to_vec()))
+        .find(|candidate| !candidate.is_empty() && Path::new(OsStr::from_bytes(candidate)).is_file())
+        .with_context(|| {
+            format!("no shell found: $SHELL is unset or missing and so are {}", FALLBACK_SHELLS.join(", "))
+        })?;
+    Ok(vec![shell])
 }
 
 /// Reports the exit, then waits for the host to hang up. From here the host owns the VM's
@@ -135,6 +185,16 @@ fn exited(writer: &FrameWriter, status: ExitStatus, hangup: mpsc::Receiver<()>) 
 struct HostReaders {
     stdout: Arc<AtomicBool>,
     stderr: Arc<AtomicBool>,
+}
+
+/// Where [`read_host_frames`] delivers what the host sends for the running program.
+#[derive(Default)]
+struct HostFrameSinks {
+    /// Dropped on the host's end of stdin.
+    stdin: Option<mpsc::Sender<Vec<u8>>>,
+    closed: HostReaders,
+    /// The program's terminal (master side), when it runs on one.
+    terminal: Option<File>,
 }
 
 /// Forwards one output pipe. Once the host reader is gone the pipe is dropped, so the program's
@@ -166,18 +226,23 @@ fn pump_output(
 /// Reads the host's frames for the running program. It never blocks on the program: stdin goes to
 /// [`feed_stdin`] (the host keeps within the credit window, so that queue stays bounded).
 /// Signals `hangup` when the host closes the channel.
-fn read_host_frames(mut channel: File, stdin: mpsc::Sender<Vec<u8>>, closed: HostReaders, hangup: mpsc::Sender<()>) {
-    let mut stdin = Some(stdin);
+fn read_host_frames(mut channel: File, mut sinks: HostFrameSinks, hangup: mpsc::Sender<()>) {
     while let Ok(Some(frame)) = Frame::read_from(&mut channel) {
         match frame {
             Frame::Stdin(data) => {
-                if let Some(queue) = &stdin {
+                if let Some(queue) = &sinks.stdin {
                     queue.send(data).ok();
                 }
             }
-            Frame::StdinEof => stdin = None,
-            Frame::StdoutClosed => closed.stdout.store(true, Ordering::SeqCst),
-            Frame::StderrClosed => closed.stderr.store(true, Ordering::SeqCst),
+            // A terminal has no end of input: the host's stdin is a terminal too, and ^D travels as data.
+            Frame::StdinEof if sinks.terminal.is_none() => sinks.stdin = None,
+            Frame::StdoutClosed => sinks.closed.stdout.store(true, Ordering::SeqCst),
+            Frame::StderrClosed => sinks.closed.stderr.store(true, Ordering::SeqCst),
+            Frame::Host(HostMessage::Resize(size)) => {
+                if let Some(master) = &sinks.terminal {
+                    terminal::resize(master, size);
+                }
+            }
             _ => {}
         }
     }
@@ -186,7 +251,7 @@ fn read_host_frames(mut channel: File, stdin: mpsc::Sender<Vec<u8>>, closed: Hos
 
 /// Writes queued stdin to the program and returns credit to the host for each chunk, also for
 /// chunks dropped because the program closed its stdin, so the host is never left waiting.
-fn feed_stdin(stdin: ChildStdin, queue: mpsc::Receiver<Vec<u8>>, writer: &FrameWriter) {
+fn feed_stdin(stdin: Box<dyn Write + Send>, queue: mpsc::Receiver<Vec<u8>>, writer: &FrameWriter) {
     let mut stdin = Some(stdin);
     for data in queue {
         if stdin.as_mut().is_some_and(|pipe| pipe.write_all(&data).is_err()) {

@@ -51,6 +51,14 @@ pub struct AccelChoice {
     pub accel: Accel,
     /// One line saying why, for the user.
     pub reason: String,
+    /// The KVM probe ran for this choice (the verdict was not cached).
+    pub probed: bool,
+}
+
+impl fmt::Display for AccelChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.accel, self.reason)
+    }
 }
 
 /// What the KVM probe found.
@@ -71,12 +79,13 @@ const PROBE_EXIT: i32 = 99;
 
 pub fn choose(request: AccelRequest, qemu: &Path, cache_dir: &Path) -> Result<AccelChoice, String> {
     if request == AccelRequest::Tcg {
-        return Ok(AccelChoice { accel: Accel::Tcg, reason: "requested with --accel tcg".into() });
+        return Ok(AccelChoice { accel: Accel::Tcg, reason: "requested with --accel tcg".into(), probed: false });
     }
     let probe = probe_kvm_cached(qemu, cache_dir);
     let cached = if probe.cached { ", cached for this boot" } else { "" };
+    let probed = !probe.cached;
     match (request, probe.usable) {
-        (_, true) => Ok(AccelChoice { accel: Accel::Kvm, reason: format!("KVM probe ran a guest{cached}") }),
+        (_, true) => Ok(AccelChoice { accel: Accel::Kvm, reason: format!("KVM probe ran a guest{cached}"), probed }),
         (AccelRequest::Kvm, false) => Err(format!(
             "--accel kvm was requested but KVM is unusable: {}{}",
             probe.detail,
@@ -86,8 +95,30 @@ pub fn choose(request: AccelRequest, qemu: &Path, cache_dir: &Path) -> Result<Ac
                 ""
             }
         )),
-        _ => Ok(AccelChoice { accel: Accel::Tcg, reason: format!("KVM is unusable: {}{cached}", probe.detail) }),
+        _ => {
+            Ok(AccelChoice { accel: Accel::Tcg, reason: format!("KVM is unusable: {}{cached}", probe.detail), probed })
+        }
     }
+}
+
+/// Whether a freshly made verdict is news: the first time this host boot that the probe chose this
+/// accelerator. Verdicts that are probed afresh on every run (see [`probe_kvm_cached`]) are still
+/// announced once per boot, not on every run.
+pub fn first_announcement(choice: &AccelChoice, cache_dir: &Path) -> bool {
+    if !choice.probed {
+        return false;
+    }
+    let marker = cache_dir.join("accel-announced");
+    let stamp = format!("{} {:?}", boot_id(), choice.accel);
+    if std::fs::read_to_string(&marker).is_ok_and(|seen| seen == stamp) {
+        return false;
+    }
+    std::fs::create_dir_all(cache_dir).and_then(|()| std::fs::write(&marker, stamp)).ok();
+    true
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default().trim().to_string()
 }
 
 /// Bumped when the meaning of a cached verdict changes, so older entries are ignored.
@@ -102,7 +133,7 @@ struct CacheEntry {
 }
 
 pub fn probe_kvm_cached(qemu: &Path, cache_dir: &Path) -> KvmProbe {
-    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default().trim().to_string();
+    let boot_id = boot_id();
     let cache_file = cache_dir.join("kvm-probe.json");
     if let Some(entry) = std::fs::read(&cache_file).ok().and_then(|b| serde_json::from_slice::<CacheEntry>(&b).ok()) {
         // /dev/kvm access can change within a boot (group membership, seat ACLs): check it anyway.
@@ -228,5 +259,17 @@ mod tests {
     fn explicit_tcg_needs_no_probe() {
         let choice = choose(AccelRequest::Tcg, Path::new("/nonexistent/qemu"), Path::new("/nonexistent")).unwrap();
         assert_eq!(choice.accel, Accel::Tcg);
+        assert!(!choice.probed);
+    }
+
+    #[test]
+    fn a_fresh_verdict_is_announced_once_per_boot_and_accelerator() {
+        let cache = tempfile::tempdir().unwrap();
+        let probed = |accel| AccelChoice { accel, reason: "test".into(), probed: true };
+        assert!(first_announcement(&probed(Accel::Tcg), cache.path()));
+        assert!(!first_announcement(&probed(Accel::Tcg), cache.path()));
+        assert!(first_announcement(&probed(Accel::Kvm), cache.path()), "a changed verdict is news");
+        let cached = AccelChoice { probed: false, ..probed(Accel::Tcg) };
+        assert!(!first_announcement(&cached, cache.path()), "a cached verdict was announced when made");
     }
 }

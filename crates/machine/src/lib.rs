@@ -4,6 +4,7 @@
 pub mod accel;
 pub mod backend;
 pub mod console;
+pub mod network;
 pub mod process;
 pub mod spec;
 pub mod state_dir;
@@ -14,6 +15,7 @@ pub mod vm;
 pub use accel::{Accel, AccelChoice, AccelRequest};
 pub use backend::{Backend, Qemu};
 pub use console::Console;
+pub use network::{NetBackend, Nic};
 pub use spec::{MachineSpec, Share, ShareFs};
 pub use state_dir::StateDir;
 pub use transport::Transport;

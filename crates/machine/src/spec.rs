@@ -5,6 +5,7 @@ use std::path::PathBuf;
 pub use attest_protocol::ShareFs;
 
 use crate::accel::Accel;
+use crate::network::Nic;
 
 #[derive(Debug, Clone)]
 pub struct MachineSpec {
@@ -16,6 +17,7 @@ pub struct MachineSpec {
     pub cpus: u32,
     pub accel: Accel,
     pub shares: Vec<Share>,
+    pub nics: Vec<Nic>,
     /// Name of the virtio-serial port the guest agent speaks on, if the guest runs one.
     pub agent_port: Option<String>,
 }

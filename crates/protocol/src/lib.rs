@@ -6,6 +6,7 @@
 //! Byte strings that need not be UTF-8 (argv, environment, paths) travel as `Vec<u8>`.
 
 use std::io::{self, Read, Write};
+use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
@@ -62,6 +63,59 @@ pub struct Start {
     pub mounts: Vec<Mount>,
     /// Directories of the new root made privately writable, before the other mounts.
     pub scratch: Vec<Scratch>,
+    /// The guest's hostname (the host's, since the program sees the host's `/etc/hosts`).
+    pub hostname: Vec<u8>,
+    /// Interfaces to configure besides loopback, which is always brought up.
+    pub network: Network,
+    /// Run the program on a pseudo-terminal of this size (its stdin, stdout and stderr, and its
+    /// controlling terminal), instead of on pipes. Output then arrives as [`Frame::Stdout`] only.
+    pub terminal: Option<WindowSize>,
+}
+
+/// An empty `argv` in [`Start`] asks for an interactive shell: `$SHELL` from the program's
+/// environment if it exists in the guest, else the first of these that does.
+pub const FALLBACK_SHELLS: [&str; 2] = ["/bin/bash", "/bin/sh"];
+
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowSize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+/// The guest's network configuration, applied by the agent before the program starts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Network {
+    pub interfaces: Vec<Interface>,
+    /// Written to the guest's view of `/etc/resolv.conf` when not empty.
+    pub nameservers: Vec<IpAddr>,
+}
+
+/// One network card, found in the guest by its MAC address, so device naming does not matter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Interface {
+    pub mac: [u8; 6],
+    pub addresses: Vec<IpPrefix>,
+    /// Default route through this interface.
+    pub gateway: Option<IpAddr>,
+}
+
+/// `52:54:00:12:34:56`, as QEMU and `ip link` write MAC addresses.
+pub fn mac_text(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// An address with its prefix length, e.g. 10.0.2.15/24.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpPrefix {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl std::fmt::Display for IpPrefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
 }
 
 /// A privately writable directory: a fresh tmpfs, or the host's directory seen through an overlay
@@ -94,6 +148,8 @@ impl std::fmt::Display for ExitStatus {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum HostMessage {
     Start(Start),
+    /// The host terminal was resized (only for a program on a pseudo-terminal).
+    Resize(WindowSize),
 }
 
 /// Control messages from guest to host. Times are guest uptime in milliseconds.
@@ -107,7 +163,29 @@ pub enum GuestMessage {
     /// The program ended and its output streams are drained.
     Exited { status: ExitStatus, exited_ms: u64 },
     /// The agent could not do what was asked; the VM is about to power off.
-    Failed { stage: String, message: String },
+    Failed { stage: FailedStage, message: String },
+}
+
+/// What the agent was doing when it failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailedStage {
+    /// Configuring the network or the hostname.
+    Network,
+    /// Mounting the host's files and entering the new root.
+    Mount,
+    /// Starting or running the program.
+    Run,
+}
+
+impl std::fmt::Display for FailedStage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FailedStage::Network => "configuring the network",
+            FailedStage::Mount => "mounting the host's files",
+            FailedStage::Run => "starting the program",
+        })
+    }
 }
 
 /// One unit on the wire.
@@ -248,7 +326,19 @@ mod tests {
             cwd: b"/tmp/x y".to_vec(),
             mounts: vec![Mount { tag: "root".into(), fs: ShareFs::NineP, guest_path: b"/".to_vec(), read_only: true }],
             scratch: vec![Scratch { path: b"/tmp".to_vec(), over_host: true }],
+            hostname: b"host".to_vec(),
+            network: Network {
+                interfaces: vec![Interface {
+                    mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
+                    addresses: vec![IpPrefix { addr: "10.0.2.15".parse().unwrap(), len: 24 }],
+                    gateway: Some("10.0.2.2".parse().unwrap()),
+                }],
+                nameservers: vec!["10.0.2.3".parse().unwrap()],
+            },
+            terminal: Some(WindowSize { rows: 24, cols: 80 }),
         })));
+        roundtrip(Frame::Host(HostMessage::Resize(WindowSize { rows: 50, cols: 132 })));
+        roundtrip(Frame::Guest(GuestMessage::Failed { stage: FailedStage::Mount, message: "no".into() }));
         roundtrip(Frame::Guest(GuestMessage::Exited { status: ExitStatus::Signal(9), exited_ms: 3 }));
     }
 

@@ -9,10 +9,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use attest_image::{Kernel, ModuleTree};
 use attest_machine::accel::{self, AccelChoice, AccelRequest};
+use attest_machine::network::user_mode;
 use attest_machine::{virtiofsd, Backend, MachineSpec, Qemu, Share, ShareFs};
-use attest_protocol::{Frame, HostMessage, Mount, Scratch, Start, AGENT_PORT};
+use attest_protocol::{Frame, HostMessage, Mount, Network, Scratch, Start, AGENT_PORT};
 
-use super::{AccelArg, ExecArgs, FsArg};
+use super::{AccelArg, ExecArgs, FsArg, NetArg};
 
 /// Privately writable directories: (path, whether the host's files show through an overlay).
 /// /run stays empty: the host's sockets and pid files there mean nothing inside the guest.
@@ -44,6 +45,14 @@ pub fn prepare(args: &ExecArgs) -> Result<PreparedGuest> {
     };
     let accel = accel::choose(request, &qemu_binary, &cache).map_err(anyhow::Error::msg)?;
 
+    let terminal = super::terminal::wanted(args.tty, args.no_tty).map_err(anyhow::Error::msg)?;
+    let (nics, network) = match args.net {
+        NetArg::None => (Vec::new(), Network::default()),
+        NetArg::User => (
+            vec![user_mode::nic()],
+            Network { interfaces: vec![user_mode::guest_interface()], nameservers: vec![user_mode::DNS.into()] },
+        ),
+    };
     let cwd = std::env::current_dir().context("reading the current directory")?;
     let (shares, mounts) = shares_and_mounts(args, &cwd, fs);
     let mut spec = MachineSpec {
@@ -59,6 +68,7 @@ pub fn prepare(args: &ExecArgs) -> Result<PreparedGuest> {
         cpus: args.cpus,
         accel: accel.accel,
         shares,
+        nics,
         agent_port: Some(AGENT_PORT.into()),
     };
     let qemu = Qemu { binary: qemu_binary, virtiofsd };
@@ -81,6 +91,9 @@ pub fn prepare(args: &ExecArgs) -> Result<PreparedGuest> {
             .iter()
             .map(|(path, over_host)| Scratch { path: path.as_bytes().to_vec(), over_host: *over_host })
             .collect(),
+        hostname: nix::unistd::gethostname().map(OsString::into_vec).unwrap_or_default(),
+        network,
+        terminal: terminal.then(super::terminal::window_size),
     };
     let encoded = Frame::Host(HostMessage::Start(start.clone())).write_to(&mut std::io::sink());
     encoded.context("the program's arguments and environment are too large to send to the guest")?;

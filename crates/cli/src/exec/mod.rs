@@ -4,6 +4,7 @@
 pub mod guest;
 mod session;
 mod stdio;
+mod terminal;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -45,6 +46,15 @@ pub struct ExecArgs {
     /// Give the program an empty stdin instead of attest's (like ssh -n), e.g. inside `while read`.
     #[arg(short = 'n', long)]
     pub no_stdin: bool,
+    /// Run the program on a terminal in the guest (default when stdin and stdout are terminals).
+    #[arg(short = 't', long, conflicts_with_all = ["no_tty", "no_stdin"])]
+    pub tty: bool,
+    /// Never give the program a terminal: plain pipes, stderr kept apart from stdout.
+    #[arg(short = 'T', long)]
+    pub no_tty: bool,
+    /// Network: none (default, hermetic) or user (NAT; the host's 127.0.0.1 is 10.0.2.2).
+    #[arg(long, value_enum, default_value_t = NetArg::None)]
+    pub net: NetArg,
     /// Run the program under strace -f; the trace goes to stderr.
     #[arg(long)]
     pub strace: bool,
@@ -54,14 +64,14 @@ pub struct ExecArgs {
     /// Keep the run's state directory (console log, sockets) and print its path.
     #[arg(long)]
     pub keep_state: bool,
-    /// Print the time spent in each phase to stderr.
+    /// Print the time spent in each phase to stderr (-v does too).
     #[arg(long)]
     pub timings: bool,
-    /// Do not print the accelerator line.
+    /// Never announce the accelerator, not even a newly made choice.
     #[arg(short, long)]
     pub quiet: bool,
-    /// The program and its arguments.
-    #[arg(last = true, required = true, value_name = "PROGRAM [ARGS]...")]
+    /// The program and its arguments; without them, an interactive shell ($SHELL, else bash, else sh).
+    #[arg(last = true, value_name = "PROGRAM [ARGS]...")]
     pub command: Vec<OsString>,
 }
 
@@ -82,6 +92,12 @@ pub enum AccelArg {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum NetArg {
+    None,
+    User,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum FsArg {
     Auto,
     Virtiofs,
@@ -96,14 +112,30 @@ pub struct ShareArg {
     pub read_only: bool,
 }
 
-pub fn run(args: ExecArgs) -> i32 {
+/// Runs the program; `verbose` also reports the accelerator and the phase timings.
+pub fn run(args: ExecArgs, verbose: bool) -> i32 {
     // --timeout counts from here: building or finding the guest is part of the run.
     let started = std::time::Instant::now();
     let guest = match guest::prepare(&args) {
         Ok(guest) => guest,
         Err(err) => return exit_code::setup_error(&err),
     };
-    session::run(guest, &args, started)
+    announce_accel(&guest.accel, &args, verbose);
+    session::run(guest, &args, verbose, started)
+}
+
+/// The program's streams are the program's: the accelerator line goes to stderr only with -v. A
+/// choice made afresh (the KVM probe ran, once per host boot) is news, so it is also told to the
+/// user's terminal, not to a stderr that may be captured.
+fn announce_accel(choice: &attest_machine::AccelChoice, args: &ExecArgs, verbose: bool) {
+    if verbose {
+        say!("attest: accel: {choice}");
+    } else if !args.quiet && attest_machine::accel::first_announcement(choice, &attest_image::cache_dir()) {
+        if let Ok(mut tty) = std::fs::OpenOptions::new().write(true).open("/dev/tty") {
+            use std::io::Write as _;
+            writeln!(tty, "attest: accel: {choice} [shown once per host boot; -v shows it on every run]").ok();
+        }
+    }
 }
 
 fn parse_memory_mib(text: &str) -> Result<u64, String> {

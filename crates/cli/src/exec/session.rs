@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 
 use attest_machine::{EventSink, StateDir, Vm, VmEvent};
 use attest_protocol::{ExitStatus, Frame, GuestMessage, HostMessage};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGWINCH};
 
 use super::guest::{describe_kernel, PreparedGuest};
 use super::stdio::{forward_stdin, AgentWriter, RawOut};
+use super::terminal::{self, RawMode, SharedScreenModes};
 use super::ExecArgs;
 use crate::exit_code;
 
@@ -50,17 +51,32 @@ struct Timings {
     ready_ms: u64,
 }
 
-pub fn run(guest: PreparedGuest, args: &ExecArgs, t0: Instant) -> i32 {
-    if !args.quiet {
-        say!("attest: accel: {} ({})", guest.accel.accel, guest.accel.reason);
+/// The host terminal while a program runs on a guest terminal.
+#[derive(Default)]
+struct HostTerminal {
+    raw: Option<RawMode>,
+    screen: SharedScreenModes,
+}
+
+impl HostTerminal {
+    /// Puts the terminal back as it was, and switches off the screen modes the program left on.
+    /// Only for endings the program did not choose: a program that exits restores its own modes.
+    fn restore_after_interruption(&mut self) {
+        if self.raw.take().is_some() {
+            self.screen.lock().unwrap_or_else(|p| p.into_inner()).restore();
+        }
     }
+}
+
+pub fn run(guest: PreparedGuest, args: &ExecArgs, verbose: bool, t0: Instant) -> i32 {
     tracing::debug!(kernel = %describe_kernel(&guest.kernel), "guest");
     let state = match StateDir::create(args.keep_state) {
         Ok(state) => state,
         Err(err) => return exit_code::setup_error(&format!("creating the state directory: {err}")),
     };
     let (tx, rx) = mpsc::channel();
-    if let Err(err) = forward_signals(tx.clone()) {
+    let mut host_terminal = guest.start.terminal.map(|_| HostTerminal::default());
+    if let Err(err) = forward_signals(tx.clone(), host_terminal.is_some()) {
         return exit_code::setup_error(&format!("installing signal handlers: {err}"));
     }
 
@@ -76,11 +92,20 @@ pub fn run(guest: PreparedGuest, args: &ExecArgs, t0: Instant) -> i32 {
     let deadline = args.timeout.map(|secs| t0 + Duration::from_secs_f64(secs));
     let boot_deadline = Instant::now() + Duration::from_secs_f64(args.boot_timeout);
     if let Some(transport) = vm.take_agent() {
-        spawn_agent_reader(transport, boot_deadline, tx);
+        let screen = host_terminal.as_ref().map(|t| t.screen.clone());
+        spawn_agent_reader(transport, boot_deadline, tx, screen);
     }
 
-    let outcome = drive(&rx, &guest, deadline, (boot_deadline, args.boot_timeout), !args.no_stdin, &mut timings);
+    let deadlines = Deadlines { run: deadline, boot: boot_deadline, boot_secs: args.boot_timeout };
+    let outcome = drive(&rx, &guest, deadlines, !args.no_stdin, &mut host_terminal, &mut timings);
     vm.kill();
+    if let Some(host_terminal) = &mut host_terminal {
+        if !matches!(outcome, Outcome::Program(_)) {
+            host_terminal.restore_after_interruption();
+        }
+    }
+    // Normal mode again before anything else is printed.
+    drop(host_terminal);
     // QEMU is gone, so its console pipes end; read them out before taking the tail.
     let console = vm.console().clone();
     console.wait_closed(CONSOLE_DRAIN);
@@ -90,7 +115,7 @@ pub fn run(guest: PreparedGuest, args: &ExecArgs, t0: Instant) -> i32 {
     let kept = state.keep();
     drop(state);
 
-    if args.timings {
+    if args.timings || verbose {
         print_timings(&timings, t0);
     }
     if kept {
@@ -99,8 +124,12 @@ pub fn run(guest: PreparedGuest, args: &ExecArgs, t0: Instant) -> i32 {
     report(outcome, args, kernel_panic, &console_tail, (&state_path, kept))
 }
 
-fn forward_signals(tx: Sender<Event>) -> std::io::Result<()> {
+/// Turns the signals attest handles into events; SIGWINCH only when the program has a terminal.
+fn forward_signals(tx: Sender<Event>, terminal: bool) -> std::io::Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+    if terminal {
+        signals.add_signal(SIGWINCH)?;
+    }
     std::thread::spawn(move || {
         for signal in signals.forever() {
             if tx.send(Event::Signal(signal)).is_err() {
@@ -113,7 +142,13 @@ fn forward_signals(tx: Sender<Event>) -> std::io::Result<()> {
 
 /// Connects to the agent and reads its frames: output goes straight to attest's stdout and stderr,
 /// in order, and control messages become events.
-fn spawn_agent_reader(mut transport: Box<dyn attest_machine::Transport>, deadline: Instant, tx: Sender<Event>) {
+/// With a terminal, the output also passes through `screen` to see which modes it switches.
+fn spawn_agent_reader(
+    mut transport: Box<dyn attest_machine::Transport>,
+    deadline: Instant,
+    tx: Sender<Event>,
+    screen: Option<SharedScreenModes>,
+) {
     std::thread::spawn(move || {
         let mut stream = match transport.connect(deadline) {
             Ok(stream) => stream,
@@ -131,7 +166,12 @@ fn spawn_agent_reader(mut transport: Box<dyn attest_machine::Transport>, deadlin
         let why = loop {
             // When attest's own reader goes away, the program's stream is closed the same way.
             let reader_gone = match Frame::read_from(&mut stream) {
-                Ok(Some(Frame::Stdout(data))) => stdout.write(&data).then_some(Frame::StdoutClosed),
+                Ok(Some(Frame::Stdout(data))) => {
+                    if let Some(screen) = &screen {
+                        screen.lock().unwrap_or_else(|p| p.into_inner()).observe(&data);
+                    }
+                    stdout.write(&data).then_some(Frame::StdoutClosed)
+                }
                 Ok(Some(Frame::Stderr(data))) => stderr.write(&data).then_some(Frame::StderrClosed),
                 Ok(Some(Frame::StdinCredit(bytes))) => {
                     writer.grant_stdin(bytes);
@@ -157,15 +197,24 @@ fn spawn_agent_reader(mut transport: Box<dyn attest_machine::Transport>, deadlin
     });
 }
 
+/// The run's own deadline (`--timeout`, from attest's start) and the boot's (`--boot-timeout`).
+struct Deadlines {
+    run: Option<Instant>,
+    boot: Instant,
+    boot_secs: f64,
+}
+
 fn drive(
     rx: &Receiver<Event>,
     guest: &PreparedGuest,
-    deadline: Option<Instant>,
-    (boot_deadline, boot_secs): (Instant, f64),
+    Deadlines { run: deadline, boot: boot_deadline, boot_secs }: Deadlines,
     forward_stdin_enabled: bool,
+    host_terminal: &mut Option<HostTerminal>,
     timings: &mut Timings,
 ) -> Outcome {
     let mut writer: Option<AgentWriter> = None;
+    // Kept once the program runs, for messages beside its stdin (terminal resizes).
+    let mut control: Option<AgentWriter> = None;
     // A dying guest shows several signs: the agent channel ends, the VMM exits, its helpers exit.
     // They come in any order. Once the VMM is gone the channel is certain to reach its end, and the
     // agent's last frames (its exit report included) may still be in flight, so that end is awaited
@@ -212,6 +261,14 @@ fn drive(
                 let Some(channel) = writer.take() else {
                     return Outcome::GuestFailed("the agent reported ready on a channel attest never saw".into());
                 };
+                control = Some(channel.clone());
+                // Raw from here: until the program runs, ^C interrupts attest itself.
+                if let Some(host_terminal) = host_terminal {
+                    match RawMode::enter() {
+                        Ok(raw) => host_terminal.raw = Some(raw),
+                        Err(err) => tracing::warn!("cannot put the terminal in raw mode: {err}"),
+                    }
+                }
                 // Sent from the stdin thread: a stalled guest must not block this loop and its deadlines.
                 let start = Frame::Host(HostMessage::Start(guest.start.clone()));
                 forward_stdin(channel, start, forward_stdin_enabled);
@@ -222,8 +279,7 @@ fn drive(
                 return Outcome::Program(status);
             }
             Event::Agent(GuestMessage::Failed { stage, message }) => {
-                let what = if stage == "mount" { "mounting the host's files" } else { "starting the program" };
-                return Outcome::GuestFailed(format!("the guest agent failed {what}: {message}"));
+                return Outcome::GuestFailed(format!("the guest agent failed {stage}: {message}"));
             }
             Event::AgentClosed(why) => {
                 signs.agent_lost = Some(why);
@@ -239,6 +295,14 @@ fn drive(
                 signs.helper_first |= signs.vm_exit.is_none();
                 signs.helper_failed.get_or_insert(why);
                 grace.get_or_insert(Instant::now() + DEATH_GRACE);
+            }
+            Event::Signal(SIGWINCH) => {
+                if let Some(channel) = &control {
+                    let resize = Frame::Host(HostMessage::Resize(terminal::window_size()));
+                    let channel = channel.clone();
+                    // Off the loop, like every write to the guest: a stalled guest must not hold it.
+                    std::thread::spawn(move || channel.send(&resize));
+                }
             }
             Event::Signal(signal) => return Outcome::Interrupted(signal),
         }
@@ -286,7 +350,7 @@ fn report(
     console: &[String],
     (state, kept): (&std::path::Path, bool),
 ) -> i32 {
-    let program = args.command.first().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+    let program = args.command.first().map(|p| p.to_string_lossy().into_owned()).unwrap_or("the shell".into());
     let (code, message) = match outcome {
         Outcome::Program(status) => return exit_code::of_program(status),
         Outcome::Interrupted(signal) => return 128 + signal,

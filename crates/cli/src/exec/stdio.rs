@@ -11,12 +11,6 @@ use std::sync::{Arc, Condvar, Mutex};
 use attest_protocol::{Frame, CHUNK, STDIN_WINDOW};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
-fn is_background_terminal() -> bool {
-    let stdin = std::io::stdin();
-    std::io::IsTerminal::is_terminal(&stdin)
-        && nix::unistd::tcgetpgrp(&stdin).is_ok_and(|foreground| foreground != nix::unistd::getpgrp())
-}
-
 /// Writes straight to a file descriptor attest does not own (no buffering, never closed).
 pub struct RawOut {
     file: ManuallyDrop<File>,
@@ -103,7 +97,7 @@ pub fn forward_stdin(channel: AgentWriter, start: Frame, forward: bool) {
         if channel.send(&start).is_err() {
             return; // the guest is going away; its other signs will say why
         }
-        if !forward || is_background_terminal() {
+        if !forward || super::terminal::is_background_job() {
             channel.send(&Frame::StdinEof).ok();
             return;
         }

@@ -7,14 +7,19 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// attest's cache, where scripts/setup put the kernels.
+pub fn cache_dir() -> PathBuf {
+    attest_image::cache_dir()
+}
+
 pub fn attest_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_attest"))
 }
 
-/// `attest exec -q OPTIONS -- PROGRAM...`, ready to adjust and run.
+/// `attest exec OPTIONS -- PROGRAM...`, ready to adjust and run.
 pub fn exec_command<S: AsRef<OsStr>>(options: &[&str], program: &[S]) -> Command {
     let mut command = Command::new(attest_bin());
-    command.arg("exec").arg("-q").args(options).arg("--").args(program);
+    command.arg("exec").args(options).arg("--").args(program);
     command.stdin(Stdio::null());
     command
 }

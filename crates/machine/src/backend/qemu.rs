@@ -7,6 +7,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 use super::{Backend, Prepared};
+use crate::network::{mac_text, NetBackend};
 use crate::spec::{MachineSpec, ShareFs};
 use crate::state_dir::StateDir;
 use crate::transport::{Transport, VirtioSerialSocket};
@@ -42,6 +43,9 @@ impl Backend for Qemu {
         if spec.agent_port.is_some() {
             drivers.push("virtio_console");
         }
+        if !spec.nics.is_empty() {
+            drivers.push("virtio_net");
+        }
         for fs in [ShareFs::Virtiofs, ShareFs::NineP] {
             if spec.shares.iter().any(|s| s.fs == fs) {
                 drivers.extend(fs.guest_drivers());
@@ -71,6 +75,15 @@ impl Backend for Qemu {
             push(&["-chardev", &format!("socket,id=agent,path={}", option_path(socket.path())?)]);
             push(&["-device", &format!("virtserialport,bus=agentbus.0,chardev=agent,name={port}")]);
             agent = Some(Box::new(socket));
+        }
+
+        for (index, nic) in spec.nics.iter().enumerate() {
+            let id = format!("net{index}");
+            match nic.backend {
+                NetBackend::User => push(&["-netdev", &format!("user,id={id}")]),
+            }
+            // No option ROM: attest boots the kernel directly, never over the network.
+            push(&["-device", &format!("virtio-net-pci,netdev={id},mac={},romfile=", mac_text(&nic.mac))]);
         }
 
         let mut helpers = Vec::new();

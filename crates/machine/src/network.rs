@@ -1,0 +1,50 @@
+//! Network cards and the networks behind them, described independently of the VMM. Today there is
+//! QEMU's user-mode network (NAT to the host, no privileges); VLAN switches and TAP bridges between
+//! machines join [`NetBackend`] next.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+pub use attest_protocol::mac_text;
+use attest_protocol::{Interface, IpPrefix};
+
+/// What a network card is plugged into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetBackend {
+    /// User-mode networking (QEMU's slirp): the guest reaches the host's loopback at
+    /// [`user_mode::GATEWAY`] and the outside world through the host's sockets.
+    User,
+}
+
+/// One network card of a machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Nic {
+    pub mac: [u8; 6],
+    pub backend: NetBackend,
+}
+
+/// The addresses of QEMU's user-mode network, which its built-in DHCP server would hand out. attest
+/// configures them statically instead: no DHCP client in the guest and no wait for a lease.
+pub mod user_mode {
+    use super::*;
+
+    /// QEMU's default MAC, outside the `52:54:00:12:VV:NN` range of VLAN cards.
+    pub const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+    pub const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+    pub const PREFIX_LEN: u8 = 24;
+    /// The host, as the guest sees it: connections here go to the host's 127.0.0.1.
+    pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+    pub const DNS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
+
+    pub fn nic() -> Nic {
+        Nic { mac: MAC, backend: NetBackend::User }
+    }
+
+    /// How the guest agent configures the card.
+    pub fn guest_interface() -> Interface {
+        Interface {
+            mac: MAC,
+            addresses: vec![IpPrefix { addr: IpAddr::V4(GUEST), len: PREFIX_LEN }],
+            gateway: Some(IpAddr::V4(GATEWAY)),
+        }
+    }
+}
