@@ -12,7 +12,7 @@ fn cargo_test(with_runner: bool, fail: bool) -> common::Run {
     command.args(["test", "--quiet"]).current_dir(&fixture).env("CARGO_TARGET_DIR", &target);
     command.env_remove("RUSTFLAGS").env_remove("CARGO_ENCODED_RUSTFLAGS");
     if with_runner {
-        let runner = format!("{} exec -q --", common::attest_bin().display());
+        let runner = format!("{} exec --", common::attest_bin().display());
         command.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", runner);
     }
     if fail {
@@ -27,6 +27,7 @@ fn cargo_test_runs_inside_vms_and_reports_failures() {
     assert_eq!(passing.code, 0, "{passing:?}");
     let out = passing.stdout_text();
     assert!(out.contains("2 passed") || out.contains("test result: ok. 2 passed"), "{passing:?}");
+    assert!(!passing.stderr.contains("attest"), "attest printed into cargo test's output: {passing:?}");
 
     let failing = cargo_test(true, true);
     assert_ne!(failing.code, 0, "a failing test inside the VM must fail cargo test: {failing:?}");
