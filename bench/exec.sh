@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# attest exec start-up against its floor: raw QEMU booting the same kernel with the same machine
-# options and an initramfs (same busybox) whose init powers off at once. Runs are interleaved so
-# drift on a noisy machine hits both sides alike; prints medians, the ratio and attest's phases.
+# attest exec start-up against two floors, both raw QEMU booting the same kernel with an initramfs
+# (same busybox) whose init powers off at once:
+#   bare floor:    what a user would type: `qemu-system-x86_64 -kernel K -initrd I -append … -nographic`
+#                  (QEMU's default machine, memory and vCPU, firmware, default devices);
+#   matched floor: attest's own machine options (machine type, accelerator, CPU model, memory, vCPUs,
+#                  boot image, kernel command line), read from the QEMU command line attest logs, so it shows what attest
+#                  adds on top of booting.
+# Runs are interleaved so drift on a noisy machine hits all sides alike; prints medians, the ratios
+# and attest's phases.
 #
 #   bench/exec.sh [RUNS]        (default 11; needs scripts/setup to have run)
 set -euo pipefail
@@ -12,34 +18,45 @@ cargo build --release --quiet --bin attest
 attest=target/release/attest
 kernel=$($attest doctor | awk '$2 == "kernel" { print $3 }')
 floor_initramfs=$($attest bench-floor-initramfs)
-accel=$($attest exec -- true 2>&1 >/dev/null | sed -n 's/^attest: accel: \(KVM\|TCG\).*/\1/p')
-case "$accel" in KVM) accel_args=(-accel kvm -cpu host) ;; *) accel_args=(-accel tcg -cpu max) ;; esac
+qemu_line=$(ATTEST_LOG=attest_machine=debug $attest exec -q -- true 2>&1 | grep 'starting qemu')
+# The value after `"OPTION"` in attest's logged QEMU command.
+opt() { sed -n "s/.* \"$1\" \"\([^\"]*\)\".*/\1/p" <<<"$qemu_line"; }
+accel=$(opt -accel)
+[[ -n "$accel" ]] || { echo "could not read attest's QEMU command line" >&2; exit 1; }
 
-floor() {
-  qemu-system-x86_64 -nodefaults -no-user-config -display none -no-reboot -machine q35 "${accel_args[@]}" \
-    -m 512 -smp 2 -kernel "$kernel" -initrd "$floor_initramfs" \
-    -append "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init" -serial null
+bare_floor() {
+  qemu-system-x86_64 -kernel "$kernel" -initrd "$floor_initramfs" -append "console=ttyS0 panic=-1 quiet" -nographic
 }
-
+matched_floor() {
+  qemu-system-x86_64 -nodefaults -no-user-config -display none -no-reboot -machine "$(opt -machine)" \
+    -accel "$accel" -cpu "$(opt -cpu)" -m "$(opt -m)" -smp "$(opt -smp)" -kernel "$(opt -kernel)" \
+    -initrd "$floor_initramfs" -append "$(opt -append)" -serial null
+}
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-floor >/dev/null; $attest exec -q -- true  # warm caches (initramfs, page cache)
+bare_floor </dev/null >/dev/null; matched_floor >/dev/null  # warm caches (page cache)
 for _ in $(seq "$runs"); do
-  t=$(ms_now); floor >/dev/null; echo $(( $(ms_now) - t )) >>"$tmp/floor"
+  t=$(ms_now); bare_floor </dev/null >/dev/null; echo $(( $(ms_now) - t )) >>"$tmp/bare"
+  t=$(ms_now); matched_floor >/dev/null; echo $(( $(ms_now) - t )) >>"$tmp/matched"
   t=$(ms_now); $attest exec -q --timings -- true 2>>"$tmp/phases"; echo $(( $(ms_now) - t )) >>"$tmp/attest"
 done
 
-floor_ms=$(median <"$tmp/floor")
+bare_ms=$(median <"$tmp/bare")
+matched_ms=$(median <"$tmp/matched")
 attest_ms=$(median <"$tmp/attest")
+ratio() { awk -v a="$attest_ms" -v f="$1" 'BEGIN { printf "%.2f", a / f }'; }
 phase() { sed -n "s/.* $1=\([0-9]*\).*/\1/p" "$tmp/phases" | median; }
 echo "host: $(nproc) cores, accel $accel, kernel $(basename "$kernel"), $runs interleaved runs each"
+echo "attest's machine: -machine $(opt -machine) -cpu $(opt -cpu) -m $(opt -m) -smp $(opt -smp) -kernel $(basename "$(opt -kernel)")"
 echo
 echo "| command | median ms |"
 echo "|---|---|"
-echo "| floor: qemu-system-x86_64, same kernel, init = busybox poweroff -f | $floor_ms |"
+echo "| bare floor: qemu-system-x86_64 -kernel K -initrd I -append … -nographic (QEMU defaults) | $bare_ms |"
+echo "| matched floor: qemu-system-x86_64 with attest's machine options, init = busybox poweroff -f | $matched_ms |"
 echo "| attest exec -- true | $attest_ms |"
-echo "| **ratio attest / floor** | **$(awk -v a="$attest_ms" -v f="$floor_ms" 'BEGIN { printf "%.2f", a / f }')** |"
+echo "| **ratio attest / bare floor** | **$(ratio "$bare_ms")** |"
+echo "| ratio attest / matched floor | $(ratio "$matched_ms") |"
 echo
 echo "attest phases (median ms): host setup $(phase setup), QEMU start to agent ready $(phase vmm_to_ready)" \
   "(of which guest kernel until init $(phase kernel), module loading $(phase modules), agent port $(phase port))," \

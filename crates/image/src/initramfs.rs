@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::modules::{module_bytes, ModuleFile};
+use crate::modules::{module_bytes, strip_signature, ModuleFile};
 use crate::ImageError;
 
 const S_IFDIR: u32 = 0o040000;
@@ -106,8 +106,14 @@ impl Initramfs {
 }
 
 /// The initramfs of an `attest exec` guest: the guest init as `/init`, busybox for debugging and
-/// tooling, and the driver modules with the list the init loads them from.
-pub fn exec_initramfs(init: &[u8], busybox: &Path, modules: &[ModuleFile]) -> Result<Initramfs, ImageError> {
+/// tooling, and the driver modules with the list the init loads them from. `unsigned_modules`
+/// strips the modules' signatures, for kernels that do not enforce them (faster loading).
+pub fn exec_initramfs(
+    init: &[u8],
+    busybox: &Path,
+    modules: &[ModuleFile],
+    unsigned_modules: bool,
+) -> Result<Initramfs, ImageError> {
     let mut image = base_layout(busybox)?
         .file("init", init.to_vec(), 0o755)
         .dir("lib")
@@ -117,7 +123,8 @@ pub fn exec_initramfs(init: &[u8], busybox: &Path, modules: &[ModuleFile]) -> Re
     for (index, module) in modules.iter().enumerate() {
         let path = format!("lib/modules/attest/{index:02}-{}.ko", module.name);
         list.push_str(&format!("/{path}\n"));
-        image = image.file(&path, module_bytes(&module.path)?, 0o644);
+        let bytes = module_bytes(&module.path)?;
+        image = image.file(&path, if unsigned_modules { strip_signature(bytes) } else { bytes }, 0o644);
     }
     Ok(image.dir("etc/attest").file("etc/attest/modules", list.into_bytes(), 0o644))
 }

@@ -40,6 +40,17 @@ pub struct Kernel {
     pub modules_dir: Option<PathBuf>,
 }
 
+impl Kernel {
+    /// Whether the kernel loads unsigned modules: its build configuration (`config-<release>` beside
+    /// it, as in /boot and Debian's packages) lacks `CONFIG_MODULE_SIG_FORCE=y`. Without a
+    /// configuration to read, the answer is no.
+    pub fn accepts_unsigned_modules(&self) -> bool {
+        let Some(dir) = self.path.parent() else { return false };
+        let Ok(config) = std::fs::read_to_string(dir.join(format!("config-{}", self.release))) else { return false };
+        !config.lines().any(|line| line.trim() == "CONFIG_MODULE_SIG_FORCE=y")
+    }
+}
+
 /// Finds the kernel: `--kernel`, then `ATTEST_KERNEL`, then the cache, then the host's running kernel.
 /// An explicitly named kernel that is missing or unreadable is an error, never silently replaced.
 pub fn locate(flag: Option<&Path>, cache_dir: &Path) -> Result<Kernel, ImageError> {
@@ -169,6 +180,20 @@ mod tests {
         assert!(err.contains("no x86 boot header"), "{err}");
         let err = inspect(Path::new("/nonexistent/vmlinuz"), KernelSource::Flag).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/vmlinuz"), "{err}");
+    }
+
+    #[test]
+    fn unsigned_modules_only_with_a_config_that_does_not_force_signatures() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("vmlinuz-9.9.9-test");
+        std::fs::copy(fake_bzimage("9.9.9-test #1").path(), &kernel).unwrap();
+        let k = inspect(&kernel, KernelSource::Flag).unwrap();
+        assert!(!k.accepts_unsigned_modules(), "no config: assume signatures are enforced");
+        let config = dir.path().join("config-9.9.9-test");
+        std::fs::write(&config, "CONFIG_MODULE_SIG=y\n# CONFIG_MODULE_SIG_FORCE is not set\n").unwrap();
+        assert!(k.accepts_unsigned_modules());
+        std::fs::write(&config, "CONFIG_MODULE_SIG=y\nCONFIG_MODULE_SIG_FORCE=y\n").unwrap();
+        assert!(!k.accepts_unsigned_modules());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod initramfs;
 pub mod kernel;
 pub mod modules;
+pub mod vmlinux;
 
 use std::path::{Path, PathBuf};
 

@@ -142,6 +142,32 @@ pub fn module_bytes(path: &Path) -> Result<Vec<u8>, ImageError> {
     Ok(out)
 }
 
+/// What `sign-file` appends to a signed module, after the signature and its descriptor.
+const SIGNATURE_MARKER: &[u8] = b"~Module signature appended~\n";
+/// `struct module_signature`: algo, hash, id_type, signer_len, key_id_len, 3 bytes padding, sig_len (big endian).
+const SIGNATURE_DESCRIPTOR_LEN: usize = 12;
+
+/// The module without its appended signature (unchanged when it has none). A kernel that does not
+/// enforce signatures loads it all the same, tainting itself, and skips hashing the module and
+/// checking its RSA signature, which is slow under TCG.
+pub fn strip_signature(mut module: Vec<u8>) -> Vec<u8> {
+    let Some(marker) = module.len().checked_sub(SIGNATURE_MARKER.len()) else { return module };
+    let Some(descriptor) = marker.checked_sub(SIGNATURE_DESCRIPTOR_LEN) else { return module };
+    if &module[marker..] != SIGNATURE_MARKER {
+        return module;
+    }
+    let sig_len = u32::from_be_bytes([
+        module[descriptor + 8],
+        module[descriptor + 9],
+        module[descriptor + 10],
+        module[descriptor + 11],
+    ]);
+    if let Some(end) = descriptor.checked_sub(sig_len as usize) {
+        module.truncate(end);
+    }
+    module
+}
+
 /// The `depends=` entry of a module's `.modinfo` section (NUL-separated `key=value` strings).
 pub fn modinfo_depends(elf: &[u8]) -> Vec<String> {
     let Ok(file) = object::File::parse(elf) else { return Vec::new() };
@@ -201,6 +227,18 @@ mod tests {
         let r = ModuleTree::none().resolve(&["virtio_console"]).unwrap();
         assert!(r.load.is_empty());
         assert_eq!(r.missing, ["virtio_console"]);
+    }
+
+    #[test]
+    fn strips_an_appended_signature_only() {
+        let module = b"\x7fELF module body".to_vec();
+        let mut signed = module.clone();
+        signed.extend_from_slice(b"SIGNATURE");
+        signed.extend_from_slice(&[0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 9]);
+        signed.extend_from_slice(SIGNATURE_MARKER);
+        assert_eq!(strip_signature(signed), module);
+        assert_eq!(strip_signature(module.clone()), module);
+        assert_eq!(strip_signature(b"short".to_vec()), b"short");
     }
 
     #[test]

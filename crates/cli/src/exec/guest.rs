@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use attest_image::{Kernel, ModuleTree};
-use attest_machine::accel::{self, AccelChoice, AccelRequest};
+use attest_machine::accel::{self, Accel, AccelChoice, AccelRequest};
 use attest_machine::network::user_mode;
 use attest_machine::{virtiofsd, Backend, MachineSpec, Qemu, Share, ShareFs};
 use attest_protocol::{Frame, HostMessage, Mount, Network, Scratch, Start, AGENT_PORT};
@@ -55,17 +55,23 @@ pub fn prepare(args: &ExecArgs) -> Result<PreparedGuest> {
     };
     let cwd = std::env::current_dir().context("reading the current directory")?;
     let (shares, mounts) = shares_and_mounts(args, &cwd, fs);
+    // An uncompressed vmlinux boots faster (no in-guest decompression); else the bzImage itself.
+    let boot_image = attest_image::vmlinux::pvh_vmlinux(&kernel.path, &cache.join("vmlinux"))?;
     let mut spec = MachineSpec {
         name: "exec".into(),
-        kernel: kernel.path.clone(),
+        kernel: boot_image.unwrap_or_else(|| kernel.path.clone()),
         initrd: None,
         // panic=-1 with QEMU's -no-reboot turns a guest panic into a prompt VMM exit.
+        // cryptomgr.notests: the boot-time self-tests of every crypto algorithm take ~0.25 s under TCG.
         cmdline: format!(
-            "console=ttyS0 panic=-1 {} rdinit=/init attest.guest=exec",
+            "console=ttyS0 panic=-1 {} cryptomgr.notests rdinit=/init attest.guest=exec",
             if args.console { "loglevel=7" } else { "quiet loglevel=4" }
         ),
         memory_mib: args.memory,
-        cpus: args.cpus,
+        cpus: args.cpus.unwrap_or(match accel.accel {
+            Accel::Kvm => 2,
+            Accel::Tcg => 1,
+        }),
         accel: accel.accel,
         shares,
         nics,
@@ -78,8 +84,10 @@ pub fn prepare(args: &ExecArgs) -> Result<PreparedGuest> {
         tracing::info!(missing = ?resolution.missing, "drivers neither modules nor listed as built in");
     }
     let busybox = attest_image::find_busybox()?;
-    let initramfs = attest_image::exec_initramfs(attest_image::GUEST_INIT, &busybox, &resolution.load)?
-        .write_cached(&cache.join("initramfs"))?;
+    let unsigned_modules = kernel.accepts_unsigned_modules();
+    let initramfs =
+        attest_image::exec_initramfs(attest_image::GUEST_INIT, &busybox, &resolution.load, unsigned_modules)?
+            .write_cached(&cache.join("initramfs"))?;
     spec.initrd = Some(initramfs);
 
     let start = Start {

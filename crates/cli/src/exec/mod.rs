@@ -22,9 +22,10 @@ pub struct ExecArgs {
     /// Guest memory, e.g. 512M or 2G.
     #[arg(long, default_value = "512M", value_parser = parse_memory_mib, value_name = "SIZE")]
     pub memory: u64,
-    /// Guest vCPUs.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=255))]
-    pub cpus: u32,
+    /// Guest vCPUs. Default: 2 under KVM, 1 under TCG (where each vCPU is a host thread emulating
+    /// a CPU, and a second one slows the boot more than it helps).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=255))]
+    pub cpus: Option<u32>,
     /// Accelerator: auto tries KVM for real and falls back to TCG.
     #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
     pub accel: AccelArg,
