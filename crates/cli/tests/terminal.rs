@@ -133,3 +133,20 @@ fn without_a_terminal_the_shell_reads_commands_from_stdin() {
     let output = child.wait_with_output().unwrap();
     assert_eq!(String::from_utf8_lossy(&output.stdout), "from /bin/sh\npipes\n", "{output:?}");
 }
+
+#[test]
+fn a_newly_made_accelerator_verdict_is_told_to_the_terminal_once() {
+    // A cache of its own, so the first run really makes the KVM verdict.
+    let cache = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(cache_dir().join("kernels"), cache.path().join("kernels")).unwrap();
+    for (run, announced) in [("first run", true), ("second run", false)] {
+        let mut command = Command::new(attest_bin());
+        command.args(["exec", "--", "echo", "program-ran"]).env("ATTEST_CACHE_DIR", cache.path());
+        let mut session = Session::spawn(command).unwrap();
+        session.set_expect_timeout(Some(Duration::from_secs(90)));
+        let seen = session.expect("program-ran").unwrap();
+        let before = String::from_utf8_lossy(seen.before()).into_owned();
+        assert_eq!(before.contains("attest: accel: "), announced, "{run}: {before:?}");
+        assert_eq!(exit_code(session.get_process()), 0);
+    }
+}

@@ -22,8 +22,7 @@ use nix::unistd::Pid;
 use crate::system::uptime_ms;
 use crate::terminal::{self, Pty};
 
-/// After the program exits, a background process may still hold its stdout open. The drain gives
-/// up once no output has moved for this long; output that keeps flowing is never cut off.
+/// How long output may stand still, after the program exited, before the drain stops waiting.
 const DRAIN_IDLE: Duration = Duration::from_secs(2);
 
 /// Serialises whole frames from several threads onto the one channel.
@@ -43,37 +42,7 @@ impl FrameWriter {
 
 pub fn run_program(start: &Start, channel: File, writer: &FrameWriter) -> Result<()> {
     let argv = program_argv(start)?;
-    let (program, args) = argv.split_first().context("empty command")?;
-    let cwd = Path::new(OsStr::from_bytes(&start.cwd));
-    if !cwd.is_dir() {
-        bail!("the working directory {} does not exist in the guest", cwd.display());
-    }
-    let mut command = Command::new(OsStr::from_bytes(program));
-    command
-        .args(args.iter().map(|a| OsStr::from_bytes(a)))
-        .env_clear()
-        .envs(start.env.iter().map(|(k, v)| (OsStr::from_bytes(k), OsStr::from_bytes(v))))
-        .current_dir(cwd);
-    let mut pty = match start.terminal {
-        Some(size) => {
-            let pty = Pty::open(size)?;
-            pty.attach(&mut command)?;
-            Some(pty)
-        }
-        None => {
-            command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-            // The program gets default signal dispositions and its own session, like a login shell's child.
-            // SAFETY: setsid is async-signal-safe and the hook allocates nothing.
-            unsafe {
-                command.pre_exec(|| {
-                    nix::unistd::setsid().ok();
-                    Ok(())
-                });
-            }
-            None
-        }
-    };
-
+    let (mut command, mut pty) = program_command(start, &argv)?;
     let spawned = command.spawn();
     // The command holds the agent's copies of the terminal's slave side: close them now, so the
     // master ends once the program's side of the terminal is closed.
@@ -82,7 +51,7 @@ pub fn run_program(start: &Start, channel: File, writer: &FrameWriter) -> Result
         Ok(child) => child,
         Err(err) => {
             let code = if err.kind() == io::ErrorKind::NotFound { 127 } else { 126 };
-            let msg = format!("attest: {}: {err}\n", String::from_utf8_lossy(program));
+            let msg = format!("attest: {}: {err}\n", String::from_utf8_lossy(&argv[0]));
             writer.send(Frame::Stderr(msg.into_bytes()))?;
             let (hangup_tx, hangup_rx) = mpsc::channel();
             thread::spawn(move || read_host_frames(channel, HostFrameSinks::default(), hangup_tx));
@@ -92,31 +61,23 @@ pub fn run_program(start: &Start, channel: File, writer: &FrameWriter) -> Result
     writer.send(Frame::Guest(GuestMessage::Started { started_ms: uptime_ms() }))?;
 
     let closed = HostReaders::default();
-    let (outputs, stdin, resize): (Vec<Output>, Box<dyn Write + Send>, Option<File>) = match &mut pty {
+    let (outputs, stdin, terminal) = match &mut pty {
         Some(pty) => {
             pty.close_slave();
-            let outputs = vec![(
-                Box::new(pty.master()?) as Box<dyn Read + Send>,
-                Frame::Stdout as fn(Vec<u8>) -> Frame,
-                closed.stdout.clone(),
-            )];
-            (outputs, Box::new(pty.master()?), Some(pty.master()?))
+            let outputs: Vec<Output> = vec![(Box::new(pty.master()?), Frame::Stdout, closed.stdout.clone())];
+            (outputs, Box::new(pty.master()?) as Box<dyn Write + Send>, Some(pty.master()?))
         }
         None => {
-            let outputs = vec![
-                (
-                    Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-                    Frame::Stdout as fn(Vec<u8>) -> Frame,
-                    closed.stdout.clone(),
-                ),
+            let outputs: Vec<Output> = vec![
+                (Box::new(child.stdout.take().unwrap()), Frame::Stdout, closed.stdout.clone()),
                 (Box::new(child.stderr.take().unwrap()), Frame::Stderr, closed.stderr.clone()),
             ];
-            (outputs, Box::new(child.stdin.take().unwrap()), None)
+            (outputs, Box::new(child.stdin.take().unwrap()) as Box<dyn Write + Send>, None)
         }
     };
     let (drained_tx, drained_rx) = mpsc::channel();
     let forwarded = Arc::new(AtomicU64::new(0));
-    let mut open_outputs = outputs.len();
+    let open_outputs = outputs.len();
     for (pipe, wrap, gone) in outputs {
         let writer = writer.clone();
         let drained = drained_tx.clone();
@@ -130,13 +91,55 @@ pub fn run_program(start: &Start, channel: File, writer: &FrameWriter) -> Result
     let credit_writer = writer.clone();
     thread::spawn(move || feed_stdin(stdin, stdin_rx, &credit_writer));
     let (hangup_tx, hangup_rx) = mpsc::channel();
-    let sinks = HostFrameSinks { stdin: Some(stdin_tx), closed, terminal: resize };
+    let sinks = HostFrameSinks { stdin: Some(stdin_tx), closed, terminal };
     thread::spawn(move || read_host_frames(channel, sinks, hangup_tx));
 
     let status = wait_reaping_orphans(Pid::from_raw(child.id() as i32))?;
+    await_drained(&drained_rx, open_outputs, &forwarded, writer)?;
+    exited(writer, status, hangup_rx)
+}
+
+/// The program's command: on the pseudo-terminal when the host asked for one, else on pipes.
+fn program_command(start: &Start, argv: &[Vec<u8>]) -> Result<(Command, Option<Pty>)> {
+    let cwd = Path::new(OsStr::from_bytes(&start.cwd));
+    if !cwd.is_dir() {
+        bail!("the working directory {} does not exist in the guest", cwd.display());
+    }
+    let mut command = Command::new(OsStr::from_bytes(&argv[0]));
+    command
+        .args(argv[1..].iter().map(|a| OsStr::from_bytes(a)))
+        .env_clear()
+        .envs(start.env.iter().map(|(k, v)| (OsStr::from_bytes(k), OsStr::from_bytes(v))))
+        .current_dir(cwd);
+    let Some(size) = start.terminal else {
+        command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        // The program gets default signal dispositions and its own session, like a login shell's child.
+        // SAFETY: setsid is async-signal-safe and the hook allocates nothing.
+        unsafe {
+            command.pre_exec(|| {
+                nix::unistd::setsid().ok();
+                Ok(())
+            });
+        }
+        return Ok((command, None));
+    };
+    let pty = Pty::open(size)?;
+    pty.attach(&mut command)?;
+    Ok((command, Some(pty)))
+}
+
+/// Waits for the program's outputs to reach their end. A background process may hold them open
+/// after the program exited: the wait gives up once no output has moved for [`DRAIN_IDLE`], and
+/// never cuts off output that keeps flowing.
+fn await_drained(
+    drained: &mpsc::Receiver<()>,
+    mut open_outputs: usize,
+    forwarded: &AtomicU64,
+    writer: &FrameWriter,
+) -> Result<()> {
     let mut seen = forwarded.load(Ordering::SeqCst);
     while open_outputs > 0 {
-        match drained_rx.recv_timeout(DRAIN_IDLE) {
+        match drained.recv_timeout(DRAIN_IDLE) {
             Ok(()) => open_outputs -= 1,
             Err(_) if forwarded.load(Ordering::SeqCst) != seen => seen = forwarded.load(Ordering::SeqCst),
             Err(_) => {
@@ -146,7 +149,7 @@ pub fn run_program(start: &Start, channel: File, writer: &FrameWriter) -> Result
             }
         }
     }
-    exited(writer, status, hangup_rx)
+    Ok(())
 }
 
 /// One output of the program: where to read it, how to frame it, and whether the host's reader is gone.
