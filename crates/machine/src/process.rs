@@ -33,6 +33,8 @@ impl ManagedChild {
         on_exit: impl FnOnce(ExitStatus) + Send + 'static,
     ) -> io::Result<ManagedChild> {
         let parent = nix::unistd::getpid();
+        // SAFETY: between fork and exec the hook only makes the prctl and getppid system calls and
+        // returns a bare errno: async-signal-safe, no allocation, no locks.
         unsafe {
             command.pre_exec(move || {
                 nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;

@@ -49,6 +49,8 @@ pub fn spawn(binary: &Path, share: &Share, socket: &Path, log_path: &Path, event
         command.arg("--readonly");
     }
     let fd = listener.as_raw_fd();
+    // SAFETY: between fork and exec the hook only calls fcntl or dup2 on a descriptor number it
+    // copied in: async-signal-safe, no allocation, no locks.
     unsafe {
         command.pre_exec(move || {
             if fd == LISTEN_FD {

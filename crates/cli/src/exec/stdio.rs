@@ -19,10 +19,13 @@ pub struct RawOut {
 
 impl RawOut {
     pub fn stdout() -> Self {
+        // SAFETY: fd 1 is open for the life of the process; ManuallyDrop never closes it, so the
+        // File does not own it in any way that matters.
         RawOut { file: ManuallyDrop::new(unsafe { File::from_raw_fd(1) }), broken: false }
     }
 
     pub fn stderr() -> Self {
+        // SAFETY: as for stdout, with fd 2.
         RawOut { file: ManuallyDrop::new(unsafe { File::from_raw_fd(2) }), broken: false }
     }
 
@@ -101,6 +104,8 @@ pub fn forward_stdin(channel: AgentWriter, start: Frame, forward: bool) {
             channel.send(&Frame::StdinEof).ok();
             return;
         }
+        // SAFETY: fd 0 is open for the life of the process and ManuallyDrop never closes it; this
+        // thread is its only reader.
         let mut stdin = ManuallyDrop::new(unsafe { File::from_raw_fd(0) });
         let mut buf = vec![0u8; CHUNK];
         loop {
