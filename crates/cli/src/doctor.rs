@@ -6,7 +6,7 @@ use std::process::Command;
 
 use attest_image::ImageError;
 use attest_machine::accel;
-use attest_machine::state_dir::{self, MAX_SOCKET_PATH};
+use attest_machine::state_dir;
 use attest_machine::{virtiofsd, Qemu, ShareFs};
 
 use crate::exec::guest::{choose_fs, kernel_supports, open_modules};
@@ -248,19 +248,14 @@ fn check_memory() -> Check {
 
 fn check_socket_paths() -> Check {
     match state_dir::base_dir() {
-        Ok(base) => {
-            // A state directory adds "/XXXXXX/" and attest's longest socket name.
-            let longest = base.as_os_str().len() + 8 + "virtiofs-15.sock".len();
-            let spare = MAX_SOCKET_PATH as i64 - longest as i64;
-            match spare {
-                s if s < 0 => fail(
-                    "sockets",
-                    format!("{} is too long for unix socket paths", base.display()),
-                    "unset XDG_RUNTIME_DIR or shorten it",
-                ),
-                s => ok("sockets", format!("state under {}; socket paths have {s} bytes to spare", base.display())),
-            }
-        }
+        Ok(base) => match state_dir::socket_headroom(&base) {
+            s if s < 0 => fail(
+                "sockets",
+                format!("{} is too long for unix socket paths", base.display()),
+                "unset XDG_RUNTIME_DIR or shorten it",
+            ),
+            s => ok("sockets", format!("state under {}; socket paths have {s} bytes to spare", base.display())),
+        },
         Err(err) => fail("sockets", err.to_string(), "fix the permissions of that directory"),
     }
 }

@@ -64,14 +64,19 @@ impl Drop for StateDir {
     }
 }
 
+/// Bytes to spare in the longest socket path attest would create in a state directory under
+/// `base` (`base/XXXXXX/` and its longest socket name); negative when such paths do not fit.
+pub fn socket_headroom(base: &Path) -> i64 {
+    MAX_SOCKET_PATH as i64 - (base.as_os_str().len() + "/XXXXXX/".len() + LONGEST_SOCKET_NAME) as i64
+}
+
 /// The per-user parent of state directories: `$XDG_RUNTIME_DIR/attest` when its paths leave room for
 /// socket names, else `/tmp/attest-<uid>`. It must be ours and private.
 pub fn base_dir() -> io::Result<PathBuf> {
     let uid = nix::unistd::getuid().as_raw();
     let runtime = std::env::var_os("XDG_RUNTIME_DIR").map(|d| PathBuf::from(d).join("attest"));
-    let fits = |p: &PathBuf| p.as_os_str().len() + 8 + LONGEST_SOCKET_NAME <= MAX_SOCKET_PATH;
     let base = runtime
-        .filter(|p| p.parent().is_some_and(Path::is_dir) && fits(p))
+        .filter(|p| p.parent().is_some_and(Path::is_dir) && socket_headroom(p) >= 0)
         .unwrap_or_else(|| PathBuf::from(format!("/tmp/attest-{uid}")));
     match std::fs::DirBuilder::new().mode(0o700).create(&base) {
         Ok(()) => {}
@@ -104,6 +109,16 @@ fn spawn_reaper(dir: &Path) -> io::Result<Child> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn socket_headroom_counts_the_run_directory_and_the_longest_socket_name() {
+        let fits_exactly = "/".repeat(MAX_SOCKET_PATH - "/XXXXXX/".len() - LONGEST_SOCKET_NAME);
+        assert_eq!(socket_headroom(Path::new(&fits_exactly)), 0);
+        assert_eq!(socket_headroom(Path::new(&format!("{fits_exactly}x"))), -1);
+        let dir = StateDir::create(false).unwrap();
+        let longest = dir.path().join("x".repeat(LONGEST_SOCKET_NAME));
+        assert!(longest.as_os_str().len() <= MAX_SOCKET_PATH, "base_dir leaves room: {}", longest.display());
+    }
 
     #[test]
     fn state_dirs_are_private_distinct_and_removed() {
