@@ -150,3 +150,10 @@ fn a_newly_made_accelerator_verdict_is_told_to_the_terminal_once() {
         assert_eq!(exit_code(session.get_process()), 0);
     }
 }
+
+#[test]
+fn no_stdin_on_a_terminal_means_no_terminal_for_the_program() {
+    let mut session = spawn(&["exec", "-n", "--", "sh", "-c", "[ -t 0 ] || [ -t 1 ] || echo on-pipes"]);
+    session.expect("on-pipes").expect("-n: the program runs on pipes, and ^C stays attest's");
+    assert_eq!(exit_code(session.get_process()), 0);
+}

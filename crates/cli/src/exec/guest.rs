@@ -45,7 +45,8 @@ pub fn prepare(args: &ExecArgs) -> Result<PreparedGuest> {
     };
     let accel = accel::choose(request, &qemu_binary, &cache).map_err(anyhow::Error::msg)?;
 
-    let terminal = super::terminal::wanted(args.tty, args.no_tty).map_err(anyhow::Error::msg)?;
+    // An empty stdin (-n) is not a terminal, as with `ssh -n`: a raw terminal nobody reads would swallow ^C.
+    let terminal = super::terminal::wanted(args.tty, args.no_tty || args.no_stdin).map_err(anyhow::Error::msg)?;
     let (nics, network) = match args.net {
         NetArg::None => (Vec::new(), Network::default()),
         NetArg::User => (
