@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use attest_image::ImageError;
-use attest_machine::accel;
+use attest_machine::backend::qemu::kvm_probe;
 use attest_machine::state_dir;
 use attest_machine::{virtiofsd, Qemu, ShareFs};
 
@@ -58,7 +58,7 @@ pub fn run(args: DoctorArgs) -> i32 {
     let qemu = Qemu::find_binary().filter(|p| p.is_file());
     checks.push(check_qemu(qemu.as_deref()));
     if let Some(qemu) = &qemu {
-        let probe = accel::probe_kvm(qemu);
+        let probe = kvm_probe::probe_kvm(qemu);
         checks.push(match probe.usable {
             true => ok("kvm", "usable: a KVM guest ran"),
             false => warn(

@@ -4,6 +4,7 @@
 pub mod accel;
 pub mod backend;
 pub mod console;
+pub mod events;
 pub mod network;
 pub mod process;
 pub mod spec;
@@ -15,8 +16,9 @@ pub mod vm;
 pub use accel::{Accel, AccelChoice, AccelRequest};
 pub use backend::{Backend, Qemu};
 pub use console::Console;
+pub use events::{EventSink, VmEvent};
 pub use network::{NetBackend, Nic};
 pub use spec::{MachineSpec, Share, ShareFs};
 pub use state_dir::StateDir;
 pub use transport::Transport;
-pub use vm::{EventSink, Vm, VmEvent};
+pub use vm::Vm;

@@ -11,9 +11,9 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result};
 
+use crate::events::{EventSink, VmEvent};
 use crate::process::ManagedChild;
 use crate::spec::Share;
-use crate::vm::{EventSink, VmEvent};
 
 const LISTEN_FD: RawFd = 3;
 

@@ -2,28 +2,16 @@
 //! Dropping a `Vm` kills and reaps all of them.
 
 use std::process::Stdio;
-use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use attest_protocol::ExitStatus;
 
 use crate::backend::Backend;
 use crate::console::Console;
+use crate::events::{EventSink, VmEvent};
 use crate::process::ManagedChild;
 use crate::spec::MachineSpec;
 use crate::state_dir::StateDir;
 use crate::transport::Transport;
-
-/// What a running machine reports, from watcher threads.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VmEvent {
-    /// The VMM process exited.
-    VmmExited(ExitStatus),
-    /// A helper daemon the VM depends on exited while the VM ran.
-    HelperFailed(String),
-}
-
-pub type EventSink = Arc<dyn Fn(VmEvent) + Send + Sync>;
 
 pub struct Vm {
     name: String,

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use attest_image::{Kernel, ModuleTree};
-use attest_machine::accel::{self, Accel, AccelChoice, AccelRequest};
+use attest_machine::accel::{Accel, AccelChoice, AccelRequest};
+use attest_machine::backend::qemu::kvm_probe;
 use attest_machine::network::user_mode;
 use attest_machine::{virtiofsd, Backend, MachineSpec, Qemu, Share, ShareFs};
 use attest_protocol::{Frame, HostMessage, Mount, Network, Scratch, Start, AGENT_PORT};
@@ -43,7 +44,7 @@ pub fn prepare(args: &ExecArgs) -> Result<PreparedGuest> {
         AccelArg::Kvm => AccelRequest::Kvm,
         AccelArg::Tcg => AccelRequest::Tcg,
     };
-    let accel = accel::choose(request, &qemu_binary, &cache).map_err(anyhow::Error::msg)?;
+    let accel = kvm_probe::choose(request, &qemu_binary, &cache).map_err(anyhow::Error::msg)?;
 
     // An empty stdin (-n) is not a terminal, as with `ssh -n`: a raw terminal nobody reads would swallow ^C.
     let terminal = super::terminal::wanted(args.tty, args.no_tty || args.no_stdin).map_err(anyhow::Error::msg)?;

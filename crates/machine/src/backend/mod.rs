@@ -12,11 +12,11 @@ use std::process::Command;
 
 use anyhow::Result;
 
+use crate::events::EventSink;
 use crate::process::ManagedChild;
 use crate::spec::MachineSpec;
 use crate::state_dir::StateDir;
 use crate::transport::Transport;
-use crate::vm::EventSink;
 
 pub use qemu::Qemu;
 

@@ -7,15 +7,27 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 use super::{Backend, Prepared};
+use crate::accel::Accel;
+use crate::events::EventSink;
 use crate::network::{mac_text, NetBackend};
 use crate::spec::{MachineSpec, ShareFs};
 use crate::state_dir::StateDir;
 use crate::transport::{Transport, VirtioSerialSocket};
 use crate::virtiofsd;
-use crate::vm::EventSink;
+
+pub mod kvm_probe;
 
 /// q35 for every VM attest starts, the KVM probe included.
 pub const MACHINE_TYPE: &str = "q35";
+
+/// QEMU's accelerator and CPU model options. The KVM probe boots with exactly these, because
+/// whether KVM works can depend on the CPU model (PVM hosts reject `-cpu host`'s MSRs).
+pub fn accel_args(accel: Accel) -> [&'static str; 4] {
+    match accel {
+        Accel::Kvm => ["-accel", "kvm", "-cpu", "host"],
+        Accel::Tcg => ["-accel", "tcg", "-cpu", "max"],
+    }
+}
 
 pub struct Qemu {
     pub binary: PathBuf,
@@ -59,7 +71,7 @@ impl Backend for Qemu {
         let mut push = |items: &[&str]| args.extend(items.iter().map(|s| s.to_string()));
         push(&["-name", &spec.name, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
         push(&["-machine", MACHINE_TYPE]);
-        push(&spec.accel.qemu_args());
+        push(&accel_args(spec.accel));
         push(&["-m", &spec.memory_mib.to_string(), "-smp", &spec.cpus.to_string()]);
         push(&["-kernel", path_str(&spec.kernel)?, "-append", &spec.cmdline]);
         if let Some(initrd) = &spec.initrd {

@@ -1,0 +1,17 @@
+//! What a running machine reports, from watcher threads: a leaf module, so the VMM, its backends and
+//! its helper daemons can all report without depending on one another.
+
+use std::sync::Arc;
+
+use attest_protocol::ExitStatus;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmEvent {
+    /// The VMM process exited.
+    VmmExited(ExitStatus),
+    /// A helper daemon the VM depends on exited while the VM ran.
+    HelperFailed(String),
+}
+
+/// Where a machine's watcher threads deliver its [`VmEvent`]s.
+pub type EventSink = Arc<dyn Fn(VmEvent) + Send + Sync>;
