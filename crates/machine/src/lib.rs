@@ -4,6 +4,7 @@
 pub mod accel;
 pub mod backend;
 pub mod console;
+pub mod error;
 pub mod events;
 pub mod network;
 pub mod process;
@@ -16,6 +17,7 @@ pub mod vm;
 pub use accel::{Accel, AccelChoice, AccelRequest};
 pub use backend::{Backend, Qemu};
 pub use console::Console;
+pub use error::MachineError;
 pub use events::{EventSink, VmEvent};
 pub use network::{NetBackend, Nic};
 pub use spec::{MachineSpec, Share, ShareFs};

@@ -7,6 +7,8 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+use crate::error::MachineError;
+
 /// `sun_path` is 108 bytes including the terminating NUL.
 pub const MAX_SOCKET_PATH: usize = 107;
 
@@ -39,13 +41,10 @@ impl StateDir {
     }
 
     /// A path in this directory for a unix socket, checked against the kernel's length limit.
-    pub fn socket(&self, name: &str) -> io::Result<PathBuf> {
+    pub fn socket(&self, name: &str) -> Result<PathBuf, MachineError> {
         let path = self.path.join(name);
         if path.as_os_str().len() > MAX_SOCKET_PATH {
-            return Err(io::Error::other(format!(
-                "socket path {} is longer than the {MAX_SOCKET_PATH}-byte unix socket limit",
-                path.display()
-            )));
+            return Err(MachineError::SocketPathTooLong { path, limit: MAX_SOCKET_PATH });
         }
         Ok(path)
     }

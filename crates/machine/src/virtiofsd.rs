@@ -9,7 +9,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use anyhow::{Context, Result};
+use crate::error::{MachineError, Result};
 
 use crate::events::{EventSink, VmEvent};
 use crate::process::ManagedChild;
@@ -34,8 +34,8 @@ pub fn find() -> Option<PathBuf> {
 
 /// Starts the daemon; if it exits on its own, `events` hears why, with the tail of its log.
 pub fn spawn(binary: &Path, share: &Share, socket: &Path, log_path: &Path, events: EventSink) -> Result<ManagedChild> {
-    let listener = UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
-    let log = File::create(log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    let listener = UnixListener::bind(socket).map_err(MachineError::io(format!("binding {}", socket.display())))?;
+    let log = File::create(log_path).map_err(MachineError::io(format!("creating {}", log_path.display())))?;
     let mut command = Command::new(binary);
     command
         .arg(format!("--fd={LISTEN_FD}"))
@@ -43,7 +43,7 @@ pub fn spawn(binary: &Path, share: &Share, socket: &Path, log_path: &Path, event
         .arg(&share.host_path)
         .args(["--sandbox=none", "--cache=auto", "--log-level=warn"])
         .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
+        .stdout(log.try_clone().map_err(MachineError::io("duplicating the virtiofsd log"))?)
         .stderr(log);
     if share.read_only {
         command.arg("--readonly");
@@ -70,6 +70,8 @@ pub fn spawn(binary: &Path, share: &Share, socket: &Path, log_path: &Path, event
             events(VmEvent::HelperFailed(format!("{name} exited ({status}); its log ends: {}", last.join(" | "))));
         }
     };
-    ManagedChild::spawn(name, &mut command, on_exit)
-        .with_context(|| format!("starting {} for {}", binary.display(), share.host_path.display()))
+    ManagedChild::spawn(name, &mut command, on_exit).map_err(|source| MachineError::Spawn {
+        program: format!("{} for {}", binary.display(), share.host_path.display()),
+        source,
+    })
 }

@@ -3,10 +3,9 @@
 
 use std::process::Stdio;
 
-use anyhow::{Context, Result};
-
 use crate::backend::Backend;
 use crate::console::Console;
+use crate::error::{MachineError, Result};
 use crate::events::{EventSink, VmEvent};
 use crate::process::ManagedChild;
 use crate::spec::MachineSpec;
@@ -32,13 +31,17 @@ impl Vm {
         events: EventSink,
     ) -> Result<Vm> {
         let prepared = backend.prepare(spec, dir, &events)?;
-        let console = Console::new(Some(&dir.path().join("console.log")), echo_console)?;
+        let log = dir.path().join("console.log");
+        let console = Console::new(Some(&log), echo_console)
+            .map_err(MachineError::io(format!("creating the console log {}", log.display())))?;
         let mut command = prepared.command;
         command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         tracing::debug!(?command, "starting {}", backend.name());
         let on_exit = move |status| events(VmEvent::VmmExited(status));
-        let mut vmm = ManagedChild::spawn(format!("{} ({})", spec.name, backend.name()), &mut command, on_exit)
-            .with_context(|| format!("starting {}", command.get_program().to_string_lossy()))?;
+        let mut vmm =
+            ManagedChild::spawn(format!("{} ({})", spec.name, backend.name()), &mut command, on_exit).map_err(
+                |source| MachineError::Spawn { program: command.get_program().to_string_lossy().into(), source },
+            )?;
         console.attach(vmm.take_stdout().expect("piped stdout"));
         console.attach(vmm.take_stderr().expect("piped stderr"));
         Ok(Vm { name: spec.name.clone(), vmm, helpers: prepared.helpers, console, agent: prepared.agent })

@@ -44,7 +44,7 @@ pub fn prepare(args: &ExecArgs) -> Result<PreparedGuest> {
         AccelArg::Kvm => AccelRequest::Kvm,
         AccelArg::Tcg => AccelRequest::Tcg,
     };
-    let accel = kvm_probe::choose(request, &qemu_binary, &cache).map_err(anyhow::Error::msg)?;
+    let accel = kvm_probe::choose(request, &qemu_binary, &cache)?;
 
     // An empty stdin (-n) is not a terminal, as with `ssh -n`: a raw terminal nobody reads would swallow ^C.
     let terminal = super::terminal::wanted(args.tty, args.no_tty || args.no_stdin).map_err(anyhow::Error::msg)?;

@@ -10,7 +10,7 @@ pub mod qemu;
 
 use std::process::Command;
 
-use anyhow::Result;
+use crate::error::Result;
 
 use crate::events::EventSink;
 use crate::process::ManagedChild;

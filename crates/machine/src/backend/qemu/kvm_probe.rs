@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{accel_args, MACHINE_TYPE};
 use crate::accel::{boot_id, Accel, AccelChoice, AccelRequest};
+use crate::error::MachineError;
 use crate::process::ManagedChild;
 
 /// What the KVM probe found.
@@ -31,7 +32,7 @@ const PROBE_DEADLINE: Duration = Duration::from_secs(15);
 /// isa-debug-exit turns the byte 0x31 written by the probe into QEMU exit status (0x31 << 1) | 1.
 const PROBE_EXIT: i32 = 99;
 
-pub fn choose(request: AccelRequest, qemu: &Path, cache_dir: &Path) -> Result<AccelChoice, String> {
+pub fn choose(request: AccelRequest, qemu: &Path, cache_dir: &Path) -> Result<AccelChoice, MachineError> {
     if request == AccelRequest::Tcg {
         return Ok(AccelChoice { accel: Accel::Tcg, reason: "requested with --accel tcg".into(), probed: false });
     }
@@ -40,15 +41,9 @@ pub fn choose(request: AccelRequest, qemu: &Path, cache_dir: &Path) -> Result<Ac
     let probed = !probe.cached;
     match (request, probe.usable) {
         (_, true) => Ok(AccelChoice { accel: Accel::Kvm, reason: format!("KVM probe ran a guest{cached}"), probed }),
-        (AccelRequest::Kvm, false) => Err(format!(
-            "--accel kvm was requested but KVM is unusable: {}{}",
-            probe.detail,
-            if probe.cached {
-                " (verdict cached for this boot: remove kvm-probe.json in attest's cache to probe again)"
-            } else {
-                ""
-            }
-        )),
+        (AccelRequest::Kvm, false) => {
+            Err(MachineError::AccelUnusable { accel: Accel::Kvm, detail: probe.detail, cached: probe.cached })
+        }
         _ => {
             Ok(AccelChoice { accel: Accel::Tcg, reason: format!("KVM is unusable: {}{cached}", probe.detail), probed })
         }

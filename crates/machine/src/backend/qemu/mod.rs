@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use crate::error::{MachineError, Result};
 
 use super::{Backend, Prepared};
 use crate::accel::Accel;
@@ -82,7 +82,9 @@ impl Backend for Qemu {
 
         let mut agent: Option<Box<dyn Transport>> = None;
         if let Some(port) = &spec.agent_port {
-            let socket = VirtioSerialSocket::bind(&dir.socket("agent.sock")?)?;
+            let path = dir.socket("agent.sock")?;
+            let socket =
+                VirtioSerialSocket::bind(&path).map_err(MachineError::io(format!("binding {}", path.display())))?;
             push(&["-device", "virtio-serial-pci,id=agentbus"]);
             push(&["-chardev", &format!("socket,id=agent,path={}", option_path(socket.path())?)]);
             push(&["-device", &format!("virtserialport,bus=agentbus.0,chardev=agent,name={port}")]);
@@ -109,7 +111,11 @@ impl Backend for Qemu {
             match share.fs {
                 ShareFs::Virtiofs => {
                     let Some(binary) = &self.virtiofsd else {
-                        bail!("virtiofsd is needed to share {} over virtio-fs", share.host_path.display())
+                        return Err(MachineError::MissingHelper {
+                            program: "virtiofsd",
+                            purpose: format!("to share {} over virtio-fs", share.host_path.display()),
+                            fix: "`cargo install virtiofsd` (scripts/setup does this) or set ATTEST_VIRTIOFSD",
+                        });
                     };
                     let socket = dir.socket(&format!("virtiofs-{index}.sock"))?;
                     let log = dir.path().join(format!("virtiofsd-{index}.log"));
@@ -135,7 +141,7 @@ impl Backend for Qemu {
 }
 
 fn path_str(path: &Path) -> Result<&str> {
-    path.to_str().with_context(|| format!("path {} is not UTF-8, which QEMU options cannot carry", path.display()))
+    path.to_str().ok_or_else(|| MachineError::UnrepresentablePath { path: path.to_path_buf(), vmm: "QEMU" })
 }
 
 /// A path as a QEMU option value (`key=value,…`), where a literal comma is written doubled.

@@ -1,0 +1,39 @@
+//! The machine crate's errors: what went wrong preparing or starting a VM, in kinds a caller (the
+//! CLI, the driver, a Python binding) can tell apart.
+
+use std::io;
+use std::path::PathBuf;
+
+use crate::accel::Accel;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    /// A host operation failed (creating a socket, a log, a directory).
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+    /// The VMM or a helper daemon could not be started.
+    #[error("starting {program}: {source}")]
+    Spawn { program: String, source: io::Error },
+    /// A helper program the machine's devices need is not installed.
+    #[error("{program} is needed {purpose}, but was not found: {fix}")]
+    MissingHelper { program: &'static str, purpose: String, fix: &'static str },
+    /// A socket path would exceed what `sun_path` holds.
+    #[error("socket path {path} is longer than the {limit}-byte unix socket limit")]
+    SocketPathTooLong { path: PathBuf, limit: usize },
+    /// A path the VMM must be given cannot be expressed in its options.
+    #[error("path {path} is not UTF-8, which {vmm} options cannot carry")]
+    UnrepresentablePath { path: PathBuf, vmm: &'static str },
+    /// The requested accelerator cannot run guests on this host.
+    #[error("{accel} was requested but is unusable: {detail}{}", if *.cached { " (verdict cached for this boot: remove kvm-probe.json in attest's cache to probe again)" } else { "" })]
+    AccelUnusable { accel: Accel, detail: String, cached: bool },
+}
+
+impl MachineError {
+    /// Wraps an I/O error with what was being done, for `map_err`.
+    pub fn io(what: impl Into<String>) -> impl Fn(io::Error) -> MachineError {
+        let what = what.into();
+        move |source| MachineError::Io { what: what.clone(), source }
+    }
+}
+
+pub type Result<T, E = MachineError> = std::result::Result<T, E>;
