@@ -13,5 +13,15 @@ pub enum VmEvent {
     HelperFailed(String),
 }
 
-/// Where a machine's watcher threads deliver its [`VmEvent`]s.
+/// Where a machine's watcher threads deliver its [`VmEvent`]s. Backends and helpers report here,
+/// not knowing the machine's name; [`crate::Vm`] adds it.
 pub type EventSink = Arc<dyn Fn(VmEvent) + Send + Sync>;
+
+/// A [`VmEvent`] and the machine it happened to, as a [`crate::Vm`]'s owner hears it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineEvent {
+    pub machine: String,
+    pub event: VmEvent,
+}
+
+pub type MachineEventSink = Arc<dyn Fn(MachineEvent) + Send + Sync>;

@@ -113,3 +113,34 @@ impl ManagedChild {
         self.child.stdout.take()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn the_exit_is_an_event_and_waits_have_deadlines() {
+        let (tx, rx) = mpsc::channel();
+        let mut child =
+            ManagedChild::spawn("exit 3", Command::new("sh").args(["-c", "exit 3"]), move |s| tx.send(s).unwrap())
+                .unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(ExitStatus::Code(3)), "on_exit hears the status");
+        assert_eq!(child.wait_until(Instant::now()), Some(ExitStatus::Code(3)));
+
+        let mut sleeper = ManagedChild::spawn("sleep", Command::new("sleep").arg("600"), |_| {}).unwrap();
+        let asked = Instant::now();
+        assert_eq!(sleeper.wait_until(asked + Duration::from_millis(100)), None, "still running at the deadline");
+        assert!(asked.elapsed() < Duration::from_secs(5));
+        let pid = sleeper.id();
+        sleeper.kill();
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "killed and reaped");
+    }
+
+    #[test]
+    fn each_child_leads_its_own_process_group() {
+        let child = ManagedChild::spawn("sleep", Command::new("sleep").arg("600"), |_| {}).unwrap();
+        let pgid = nix::unistd::getpgid(Some(Pid::from_raw(child.id() as i32))).unwrap();
+        assert_eq!(pgid.as_raw() as u32, child.id(), "a terminal's ^C must reach attest alone");
+    }
+}

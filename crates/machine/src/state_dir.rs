@@ -1,5 +1,6 @@
 //! Per-run state directories: private (0700), with paths short enough for unix sockets, and removed
 //! when the run ends, also when attest itself is SIGKILLed (a detached reaper removes it then).
+//! Each machine of a run has its own subdirectory ([`MachineDir`]) for its sockets and logs.
 
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
@@ -12,8 +13,12 @@ use crate::error::MachineError;
 /// `sun_path` is 108 bytes including the terminating NUL.
 pub const MAX_SOCKET_PATH: usize = 107;
 
-/// Longest socket file name attest puts in a state directory (e.g. `virtiofs-15.sock`).
+/// Longest socket file name attest puts in a machine's directory (e.g. `virtiofs-15.sock`).
 const LONGEST_SOCKET_NAME: usize = 24;
+/// Longest name of a machine's directory (`NN-name`, the name cut to fit).
+const LONGEST_MACHINE_DIR: usize = 16;
+/// What a run adds under the base: `/XXXXXX/` (the run) and `/` after the machine's directory.
+const RUN_AND_SEPARATORS: usize = "/XXXXXX/".len() + "/".len();
 
 pub struct StateDir {
     path: PathBuf,
@@ -40,6 +45,37 @@ impl StateDir {
         self.keep
     }
 
+    /// The directory of the run's machine number `index` named `name`, created if needed:
+    /// `NN-name`, with the name cut so that socket paths still fit.
+    pub fn machine_dir(&self, index: usize, name: &str) -> Result<MachineDir, MachineError> {
+        let mut dir_name = format!("{index:02}-");
+        for c in name.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }) {
+            if dir_name.len() + c.len_utf8() > LONGEST_MACHINE_DIR {
+                break;
+            }
+            dir_name.push(c);
+        }
+        let path = self.path.join(dir_name);
+        match std::fs::create_dir(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(MachineError::io(format!("creating {}", path.display()))(e)),
+        }
+        Ok(MachineDir { path })
+    }
+}
+
+/// One machine's part of a run's state directory: its sockets, console log and helper logs.
+/// Removed with the run's directory.
+pub struct MachineDir {
+    path: PathBuf,
+}
+
+impl MachineDir {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// A path in this directory for a unix socket, checked against the kernel's length limit.
     pub fn socket(&self, name: &str) -> Result<PathBuf, MachineError> {
         let path = self.path.join(name);
@@ -63,10 +99,11 @@ impl Drop for StateDir {
     }
 }
 
-/// Bytes to spare in the longest socket path attest would create in a state directory under
-/// `base` (`base/XXXXXX/` and its longest socket name); negative when such paths do not fit.
+/// Bytes to spare in the longest socket path attest would create under `base`
+/// (`base/XXXXXX/NN-machine/socket`); negative when such paths do not fit.
 pub fn socket_headroom(base: &Path) -> i64 {
-    MAX_SOCKET_PATH as i64 - (base.as_os_str().len() + "/XXXXXX/".len() + LONGEST_SOCKET_NAME) as i64
+    let longest = base.as_os_str().len() + RUN_AND_SEPARATORS + LONGEST_MACHINE_DIR + LONGEST_SOCKET_NAME;
+    MAX_SOCKET_PATH as i64 - longest as i64
 }
 
 /// The per-user parent of state directories: `$XDG_RUNTIME_DIR/attest` when its paths leave room for
@@ -111,12 +148,16 @@ mod tests {
 
     #[test]
     fn socket_headroom_counts_the_run_directory_and_the_longest_socket_name() {
-        let fits_exactly = "/".repeat(MAX_SOCKET_PATH - "/XXXXXX/".len() - LONGEST_SOCKET_NAME);
+        let fits_exactly = "/".repeat(MAX_SOCKET_PATH - RUN_AND_SEPARATORS - LONGEST_MACHINE_DIR - LONGEST_SOCKET_NAME);
         assert_eq!(socket_headroom(Path::new(&fits_exactly)), 0);
         assert_eq!(socket_headroom(Path::new(&format!("{fits_exactly}x"))), -1);
         let dir = StateDir::create(false).unwrap();
-        let longest = dir.path().join("x".repeat(LONGEST_SOCKET_NAME));
-        assert!(longest.as_os_str().len() <= MAX_SOCKET_PATH, "base_dir leaves room: {}", longest.display());
+        let machine = dir.machine_dir(99, "a-machine-name-far-too-long-for-a-directory").unwrap();
+        assert_eq!(machine.path().file_name().unwrap().len(), LONGEST_MACHINE_DIR);
+        assert!(machine.socket(&"x".repeat(LONGEST_SOCKET_NAME)).is_ok(), "base_dir leaves room");
+        assert!(machine
+            .socket(&"x".repeat(LONGEST_SOCKET_NAME + socket_headroom(&base_dir().unwrap()) as usize + 1))
+            .is_err());
     }
 
     #[test]
@@ -126,7 +167,11 @@ mod tests {
         assert_ne!(a.path(), b.path());
         let mode = std::fs::metadata(a.path()).unwrap().mode() & 0o777;
         assert_eq!(mode, 0o700);
-        assert!(a.socket("virtiofs-15.sock").is_ok());
+        let server = a.machine_dir(0, "server").unwrap();
+        let client = a.machine_dir(1, "client/../x").unwrap();
+        assert_eq!(server.path(), a.path().join("00-server"));
+        assert_eq!(client.path(), a.path().join("01-client_.._x"));
+        assert!(server.socket("virtiofs-15.sock").is_ok());
         let path = a.path().to_path_buf();
         drop(a);
         assert!(!path.exists());

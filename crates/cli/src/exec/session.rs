@@ -8,7 +8,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use attest_machine::{EventSink, StateDir, Vm};
+use attest_machine::{MachineEventSink, StateDir, Vm};
 use attest_protocol::{Frame, HostMessage};
 use attest_session::reader::{self, OutputSink};
 use attest_session::{Deadlines, Event, Outcome, SessionState, Step, Timings};
@@ -53,12 +53,16 @@ pub fn run(guest: PreparedGuest, args: &ExecArgs, verbose: bool, t0: Instant) ->
         return exit_code::setup_error(&format!("installing signal handlers: {err}"));
     }
 
-    let vm_events: EventSink = {
+    let vm_events: MachineEventSink = {
         let tx = tx.clone();
-        Arc::new(move |event| drop(tx.send(Event::Vm(event))))
+        Arc::new(move |happened| drop(tx.send(Event::Vm(happened.event))))
+    };
+    let machine_dir = match state.machine_dir(0, &guest.spec.name) {
+        Ok(dir) => dir,
+        Err(err) => return exit_code::setup_error(&format!("creating the machine's state directory: {err}")),
     };
     let vmm_started = Instant::now();
-    let mut vm = match Vm::start(&guest.qemu, &guest.spec, &state, args.console, vm_events) {
+    let mut vm = match Vm::start(&guest.qemu, &guest.spec, &machine_dir, args.console, vm_events) {
         Ok(vm) => vm,
         Err(err) => return exit_code::setup_error(&format!("starting the VM: {err:#}")),
     };
@@ -86,7 +90,7 @@ pub fn run(guest: PreparedGuest, args: &ExecArgs, verbose: bool, t0: Instant) ->
     console.wait_closed(CONSOLE_DRAIN);
     let (console_tail, kernel_panic) = (console.tail(CONSOLE_TAIL), console.kernel_panic());
     drop(vm);
-    let state_path = state.path().to_path_buf();
+    let state_path = machine_dir.path().to_path_buf();
     let kept = state.keep();
     drop(state);
 

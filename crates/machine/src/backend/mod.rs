@@ -15,7 +15,7 @@ use crate::error::Result;
 use crate::events::EventSink;
 use crate::process::ManagedChild;
 use crate::spec::MachineSpec;
-use crate::state_dir::StateDir;
+use crate::state_dir::MachineDir;
 use crate::transport::Transport;
 
 pub use qemu::Qemu;
@@ -30,7 +30,7 @@ pub trait Backend {
     /// Sets up what the VM needs on the host and returns the VMM command. Helper daemons started
     /// here must be spawned from the calling (main) thread so they die with attest, and report an
     /// unexpected exit to `events`.
-    fn prepare(&self, spec: &MachineSpec, dir: &StateDir, events: &EventSink) -> Result<Prepared>;
+    fn prepare(&self, spec: &MachineSpec, dir: &MachineDir, events: &EventSink) -> Result<Prepared>;
 }
 
 pub struct Prepared {

@@ -11,7 +11,7 @@ use crate::accel::Accel;
 use crate::events::EventSink;
 use crate::network::{mac_text, NetBackend};
 use crate::spec::{MachineSpec, ShareFs};
-use crate::state_dir::StateDir;
+use crate::state_dir::MachineDir;
 use crate::transport::{Transport, VirtioSerialSocket};
 use crate::virtiofsd;
 
@@ -66,7 +66,7 @@ impl Backend for Qemu {
         drivers
     }
 
-    fn prepare(&self, spec: &MachineSpec, dir: &StateDir, events: &EventSink) -> Result<Prepared> {
+    fn prepare(&self, spec: &MachineSpec, dir: &MachineDir, events: &EventSink) -> Result<Prepared> {
         let mut args: Vec<String> = Vec::new();
         let mut push = |items: &[&str]| args.extend(items.iter().map(|s| s.to_string()));
         push(&["-name", &spec.name, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
@@ -147,4 +147,81 @@ fn path_str(path: &Path) -> Result<&str> {
 /// A path as a QEMU option value (`key=value,…`), where a literal comma is written doubled.
 fn option_path(path: &Path) -> Result<String> {
     Ok(path_str(path)?.replace(',', ",,"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::network::user_mode;
+    use crate::spec::Share;
+    use crate::StateDir;
+    use std::sync::Arc;
+
+    fn spec(shares: Vec<Share>) -> MachineSpec {
+        MachineSpec {
+            name: "m".into(),
+            kernel: "/boot/k".into(),
+            initrd: Some("/boot/i".into()),
+            cmdline: "console=ttyS0 quiet".into(),
+            memory_mib: 256,
+            cpus: 1,
+            accel: Accel::Tcg,
+            shares,
+            nics: vec![user_mode::nic()],
+            agent_port: Some("attest.agent".into()),
+        }
+    }
+
+    fn prepare(qemu: &Qemu, spec: &MachineSpec) -> (Result<Prepared>, StateDir) {
+        let state = StateDir::create(false).unwrap();
+        let dir = state.machine_dir(0, &spec.name).unwrap();
+        let events: EventSink = Arc::new(|_| {});
+        (qemu.prepare(spec, &dir, &events), state)
+    }
+
+    #[test]
+    fn the_argument_set_follows_the_spec_and_escapes_commas_in_paths() {
+        let shared = tempfile::Builder::new().prefix("with,comma").tempdir().unwrap();
+        let share =
+            Share { tag: "attest0".into(), host_path: shared.path().into(), read_only: true, fs: ShareFs::NineP };
+        let qemu = Qemu { binary: "/usr/bin/qemu-system-x86_64".into(), virtiofsd: None };
+        let (prepared, _state) = prepare(&qemu, &spec(vec![share]));
+        let prepared = prepared.unwrap();
+        let args: Vec<String> = prepared.command.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let escaped = shared.path().to_str().unwrap().replace(',', ",,");
+        for pair in [
+            ["-machine", "q35"],
+            ["-accel", "tcg"],
+            ["-cpu", "max"],
+            ["-m", "256"],
+            ["-smp", "1"],
+            ["-kernel", "/boot/k"],
+            ["-initrd", "/boot/i"],
+            ["-append", "console=ttyS0 quiet"],
+            ["-netdev", "user,id=net0"],
+            ["-device", "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56,romfile="],
+            ["-device", "virtserialport,bus=agentbus.0,chardev=agent,name=attest.agent"],
+            ["-fsdev", &format!("local,id=fs0,path={escaped},security_model=none,multidevs=remap,readonly=on")],
+            ["-device", "virtio-9p-pci,fsdev=fs0,mount_tag=attest0"],
+        ] {
+            assert!(args.windows(2).any(|w| w == pair), "{pair:?} missing from {args:?}");
+        }
+        assert!(!args.iter().any(|a| a.contains("memfd")), "shared memory is for vhost-user devices only: {args:?}");
+        assert!(prepared.helpers.is_empty() && prepared.agent.is_some());
+        assert_eq!(qemu.guest_drivers(&spec(Vec::new())), ["virtio_pci", "virtio_console", "virtio_net"]);
+    }
+
+    #[test]
+    fn virtio_fs_without_virtiofsd_names_the_missing_helper() {
+        let share = Share { tag: "attest0".into(), host_path: "/".into(), read_only: true, fs: ShareFs::Virtiofs };
+        let qemu = Qemu { binary: "/usr/bin/qemu-system-x86_64".into(), virtiofsd: None };
+        let (prepared, _state) = prepare(&qemu, &spec(vec![share]));
+        assert!(matches!(prepared, Err(MachineError::MissingHelper { program: "virtiofsd", .. })));
+    }
+
+    #[test]
+    fn kvm_runs_the_hosts_cpu_model() {
+        assert_eq!(accel_args(Accel::Kvm), ["-accel", "kvm", "-cpu", "host"]);
+        assert_eq!(accel_args(Accel::Tcg), ["-accel", "tcg", "-cpu", "max"]);
+    }
 }
