@@ -23,6 +23,12 @@ pub enum MachineError {
     /// A path the VMM must be given cannot be expressed in its options.
     #[error("path {path} is not UTF-8, which {vmm} options cannot carry")]
     UnrepresentablePath { path: PathBuf, vmm: &'static str },
+    /// The VMM's control channel failed.
+    #[error("{0}")]
+    Control(#[from] crate::qmp::QmpError),
+    /// The machine's backend gave it no control channel.
+    #[error("machine {machine} has no control channel")]
+    NoControl { machine: String },
     /// The requested accelerator cannot run guests on this host.
     #[error("{accel} was requested but is unusable: {detail}{}", if *.cached { " (verdict cached for this boot: remove kvm-probe.json in attest's cache to probe again)" } else { "" })]
     AccelUnusable { accel: Accel, detail: String, cached: bool },

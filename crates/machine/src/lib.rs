@@ -8,6 +8,7 @@ pub mod error;
 pub mod events;
 pub mod network;
 pub mod process;
+pub mod qmp;
 pub mod spec;
 pub mod state_dir;
 pub mod transport;

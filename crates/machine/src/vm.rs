@@ -4,12 +4,14 @@
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Control, PendingControl};
 use crate::console::Console;
 use crate::error::{MachineError, Result};
 use crate::events::{EventSink, MachineEvent, MachineEventSink, VmEvent};
 use crate::process::ManagedChild;
+use crate::qmp::Qmp;
 use crate::spec::MachineSpec;
 use crate::state_dir::MachineDir;
 use crate::transport::Transport;
@@ -20,6 +22,7 @@ pub struct Vm {
     helpers: Vec<ManagedChild>,
     console: Console,
     agent: Option<Box<dyn Transport>>,
+    control: ControlState,
     /// Set when the VM is being stopped on purpose: its helpers' exits are then no failure.
     stopping: Arc<AtomicBool>,
 }
@@ -58,7 +61,19 @@ impl Vm {
             )?;
         console.attach(vmm.take_stdout().expect("piped stdout"));
         console.attach(vmm.take_stderr().expect("piped stderr"));
-        Ok(Vm { name: spec.name.clone(), vmm, helpers: prepared.helpers, console, agent: prepared.agent, stopping })
+        let control = match prepared.control {
+            Some(pending) => ControlState::Pending(pending),
+            None => ControlState::None,
+        };
+        Ok(Vm {
+            name: spec.name.clone(),
+            vmm,
+            helpers: prepared.helpers,
+            console,
+            agent: prepared.agent,
+            control,
+            stopping,
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -73,6 +88,18 @@ impl Vm {
         self.agent.take()
     }
 
+    /// The VMM's control channel (QMP for QEMU), connected on first use, at most until `deadline`.
+    pub fn control(&mut self, deadline: Instant) -> Result<&Control> {
+        if let ControlState::Pending(PendingControl::Qmp(listener)) = &self.control {
+            let qmp = Qmp::accept(listener, deadline).map_err(MachineError::Control)?;
+            self.control = ControlState::Connected(Control::Qmp(qmp));
+        }
+        match &self.control {
+            ControlState::Connected(control) => Ok(control),
+            _ => Err(MachineError::NoControl { machine: self.name.clone() }),
+        }
+    }
+
     /// Kills the VMM, then its helpers (which exit with it anyway, and are not failing).
     pub fn kill(&mut self) {
         self.stopping.store(true, Ordering::SeqCst);
@@ -81,6 +108,13 @@ impl Vm {
             helper.kill();
         }
     }
+}
+
+/// The control channel: none, bound but not yet connected, or connected.
+enum ControlState {
+    None,
+    Pending(PendingControl),
+    Connected(Control),
 }
 
 impl Drop for Vm {
@@ -118,16 +152,14 @@ mod tests {
             let helper = ManagedChild::spawn("helper", Command::new("sleep").arg("600"), report).unwrap();
             let mut command = Command::new("sleep");
             command.arg("600");
-            Ok(Prepared { command, helpers: vec![helper], agent: None })
+            Ok(Prepared { command, helpers: vec![helper], agent: None, control: None })
         }
     }
 
-    fn start(name: &str) -> (Vm, mpsc::Receiver<MachineEvent>, crate::StateDir) {
-        let state = crate::StateDir::create(false).unwrap();
-        let dir = state.machine_dir(0, name).unwrap();
-        let spec = MachineSpec {
+    fn spec(name: &str, kernel: &std::path::Path) -> MachineSpec {
+        MachineSpec {
             name: name.into(),
-            kernel: "/nonexistent".into(),
+            kernel: kernel.into(),
             initrd: None,
             cmdline: String::new(),
             memory_mib: 64,
@@ -136,10 +168,39 @@ mod tests {
             shares: Vec::new(),
             nics: Vec::new(),
             agent_port: None,
-        };
+        }
+    }
+
+    fn start(name: &str) -> (Vm, mpsc::Receiver<MachineEvent>, crate::StateDir) {
+        let state = crate::StateDir::create(false).unwrap();
+        let dir = state.machine_dir(0, name).unwrap();
         let (tx, rx) = mpsc::channel();
         let sink: MachineEventSink = Arc::new(move |event| drop(tx.send(event)));
-        (Vm::start(&SleepBackend, &spec, &dir, false, sink).unwrap(), rx, state)
+        let vm = Vm::start(&SleepBackend, &spec(name, "/nonexistent".as_ref()), &dir, false, sink).unwrap();
+        (vm, rx, state)
+    }
+
+    #[test]
+    fn a_qemu_machine_is_controlled_over_qmp() {
+        let Some(binary) = crate::Qemu::find_binary() else {
+            return eprintln!("SKIP: qemu-system-x86_64 not found");
+        };
+        let Ok(kernel) = attest_image::kernel::locate(None, &attest_image::cache_dir()) else {
+            return eprintln!("SKIP: no guest kernel (scripts/setup fetches one)");
+        };
+        let state = crate::StateDir::create(false).unwrap();
+        let dir = state.machine_dir(0, "controlled").unwrap();
+        let qemu = crate::Qemu { binary, virtiofsd: None };
+        let mut vm = Vm::start(&qemu, &spec("controlled", &kernel.path), &dir, false, Arc::new(|_| {})).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let Control::Qmp(qmp) = vm.control(deadline).unwrap();
+        let status = qmp.execute("query-status", None, deadline).unwrap();
+        assert!(status["status"].is_string(), "{status}");
+        qmp.execute("stop", None, deadline).unwrap();
+        let first: *const Qmp = qmp;
+        let Control::Qmp(qmp) = vm.control(deadline).unwrap();
+        assert!(std::ptr::eq(first, qmp), "one connection per machine, kept");
+        assert_eq!(qmp.wait_for_event("STOP", |e| e.name == "STOP", deadline).unwrap().name, "STOP");
     }
 
     #[test]

@@ -8,12 +8,14 @@
 
 pub mod qemu;
 
+use std::os::unix::net::UnixListener;
 use std::process::Command;
 
 use crate::error::Result;
 
 use crate::events::EventSink;
 use crate::process::ManagedChild;
+use crate::qmp::Qmp;
 use crate::spec::MachineSpec;
 use crate::state_dir::MachineDir;
 use crate::transport::Transport;
@@ -39,4 +41,18 @@ pub struct Prepared {
     pub helpers: Vec<ManagedChild>,
     /// The channel to the guest agent, when the spec asked for one.
     pub agent: Option<Box<dyn Transport>>,
+    /// The VMM's control channel, bound before the VMM starts and connected on first use.
+    pub control: Option<PendingControl>,
+}
+
+/// A control channel the VMM connects to once it runs.
+pub enum PendingControl {
+    /// QEMU's QMP: QEMU connects to this listening socket as a client.
+    Qmp(UnixListener),
+}
+
+/// How attest drives a running VMM beyond its process: QEMU's QMP today; the REST APIs of
+/// Firecracker and Cloud Hypervisor join as variants.
+pub enum Control {
+    Qmp(Qmp),
 }

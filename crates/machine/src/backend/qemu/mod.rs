@@ -6,7 +6,7 @@ use std::process::Command;
 
 use crate::error::{MachineError, Result};
 
-use super::{Backend, Prepared};
+use super::{Backend, PendingControl, Prepared};
 use crate::accel::Accel;
 use crate::events::EventSink;
 use crate::network::{mac_text, NetBackend};
@@ -14,6 +14,7 @@ use crate::spec::{MachineSpec, ShareFs};
 use crate::state_dir::MachineDir;
 use crate::transport::{Transport, VirtioSerialSocket};
 use crate::virtiofsd;
+use std::os::unix::net::UnixListener;
 
 pub mod kvm_probe;
 
@@ -100,6 +101,12 @@ impl Backend for Qemu {
             push(&["-device", &format!("virtio-net-pci,netdev={id},mac={},romfile=", mac_text(&nic.mac))]);
         }
 
+        // QMP: attest listens, QEMU connects at start-up, so nothing waits for a socket to appear.
+        let qmp_path = dir.socket("qmp.sock")?;
+        let qmp = UnixListener::bind(&qmp_path).map_err(MachineError::io(format!("binding {}", qmp_path.display())))?;
+        push(&["-chardev", &format!("socket,id=qmp,path={}", option_path(&qmp_path)?)]);
+        push(&["-mon", "chardev=qmp,mode=control"]);
+
         let mut helpers = Vec::new();
         if spec.shares.iter().any(|s| s.fs == ShareFs::Virtiofs) {
             // vhost-user devices need guest RAM the daemon can map.
@@ -136,7 +143,7 @@ impl Backend for Qemu {
 
         let mut command = Command::new(&self.binary);
         command.args(&args).current_dir(dir.path());
-        Ok(Prepared { command, helpers, agent })
+        Ok(Prepared { command, helpers, agent, control: Some(PendingControl::Qmp(qmp)) })
     }
 }
 
