@@ -52,13 +52,14 @@ impl Vm {
         let console = Console::new(Some(&log), echo_console)
             .map_err(MachineError::io(format!("creating the console log {}", log.display())))?;
         let mut command = prepared.command;
-        command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
         tracing::debug!(?command, "starting {}", backend.name());
         let on_exit = move |status| events(VmEvent::VmmExited(status));
         let mut vmm =
             ManagedChild::spawn(format!("{} ({})", spec.name, backend.name()), &mut command, on_exit).map_err(
                 |source| MachineError::Spawn { program: command.get_program().to_string_lossy().into(), source },
             )?;
+        console.attach_input(vmm.take_stdin().expect("piped stdin"));
         console.attach(vmm.take_stdout().expect("piped stdout"));
         console.attach(vmm.take_stderr().expect("piped stderr"));
         let control = match prepared.control {
@@ -178,6 +179,43 @@ mod tests {
         let sink: MachineEventSink = Arc::new(move |event| drop(tx.send(event)));
         let vm = Vm::start(&SleepBackend, &spec(name, "/nonexistent".as_ref()), &dir, false, sink).unwrap();
         (vm, rx, state)
+    }
+
+    #[test]
+    fn typing_into_the_serial_console_reaches_the_guest() {
+        let Some(binary) = crate::Qemu::find_binary() else {
+            return eprintln!("SKIP: qemu-system-x86_64 not found");
+        };
+        let (Ok(kernel), Ok(busybox)) =
+            (attest_image::kernel::locate(None, &attest_image::cache_dir()), attest_image::find_busybox())
+        else {
+            return eprintln!("SKIP: no guest kernel or static busybox (scripts/setup installs both)");
+        };
+        let scratch = tempfile::tempdir().unwrap();
+        // A guest whose only program is a shell on the serial console.
+        let initramfs = attest_image::Initramfs::new()
+            .dir("bin")
+            .dir("dev")
+            .char_device("dev/console", 5, 1)
+            .file("bin/busybox", std::fs::read(&busybox).unwrap(), 0o755)
+            .symlink("bin/sh", "busybox")
+            .file("init", b"#!/bin/sh\necho console-shell-ready\nexec /bin/sh\n".to_vec(), 0o755)
+            .write_cached(scratch.path())
+            .unwrap();
+        let state = crate::StateDir::create(false).unwrap();
+        let dir = state.machine_dir(0, "typed").unwrap();
+        let mut spec = spec("typed", &kernel.path);
+        spec.initrd = Some(initramfs);
+        spec.cmdline = "console=ttyS0 panic=-1 quiet rdinit=/init".into();
+        // A bzImage needs room to decompress itself; with 64 MiB it resets before printing anything.
+        spec.memory_mib = 256;
+        let qemu = crate::Qemu { binary, virtiofsd: None };
+        let vm = Vm::start(&qemu, &spec, &dir, false, Arc::new(|_| {})).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let wait = |pattern: &str| vm.console().wait_for(&regex::bytes::Regex::new(pattern).unwrap(), deadline);
+        wait("console-shell-ready").unwrap_or_else(|e| panic!("{e}; console: {:?}", vm.console().tail(20)));
+        vm.console().send(b"echo $((6 * 7))\n").unwrap();
+        wait(r"\n42\r?\n").unwrap_or_else(|e| panic!("{e}; console: {:?}", vm.console().tail(20)));
     }
 
     #[test]
