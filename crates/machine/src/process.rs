@@ -1,16 +1,47 @@
 //! Child processes that attest owns (VMMs, file-sharing daemons): spawned so they die with attest even
 //! when attest is SIGKILLed, and watched so their exit is an event rather than something to poll for.
+//!
+//! The kernel sends the parent-death signal when the spawning *thread* exits, not the process. So
+//! every child is forked by one spawner thread that lives as long as attest, whichever thread asks:
+//! a VM started on behalf of a short-lived thread (a request handler, a script call) outlives it.
 
 use std::io;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
-use std::sync::mpsc::{self, Receiver};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 use attest_protocol::ExitStatus;
 use nix::sys::signal::Signal;
 use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
+
+struct SpawnRequest {
+    name: String,
+    /// Lent to the spawner thread and handed back with the result.
+    command: Command,
+    on_exit: Box<dyn FnOnce(ExitStatus) + Send>,
+    reply: Sender<(Command, io::Result<ManagedChild>)>,
+}
+
+/// The spawner thread's queue, started on first use; the thread runs until attest exits.
+fn spawner() -> &'static Mutex<Sender<SpawnRequest>> {
+    static SPAWNER: OnceLock<Mutex<Sender<SpawnRequest>>> = OnceLock::new();
+    SPAWNER.get_or_init(|| {
+        let (requests, incoming) = mpsc::channel::<SpawnRequest>();
+        std::thread::Builder::new()
+            .name("attest-spawner".into())
+            .spawn(move || {
+                for SpawnRequest { name, mut command, on_exit, reply } in incoming {
+                    let spawned = ManagedChild::spawn_here(name, &mut command, on_exit);
+                    reply.send((command, spawned)).ok();
+                }
+            })
+            .expect("starting the spawner thread");
+        Mutex::new(requests)
+    })
+}
 
 /// A child that is killed and reaped when dropped.
 pub struct ManagedChild {
@@ -21,16 +52,33 @@ pub struct ManagedChild {
 }
 
 impl ManagedChild {
-    /// Spawns `command` with a parent-death signal, then watches it from a thread that calls
-    /// `on_exit` once it has exited (the zombie stays until this value reaps it, so the pid
-    /// can never be reused while we might still signal it).
-    ///
-    /// Call from a thread that lives as long as the child should: the kernel delivers the
-    /// parent-death signal when the spawning *thread* exits.
+    /// Spawns `command` with a parent-death signal, from the spawner thread, then watches it from
+    /// a thread that calls `on_exit` once it has exited (the zombie stays until this value reaps
+    /// it, so the pid can never be reused while we might still signal it). Any thread may call it.
     pub fn spawn(
         name: impl Into<String>,
         command: &mut Command,
         on_exit: impl FnOnce(ExitStatus) + Send + 'static,
+    ) -> io::Result<ManagedChild> {
+        let (reply, replied) = mpsc::channel();
+        let request = SpawnRequest {
+            name: name.into(),
+            command: std::mem::replace(command, Command::new("")),
+            on_exit: Box::new(on_exit),
+            reply,
+        };
+        let spawner = spawner().lock().unwrap_or_else(|p| p.into_inner()).clone();
+        spawner.send(request).map_err(|_| io::Error::other("the spawner thread is gone"))?;
+        let (returned, spawned) = replied.recv().map_err(|_| io::Error::other("the spawner thread is gone"))?;
+        *command = returned;
+        spawned
+    }
+
+    /// The spawner thread's half of [`ManagedChild::spawn`].
+    fn spawn_here(
+        name: String,
+        command: &mut Command,
+        on_exit: Box<dyn FnOnce(ExitStatus) + Send>,
     ) -> io::Result<ManagedChild> {
         let parent = nix::unistd::getpid();
         // SAFETY: between fork and exec the hook only makes the prctl and getppid system calls and
@@ -56,7 +104,7 @@ impl ManagedChild {
             tx.send(status).ok();
             on_exit(status);
         })?;
-        Ok(ManagedChild { name: name.into(), child, exited, status: None })
+        Ok(ManagedChild { name, child, exited, status: None })
     }
 
     pub fn name(&self) -> &str {
@@ -139,6 +187,17 @@ mod tests {
         let pid = sleeper.id();
         sleeper.kill();
         assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "killed and reaped");
+    }
+
+    #[test]
+    fn a_child_spawned_for_a_short_lived_thread_outlives_it() {
+        let child =
+            std::thread::spawn(|| ManagedChild::spawn("sleep", Command::new("sleep").arg("600"), |_| {}).unwrap())
+                .join()
+                .unwrap();
+        // The asking thread is gone; a parent-death signal tied to it would have killed the child.
+        let mut child = child;
+        assert_eq!(child.wait_until(Instant::now() + std::time::Duration::from_millis(300)), None, "still running");
     }
 
     #[test]

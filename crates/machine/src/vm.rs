@@ -29,7 +29,7 @@ pub struct Vm {
 
 impl Vm {
     /// Starts the machine; `events` hears, from watcher threads, when the VMM exits or a helper
-    /// fails. Call from the main thread (see [`ManagedChild::spawn`]).
+    /// fails. Any thread may call it: processes are forked by [`ManagedChild`]'s spawner thread.
     pub fn start(
         backend: &dyn Backend,
         spec: &MachineSpec,

@@ -30,8 +30,8 @@ pub trait Backend {
     fn guest_drivers(&self, spec: &MachineSpec) -> Vec<&'static str>;
 
     /// Sets up what the VM needs on the host and returns the VMM command. Helper daemons started
-    /// here must be spawned from the calling (main) thread so they die with attest, and report an
-    /// unexpected exit to `events`.
+    /// here are [`ManagedChild`]s, so they die with attest, and report an unexpected exit to
+    /// `events`.
     fn prepare(&self, spec: &MachineSpec, dir: &MachineDir, events: &EventSink) -> Result<Prepared>;
 }
 
