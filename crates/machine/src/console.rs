@@ -54,7 +54,8 @@ pub struct ConsoleTimeout {
 impl Console {
     /// `log` receives every byte; `echo` also copies them to attest's stderr as they arrive.
     pub fn new(log: Option<&Path>, echo: bool) -> std::io::Result<Console> {
-        let log = log.map(File::create).transpose()?;
+        // Appended to: a machine that starts again keeps one log.
+        let log = log.map(|path| File::options().create(true).append(true).open(path)).transpose()?;
         let state = State {
             log,
             tail: VecDeque::new(),

@@ -23,6 +23,9 @@ pub enum MachineError {
     /// A path the VMM must be given cannot be expressed in its options.
     #[error("path {path} is not UTF-8, which {vmm} options cannot carry")]
     UnrepresentablePath { path: PathBuf, vmm: &'static str },
+    /// The backend cannot do what was asked of it.
+    #[error("the {backend} backend does not support {what}")]
+    Unsupported { backend: &'static str, what: String },
     /// The VMM's control channel failed.
     #[error("{0}")]
     Control(#[from] crate::qmp::QmpError),

@@ -129,7 +129,14 @@ impl ManagedChild {
         if self.status.is_none() {
             self.child.kill().ok();
         }
-        self.child.wait().ok();
+        if let Ok(status) = self.child.wait() {
+            use std::os::unix::process::ExitStatusExt;
+            let status = match (status.code(), status.signal()) {
+                (Some(code), _) => ExitStatus::Code(code),
+                (None, signal) => ExitStatus::Signal(signal.unwrap_or(Signal::SIGKILL as i32)),
+            };
+            self.status.get_or_insert(status);
+        }
     }
 }
 

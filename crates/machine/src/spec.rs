@@ -18,8 +18,20 @@ pub struct MachineSpec {
     pub accel: Accel,
     pub shares: Vec<Share>,
     pub nics: Vec<Nic>,
-    /// Name of the virtio-serial port the guest agent speaks on, if the guest runs one.
-    pub agent_port: Option<String>,
+    /// How the host reaches the command channel in the guest, if the guest has one.
+    pub guest_channel: Option<GuestChannel>,
+}
+
+/// The guest side of a command channel, independent of the VMM. Each backend offers what its
+/// devices can carry: QEMU all but vsock today; Firecracker and Cloud Hypervisor only vsock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestChannel {
+    /// A named virtio-serial port (attest's agent: [`attest_protocol::AGENT_PORT`]).
+    VirtioSerialPort(String),
+    /// A virtio console (`/dev/hvc0`), where a NixOS guest's backdoor shell listens.
+    VirtConsole,
+    /// A vsock port in the guest.
+    Vsock { port: u32 },
 }
 
 /// A host directory exported to the guest under `tag`.

@@ -85,6 +85,21 @@ impl Vm {
         &self.console
     }
 
+    /// The VMM's process id.
+    pub fn pid(&self) -> u32 {
+        self.vmm.id()
+    }
+
+    /// Whether the VMM has exited.
+    pub fn has_exited(&mut self) -> bool {
+        self.vmm.wait_until(Instant::now()).is_some()
+    }
+
+    /// Waits, at most until `deadline`, for the VMM to exit; true if it did.
+    pub fn wait_exited(&mut self, deadline: Instant) -> bool {
+        self.vmm.wait_until(deadline).is_some()
+    }
+
     pub fn take_agent(&mut self) -> Option<Box<dyn Transport>> {
         self.agent.take()
     }
@@ -125,7 +140,7 @@ impl Drop for Vm {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::accel::Accel;
     use crate::backend::Prepared;
@@ -136,11 +151,15 @@ mod tests {
 
     /// A stand-in VMM (`sleep`) with one helper daemon (`sleep`) that reports its exit as a failure,
     /// as virtiofsd does: for the Vm's own bookkeeping only, no guest.
-    struct SleepBackend;
+    pub(crate) struct SleepBackend;
 
     impl Backend for SleepBackend {
         fn name(&self) -> &'static str {
             "sleep"
+        }
+
+        fn supports(&self, _: crate::backend::Capability) -> bool {
+            false
         }
 
         fn guest_drivers(&self, _: &MachineSpec) -> Vec<&'static str> {
@@ -157,7 +176,7 @@ mod tests {
         }
     }
 
-    fn spec(name: &str, kernel: &std::path::Path) -> MachineSpec {
+    pub(crate) fn spec(name: &str, kernel: &std::path::Path) -> MachineSpec {
         MachineSpec {
             name: name.into(),
             kernel: kernel.into(),
@@ -168,7 +187,7 @@ mod tests {
             accel: Accel::Tcg,
             shares: Vec::new(),
             nics: Vec::new(),
-            agent_port: None,
+            guest_channel: None,
         }
     }
 
@@ -239,6 +258,15 @@ mod tests {
         let Control::Qmp(qmp) = vm.control(deadline).unwrap();
         assert!(std::ptr::eq(first, qmp), "one connection per machine, kept");
         assert_eq!(qmp.wait_for_event("STOP", |e| e.name == "STOP", deadline).unwrap().name, "STOP");
+    }
+
+    #[test]
+    fn a_missing_capability_names_the_backend_and_the_capability() {
+        use crate::backend::{require, Capability};
+        let err = require(&SleepBackend, Capability::Snapshots).unwrap_err();
+        assert_eq!(err.to_string(), "the sleep backend does not support snapshots");
+        let qemu = crate::Qemu { binary: "qemu".into(), virtiofsd: None };
+        assert!(require(&qemu, Capability::Screenshot).is_ok());
     }
 
     #[test]

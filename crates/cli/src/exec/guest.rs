@@ -11,7 +11,7 @@ use attest_image::{Kernel, ModuleTree};
 use attest_machine::accel::{Accel, AccelChoice, AccelRequest};
 use attest_machine::backend::qemu::kvm_probe;
 use attest_machine::network::user_mode;
-use attest_machine::{virtiofsd, Backend, MachineSpec, Qemu, Share, ShareFs};
+use attest_machine::{virtiofsd, Backend, GuestChannel, MachineSpec, Qemu, Share, ShareFs};
 use attest_protocol::{Frame, HostMessage, Mount, Network, Scratch, Start, AGENT_PORT};
 
 use super::{AccelArg, ExecArgs, FsArg, NetArg};
@@ -77,7 +77,7 @@ pub fn prepare(args: &ExecArgs) -> Result<PreparedGuest> {
         accel: accel.accel,
         shares,
         nics,
-        agent_port: Some(AGENT_PORT.into()),
+        guest_channel: Some(GuestChannel::VirtioSerialPort(AGENT_PORT.into())),
     };
     let qemu = Qemu { binary: qemu_binary, virtiofsd };
     let drivers: Vec<&str> = qemu.guest_drivers(&spec).into_iter().chain(AGENT_DRIVERS).collect();

@@ -11,7 +11,7 @@ pub mod qemu;
 use std::os::unix::net::UnixListener;
 use std::process::Command;
 
-use crate::error::Result;
+use crate::error::{MachineError, Result};
 
 use crate::events::EventSink;
 use crate::process::ManagedChild;
@@ -25,6 +25,9 @@ pub use qemu::Qemu;
 pub trait Backend {
     fn name(&self) -> &'static str;
 
+    /// Whether this backend's machines can do `capability`; see [`require`].
+    fn supports(&self, capability: Capability) -> bool;
+
     /// Guest kernel drivers (module names) that the devices this backend gives `spec` need.
     /// Image builders pack and load exactly these, so a guest pays only for the hardware it has.
     fn guest_drivers(&self, spec: &MachineSpec) -> Vec<&'static str>;
@@ -33,6 +36,34 @@ pub trait Backend {
     /// here are [`ManagedChild`]s, so they die with attest, and report an unexpected exit to
     /// `events`.
     fn prepare(&self, spec: &MachineSpec, dir: &MachineDir, events: &EventSink) -> Result<Prepared>;
+}
+
+/// What a machine can do beyond running a guest, which not every VMM offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Capability {
+    Screenshot,
+    SendKeys,
+    Snapshots,
+    PortForwarding,
+}
+
+impl std::fmt::Display for Capability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Capability::Screenshot => "screenshots",
+            Capability::SendKeys => "sending keys",
+            Capability::Snapshots => "snapshots",
+            Capability::PortForwarding => "port forwarding",
+        })
+    }
+}
+
+/// Ok if `backend` can do `capability`, else an error that says which backend cannot do what.
+pub fn require(backend: &dyn Backend, capability: Capability) -> Result<()> {
+    match backend.supports(capability) {
+        true => Ok(()),
+        false => Err(MachineError::Unsupported { backend: backend.name(), what: capability.to_string() }),
+    }
 }
 
 pub struct Prepared {

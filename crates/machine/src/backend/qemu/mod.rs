@@ -6,11 +6,11 @@ use std::process::Command;
 
 use crate::error::{MachineError, Result};
 
-use super::{Backend, PendingControl, Prepared};
+use super::{Backend, Capability, PendingControl, Prepared};
 use crate::accel::Accel;
 use crate::events::EventSink;
 use crate::network::{mac_text, NetBackend};
-use crate::spec::{MachineSpec, ShareFs};
+use crate::spec::{GuestChannel, MachineSpec, ShareFs};
 use crate::state_dir::MachineDir;
 use crate::transport::{Transport, VirtioSerialSocket};
 use crate::virtiofsd;
@@ -51,10 +51,17 @@ impl Backend for Qemu {
         "qemu"
     }
 
+    /// All of them, through QMP and the monitor.
+    fn supports(&self, _: Capability) -> bool {
+        true
+    }
+
     fn guest_drivers(&self, spec: &MachineSpec) -> Vec<&'static str> {
         let mut drivers = vec!["virtio_pci"];
-        if spec.agent_port.is_some() {
-            drivers.push("virtio_console");
+        match spec.guest_channel {
+            Some(GuestChannel::VirtioSerialPort(_) | GuestChannel::VirtConsole) => drivers.push("virtio_console"),
+            Some(GuestChannel::Vsock { .. }) => drivers.extend(["vsock", "vmw_vsock_virtio_transport"]),
+            None => {}
         }
         if !spec.nics.is_empty() {
             drivers.push("virtio_net");
@@ -81,14 +88,27 @@ impl Backend for Qemu {
         // The serial console is QEMU's stdout, which the Vm reads into the console log.
         push(&["-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console"]);
 
+        // The guest channel's socket: attest listens and QEMU connects, as the NixOS driver does.
         let mut agent: Option<Box<dyn Transport>> = None;
-        if let Some(port) = &spec.agent_port {
-            let path = dir.socket("agent.sock")?;
+        if let Some(channel) = &spec.guest_channel {
+            let port = match channel {
+                GuestChannel::VirtioSerialPort(name) => {
+                    format!("virtserialport,bus=channelbus.0,chardev=channel,name={name}")
+                }
+                GuestChannel::VirtConsole => "virtconsole,bus=channelbus.0,chardev=channel".to_string(),
+                GuestChannel::Vsock { .. } => {
+                    return Err(MachineError::Unsupported {
+                        backend: "qemu",
+                        what: "vsock guest channels (not yet)".into(),
+                    })
+                }
+            };
+            let path = dir.socket("channel.sock")?;
             let socket =
                 VirtioSerialSocket::bind(&path).map_err(MachineError::io(format!("binding {}", path.display())))?;
-            push(&["-device", "virtio-serial-pci,id=agentbus"]);
-            push(&["-chardev", &format!("socket,id=agent,path={}", option_path(socket.path())?)]);
-            push(&["-device", &format!("virtserialport,bus=agentbus.0,chardev=agent,name={port}")]);
+            push(&["-device", "virtio-serial-pci,id=channelbus"]);
+            push(&["-chardev", &format!("socket,id=channel,path={}", option_path(socket.path())?)]);
+            push(&["-device", &port]);
             agent = Some(Box::new(socket));
         }
 
@@ -175,7 +195,7 @@ mod tests {
             accel: Accel::Tcg,
             shares,
             nics: vec![user_mode::nic()],
-            agent_port: Some("attest.agent".into()),
+            guest_channel: Some(GuestChannel::VirtioSerialPort("attest.agent".into())),
         }
     }
 
@@ -207,7 +227,7 @@ mod tests {
             ["-append", "console=ttyS0 quiet"],
             ["-netdev", "user,id=net0"],
             ["-device", "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56,romfile="],
-            ["-device", "virtserialport,bus=agentbus.0,chardev=agent,name=attest.agent"],
+            ["-device", "virtserialport,bus=channelbus.0,chardev=channel,name=attest.agent"],
             ["-fsdev", &format!("local,id=fs0,path={escaped},security_model=none,multidevs=remap,readonly=on")],
             ["-device", "virtio-9p-pci,fsdev=fs0,mount_tag=attest0"],
         ] {
@@ -224,6 +244,23 @@ mod tests {
         let qemu = Qemu { binary: "/usr/bin/qemu-system-x86_64".into(), virtiofsd: None };
         let (prepared, _state) = prepare(&qemu, &spec(vec![share]));
         assert!(matches!(prepared, Err(MachineError::MissingHelper { program: "virtiofsd", .. })));
+    }
+
+    #[test]
+    fn guest_channels_become_devices_or_say_they_cannot() {
+        let qemu = Qemu { binary: "/usr/bin/qemu-system-x86_64".into(), virtiofsd: None };
+        let mut nixos = spec(Vec::new());
+        nixos.guest_channel = Some(GuestChannel::VirtConsole);
+        let (prepared, _state) = prepare(&qemu, &nixos);
+        let args: Vec<String> =
+            prepared.unwrap().command.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert!(args.iter().any(|a| a == "virtconsole,bus=channelbus.0,chardev=channel"), "{args:?}");
+
+        let mut vsock = spec(Vec::new());
+        vsock.guest_channel = Some(GuestChannel::Vsock { port: 1024 });
+        assert!(qemu.guest_drivers(&vsock).contains(&"vmw_vsock_virtio_transport"));
+        let (prepared, _state) = prepare(&qemu, &vsock);
+        assert!(matches!(prepared, Err(MachineError::Unsupported { backend: "qemu", .. })));
     }
 
     #[test]
