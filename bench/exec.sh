@@ -16,7 +16,7 @@ source bench/lib.sh
 runs=${1:-11}
 cargo build --release --quiet --bin attest
 attest=target/release/attest
-kernel=$($attest doctor | awk '$2 == "kernel" { print $3 }')
+kernel=$($attest doctor --json | python3 -c 'import json, sys; print(next(c["path"] for c in json.load(sys.stdin) if c["name"] == "kernel"))')
 floor_initramfs=$($attest bench-floor-initramfs)
 qemu_line=$(ATTEST_LOG=attest_machine=debug $attest exec -q -- true 2>&1 | grep 'starting qemu')
 # The value after `"OPTION"` in attest's logged QEMU command.

@@ -4,51 +4,87 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use attest_image::ImageError;
+use attest_image::{ImageError, Kernel};
 use attest_machine::backend::qemu::kvm_probe;
-use attest_machine::state_dir;
+use attest_machine::network::user_mode;
+use attest_machine::{share_fs, state_dir, Accel, Backend, GuestChannel, MachineSpec};
 use attest_machine::{virtiofsd, Qemu, ShareFs};
-
-use crate::exec::guest::{choose_fs, kernel_supports, open_modules};
-use crate::exec::FsArg;
+use attest_protocol::AGENT_PORT;
+use serde::Serialize;
 
 #[derive(clap::Args)]
 pub struct DoctorArgs {
     /// Check this kernel instead of the one `attest exec` would pick.
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
+    /// Print the checks as JSON (status, name, detail, fix, and the path found, if any).
+    #[arg(long)]
+    pub json: bool,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
 enum Status {
     Ok,
     Warn,
     Fail,
 }
 
+#[derive(Serialize)]
 struct Check {
     status: Status,
     name: &'static str,
     detail: String,
     fix: Option<String>,
+    /// The file this check found (the kernel, QEMU, busybox), for scripts.
+    path: Option<PathBuf>,
+}
+
+impl Check {
+    fn at(mut self, path: &Path) -> Check {
+        self.path = Some(path.to_path_buf());
+        self
+    }
 }
 
 fn ok(name: &'static str, detail: impl Into<String>) -> Check {
-    Check { status: Status::Ok, name, detail: detail.into(), fix: None }
+    Check { status: Status::Ok, name, detail: detail.into(), fix: None, path: None }
 }
 
 fn warn(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
-    Check { status: Status::Warn, name, detail: detail.into(), fix: Some(fix.into()) }
+    Check { status: Status::Warn, name, detail: detail.into(), fix: Some(fix.into()), path: None }
 }
 
 fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
-    Check { status: Status::Fail, name, detail: detail.into(), fix: Some(fix.into()) }
+    Check { status: Status::Fail, name, detail: detail.into(), fix: Some(fix.into()), path: None }
 }
 
-/// Every attest guest needs these: the PCI transport and the agent's virtio-serial port.
-const REQUIRED_DRIVERS: [&str; 2] = ["virtio_pci", "virtio_console"];
-/// Loaded when a machine has such a device: disks, network cards, vsock.
-const DEVICE_DRIVERS: [&str; 3] = ["virtio_blk", "virtio_net", "vmw_vsock_virtio_transport"];
+/// The guest drivers an `attest exec` machine needs, and those that machines with more devices (a
+/// network card, a vsock channel) need on top, as the QEMU backend computes them.
+fn driver_sets(qemu: &Qemu, kernel: &Kernel) -> (Vec<&'static str>, Vec<&'static str>) {
+    let exec = MachineSpec {
+        name: "doctor".into(),
+        kernel: kernel.path.clone(),
+        initrd: None,
+        cmdline: String::new(),
+        memory_mib: 512,
+        cpus: 1,
+        accel: Accel::Tcg,
+        shares: Vec::new(),
+        nics: Vec::new(),
+        guest_channel: Some(GuestChannel::VirtioSerialPort(AGENT_PORT.into())),
+    };
+    let required = qemu.guest_drivers(&exec);
+    let with_nic = MachineSpec { nics: vec![user_mode::nic()], ..exec.clone() };
+    let with_vsock = MachineSpec { guest_channel: Some(GuestChannel::Vsock { port: 1024 }), ..exec };
+    let mut devices: Vec<&'static str> = [qemu.guest_drivers(&with_nic), qemu.guest_drivers(&with_vsock)]
+        .concat()
+        .into_iter()
+        .filter(|driver| !required.contains(driver))
+        .collect();
+    devices.dedup();
+    (required, devices)
+}
 
 const APT: &str = "apt-get install --no-install-recommends";
 
@@ -57,6 +93,7 @@ pub fn run(args: DoctorArgs) -> i32 {
     let mut checks = Vec::new();
     let qemu = Qemu::find_binary().filter(|p| p.is_file());
     checks.push(check_qemu(qemu.as_deref()));
+    let backend = Qemu { binary: qemu.clone().unwrap_or_default(), virtiofsd: virtiofsd::find() };
     if let Some(qemu) = &qemu {
         let probe = kvm_probe::probe_kvm(qemu);
         checks.push(match probe.usable {
@@ -68,9 +105,9 @@ pub fn run(args: DoctorArgs) -> i32 {
             ),
         });
     }
-    checks.extend(check_kernel(args.kernel.as_deref(), &cache));
+    checks.extend(check_kernel(args.kernel.as_deref(), &cache, &backend));
     checks.push(match attest_image::find_busybox() {
-        Ok(path) => ok("busybox", format!("{} (static)", path.display())),
+        Ok(path) => ok("busybox", format!("{} (static)", path.display())).at(&path),
         Err(err) => fail("busybox", err.to_string(), format!("{APT} busybox-static")),
     });
     checks.push(check_device("/dev/net/tun", "tun", "needed for TAP networking between machines", "modprobe tun"));
@@ -87,20 +124,27 @@ pub fn run(args: DoctorArgs) -> i32 {
     checks.push(check_memory());
     checks.push(check_socket_paths());
 
+    let failed = checks.iter().filter(|c| c.status == Status::Fail).count();
+    if args.json {
+        match serde_json::to_string_pretty(&checks) {
+            Ok(json) => out!("{json}"),
+            Err(err) => return crate::exit_code::setup_error(&err),
+        }
+        return i32::from(failed > 0);
+    }
     for check in &checks {
         let label = match check.status {
             Status::Ok => "ok  ",
             Status::Warn => "warn",
             Status::Fail => "FAIL",
         };
-        println!("{label}  {:<12} {}", check.name, check.detail);
+        out!("{label}  {:<12} {}", check.name, check.detail);
         if let Some(fix) = &check.fix {
-            println!("      {:<12} fix: {fix}", "");
+            out!("      {:<12} fix: {fix}", "");
         }
     }
-    let failed = checks.iter().filter(|c| c.status == Status::Fail).count();
     let warned = checks.iter().filter(|c| c.status == Status::Warn).count();
-    println!("{} checks: {} ok, {warned} warnings, {failed} failed", checks.len(), checks.len() - warned - failed);
+    out!("{} checks: {} ok, {warned} warnings, {failed} failed", checks.len(), checks.len() - warned - failed);
     i32::from(failed > 0)
 }
 
@@ -110,7 +154,7 @@ fn check_qemu(qemu: Option<&Path>) -> Check {
     match Command::new(qemu).arg("--version").output() {
         Ok(out) if out.status.success() => {
             let version = String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").to_string();
-            ok("qemu", format!("{version} ({})", qemu.display()))
+            ok("qemu", format!("{version} ({})", qemu.display())).at(qemu)
         }
         Ok(out) => fail(
             "qemu",
@@ -121,7 +165,7 @@ fn check_qemu(qemu: Option<&Path>) -> Check {
     }
 }
 
-fn check_kernel(flag: Option<&Path>, cache: &Path) -> Vec<Check> {
+fn check_kernel(flag: Option<&Path>, cache: &Path, qemu: &Qemu) -> Vec<Check> {
     let kernel = match attest_image::kernel::locate(flag, cache) {
         Ok(kernel) => kernel,
         Err(err @ ImageError::NoKernel { .. }) => {
@@ -129,12 +173,13 @@ fn check_kernel(flag: Option<&Path>, cache: &Path) -> Vec<Check> {
         }
         Err(err) => return vec![fail("kernel", err.to_string(), "pass a bzImage with --kernel or ATTEST_KERNEL")],
     };
-    let mut checks = vec![ok("kernel", crate::exec::guest::describe_kernel(&kernel))];
-    let modules = match open_modules(&kernel) {
+    let mut checks = vec![ok("kernel", kernel.to_string()).at(&kernel.path)];
+    let modules = match kernel.module_tree() {
         Ok(modules) => modules,
         Err(err) => return vec![fail("modules", err.to_string(), "check the kernel's lib/modules directory")],
     };
-    checks.push(match (&kernel.modules_dir, modules.resolve(&REQUIRED_DRIVERS)) {
+    let (required, devices) = driver_sets(qemu, &kernel);
+    checks.push(match (&kernel.modules_dir, modules.resolve(&required)) {
         (None, _) => warn(
             "modules",
             format!("no lib/modules/{} found; virtio drivers must be built in", kernel.release),
@@ -143,8 +188,9 @@ fn check_kernel(flag: Option<&Path>, cache: &Path) -> Vec<Check> {
         (Some(dir), Ok(r)) if r.missing.is_empty() => ok(
             "modules",
             format!(
-                "{}: virtio_pci, virtio_console: {} to load, {} built in",
+                "{}: {}: {} to load, {} built in",
                 dir.display(),
+                required.join(", "),
                 r.load.len(),
                 r.builtin.len()
             ),
@@ -152,13 +198,13 @@ fn check_kernel(flag: Option<&Path>, cache: &Path) -> Vec<Check> {
         (Some(dir), Ok(r)) => fail(
             "modules",
             format!("{}: {} neither a module nor built in", dir.display(), r.missing.join(", ")),
-            "use a kernel with virtio_pci and virtio_console",
+            format!("use a kernel with {}", required.join(", ")),
         ),
         (Some(dir), Err(err)) => fail("modules", format!("{}: {err}", dir.display()), "reinstall the kernel's modules"),
     });
-    if let (Some(dir), Ok(r)) = (&kernel.modules_dir, modules.resolve(&DEVICE_DRIVERS)) {
+    if let (Some(dir), Ok(r)) = (&kernel.modules_dir, modules.resolve(&devices)) {
         checks.push(match r.missing.is_empty() {
-            true => ok("drivers", format!("{} available", DEVICE_DRIVERS.join(", "))),
+            true => ok("drivers", format!("{} available", devices.join(", "))),
             false => warn(
                 "drivers",
                 format!(
@@ -173,10 +219,10 @@ fn check_kernel(flag: Option<&Path>, cache: &Path) -> Vec<Check> {
     let virtiofsd = virtiofsd::find();
     let supported: Vec<&str> = [ShareFs::Virtiofs, ShareFs::NineP]
         .into_iter()
-        .filter(|fs| kernel_supports(&modules, *fs))
+        .filter(|fs| modules.provides(fs.guest_drivers()))
         .map(|fs| fs.guest_drivers()[0])
         .collect();
-    checks.push(match choose_fs(FsArg::Auto, &modules, virtiofsd.is_some()) {
+    checks.push(match share_fs::choose(None, |fs| modules.provides(fs.guest_drivers()), virtiofsd.is_some()) {
         Ok(ShareFs::Virtiofs) => ok(
             "file sharing",
             format!(

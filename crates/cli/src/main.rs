@@ -8,6 +8,14 @@ macro_rules! say {
     }};
 }
 
+/// println!, but a closed stdout (`attest doctor | head`) ends the output instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($arg)*).ok();
+    }};
+}
+
 mod doctor;
 mod exec;
 mod exit_code;
@@ -69,7 +77,7 @@ fn bench_floor_initramfs() -> i32 {
         .and_then(|image| image.write_cached(&attest_image::cache_dir().join("initramfs")));
     match built {
         Ok(path) => {
-            println!("{}", path.display());
+            out!("{}", path.display());
             0
         }
         Err(err) => exit_code::setup_error(&err),

@@ -4,6 +4,7 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use crate::modules::ModuleTree;
 use crate::ImageError;
 
 /// Where the kernel came from, in search order.
@@ -48,6 +49,22 @@ impl Kernel {
         let Some(dir) = self.path.parent() else { return false };
         let Ok(config) = std::fs::read_to_string(dir.join(format!("config-{}", self.release))) else { return false };
         !config.lines().any(|line| line.trim() == "CONFIG_MODULE_SIG_FORCE=y")
+    }
+}
+
+impl Kernel {
+    /// Its modules directory, or an empty tree when it has none (every driver must be built in).
+    pub fn module_tree(&self) -> Result<ModuleTree, ImageError> {
+        match &self.modules_dir {
+            Some(dir) => ModuleTree::open(dir),
+            None => Ok(ModuleTree::none()),
+        }
+    }
+}
+
+impl std::fmt::Display for Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({}, from {})", self.path.display(), self.release, self.source)
     }
 }
 

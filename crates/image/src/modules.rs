@@ -80,6 +80,12 @@ impl ModuleTree {
         Ok(())
     }
 
+    /// Whether the kernel has every one of `drivers`, as a module or built in. Without a modules
+    /// directory attest cannot tell, and assumes they are built in.
+    pub fn provides(&self, drivers: &[&str]) -> bool {
+        self.dir.is_none() || self.resolve(drivers).is_ok_and(|r| r.missing.is_empty())
+    }
+
     pub fn dir(&self) -> Option<&Path> {
         self.dir.as_deref()
     }

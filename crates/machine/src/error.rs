@@ -20,6 +20,9 @@ pub enum MachineError {
     /// A socket path would exceed what `sun_path` holds.
     #[error("socket path {path} is longer than the {limit}-byte unix socket limit")]
     SocketPathTooLong { path: PathBuf, limit: usize },
+    /// The guest kernel cannot do what the machine needs.
+    #[error("the guest kernel has no {what}: {fix}")]
+    KernelLacks { what: String, fix: &'static str },
     /// A path the VMM must be given cannot be expressed in its options.
     #[error("path {path} is not UTF-8, which {vmm} options cannot carry")]
     UnrepresentablePath { path: PathBuf, vmm: &'static str },

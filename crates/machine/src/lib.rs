@@ -10,6 +10,7 @@ pub mod machine;
 pub mod network;
 pub mod process;
 pub mod qmp;
+pub mod share_fs;
 pub mod spec;
 pub mod state_dir;
 pub mod transport;

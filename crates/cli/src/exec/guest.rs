@@ -6,15 +6,15 @@ use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
-use attest_image::{Kernel, ModuleTree};
+use anyhow::{Context, Result};
+use attest_image::Kernel;
 use attest_machine::accel::{Accel, AccelChoice, AccelRequest};
 use attest_machine::backend::qemu::kvm_probe;
 use attest_machine::network::user_mode;
-use attest_machine::{virtiofsd, Backend, GuestChannel, MachineSpec, Qemu, Share, ShareFs};
+use attest_machine::{share_fs, virtiofsd, Backend, GuestChannel, MachineSpec, Qemu, Share, ShareFs};
 use attest_protocol::{Frame, HostMessage, Mount, Network, Scratch, Start, AGENT_PORT};
 
-use super::{AccelArg, ExecArgs, FsArg, NetArg};
+use super::{AccelArg, ExecArgs, NetArg};
 
 /// Privately writable directories: (path, whether the host's files show through an overlay).
 /// /run stays empty: the host's sockets and pid files there mean nothing inside the guest.
@@ -35,9 +35,9 @@ pub fn prepare(args: &ExecArgs) -> Result<PreparedGuest> {
         .context("qemu-system-x86_64 not found on PATH: install Debian's qemu-system-x86 (or set ATTEST_QEMU)")?;
     let cache = attest_image::cache_dir();
     let kernel = attest_image::kernel::locate(args.kernel.as_deref(), &cache)?;
-    let modules = open_modules(&kernel)?;
+    let modules = kernel.module_tree()?;
     let virtiofsd = virtiofsd::find();
-    let fs = choose_fs(args.fs, &modules, virtiofsd.is_some())?;
+    let fs = share_fs::choose(args.fs.into(), |fs| modules.provides(fs.guest_drivers()), virtiofsd.is_some())?;
 
     let request = match args.accel {
         AccelArg::Auto => AccelRequest::Auto,
@@ -110,44 +110,6 @@ pub fn prepare(args: &ExecArgs) -> Result<PreparedGuest> {
     Ok(PreparedGuest { qemu, spec, start, accel, kernel })
 }
 
-pub fn open_modules(kernel: &Kernel) -> Result<ModuleTree> {
-    Ok(match &kernel.modules_dir {
-        Some(dir) => ModuleTree::open(dir)?,
-        None => ModuleTree::none(),
-    })
-}
-
-/// Whether the kernel can mount `fs`: as a module or built in. Without a modules directory attest
-/// cannot tell, and assumes it is built in.
-pub fn kernel_supports(modules: &ModuleTree, fs: ShareFs) -> bool {
-    let Ok(r) = modules.resolve(fs.guest_drivers()) else { return false };
-    modules.dir().is_none() || r.missing.is_empty()
-}
-
-/// virtio-fs when virtiofsd and the kernel allow it (faster, see BENCHMARKS.md), else 9p.
-pub fn choose_fs(request: FsArg, modules: &ModuleTree, have_virtiofsd: bool) -> Result<ShareFs> {
-    let virtiofs_ok = kernel_supports(modules, ShareFs::Virtiofs);
-    let ninep_ok = kernel_supports(modules, ShareFs::NineP);
-    match request {
-        FsArg::Virtiofs if !have_virtiofsd => {
-            bail!("--fs virtiofs needs virtiofsd: `cargo install virtiofsd` (scripts/setup does this) or set ATTEST_VIRTIOFSD")
-        }
-        FsArg::Virtiofs if !virtiofs_ok => bail!("--fs virtiofs: the kernel has no virtiofs driver"),
-        FsArg::Virtiofs => Ok(ShareFs::Virtiofs),
-        FsArg::NineP if !ninep_ok => bail!("--fs 9p: the kernel has no 9p driver (Debian's cloud kernel lacks it)"),
-        FsArg::NineP => Ok(ShareFs::NineP),
-        FsArg::Auto if have_virtiofsd && virtiofs_ok => Ok(ShareFs::Virtiofs),
-        FsArg::Auto if ninep_ok => Ok(ShareFs::NineP),
-        FsArg::Auto if virtiofs_ok => bail!(
-            "the kernel can only share files over virtio-fs and virtiofsd was not found: \
-             `cargo install virtiofsd` (scripts/setup does this) or set ATTEST_VIRTIOFSD"
-        ),
-        FsArg::Auto => {
-            bail!("the kernel has neither a virtiofs nor a 9p driver; pass a kernel that has one with --kernel")
-        }
-    }
-}
-
 /// The host root (read-only), the current directory (read-write, same path) and each `--share`.
 fn shares_and_mounts(args: &ExecArgs, cwd: &Path, fs: ShareFs) -> (Vec<Share>, Vec<Mount>) {
     let mut wanted: Vec<(PathBuf, PathBuf, bool)> = vec![(PathBuf::from("/"), PathBuf::from("/"), true)];
@@ -184,8 +146,4 @@ fn program_env(args: &ExecArgs) -> Vec<(Vec<u8>, Vec<u8>)> {
         env.push((key.clone(), value.clone()));
     }
     env.into_iter().map(|(k, v)| (k.into_vec(), v.into_vec())).collect()
-}
-
-pub fn describe_kernel(kernel: &Kernel) -> String {
-    format!("{} ({}, from {})", kernel.path.display(), kernel.release, kernel.source)
 }

@@ -106,6 +106,16 @@ pub enum FsArg {
     NineP,
 }
 
+impl From<FsArg> for Option<attest_machine::ShareFs> {
+    fn from(arg: FsArg) -> Self {
+        match arg {
+            FsArg::Auto => None,
+            FsArg::Virtiofs => Some(attest_machine::ShareFs::Virtiofs),
+            FsArg::NineP => Some(attest_machine::ShareFs::NineP),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ShareArg {
     pub host: PathBuf,

@@ -14,7 +14,7 @@ use attest_session::reader::{self, OutputSink};
 use attest_session::{Deadlines, Event, Outcome, SessionState, Step, Timings};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGWINCH};
 
-use super::guest::{describe_kernel, PreparedGuest};
+use super::guest::PreparedGuest;
 use super::stdio::{forward_stdin, RawOut};
 use super::terminal::{self, RawMode, SharedScreenModes};
 use super::ExecArgs;
@@ -42,7 +42,7 @@ impl HostTerminal {
 }
 
 pub fn run(guest: PreparedGuest, args: &ExecArgs, verbose: bool, t0: Instant) -> i32 {
-    tracing::debug!(kernel = %describe_kernel(&guest.kernel), "guest");
+    tracing::debug!(kernel = %guest.kernel, "guest");
     let state = match StateDir::create(args.keep_state) {
         Ok(state) => state,
         Err(err) => return exit_code::setup_error(&format!("creating the state directory: {err}")),
