@@ -128,3 +128,15 @@ fn under_root(guest_path: &[u8]) -> PathBuf {
 fn display(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_paths_land_under_the_new_root() {
+        assert_eq!(under_root(b"/tmp"), Path::new("/sysroot/tmp"));
+        assert_eq!(under_root(b"/"), Path::new("/sysroot"));
+        assert_eq!(under_root(b"/var/tmp/x y"), Path::new("/sysroot/var/tmp/x y"));
+    }
+}

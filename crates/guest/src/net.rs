@@ -163,3 +163,20 @@ fn family(addr: IpAddr) -> AddressFamily {
         IpAddr::V6(_) => AddressFamily::Inet6,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Read-only on the host: the same dump the guest uses to find its cards.
+    #[test]
+    fn the_link_dump_finds_loopback_at_index_one() {
+        let mut rtnl = Rtnetlink::open().unwrap();
+        let links = rtnl.links().unwrap();
+        assert!(
+            links.iter().any(|(index, mac, name)| *index == LOOPBACK_INDEX && *mac == [0; 6] && name == "lo"),
+            "{links:?}"
+        );
+        assert_eq!(family("::1".parse().unwrap()), AddressFamily::Inet6);
+    }
+}

@@ -276,3 +276,31 @@ fn wait_reaping_orphans(pid: Pid) -> Result<ExitStatus> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use attest_protocol::Network;
+
+    fn start(argv: &[&str], shell: Option<&str>) -> Start {
+        Start {
+            argv: argv.iter().map(|a| a.as_bytes().to_vec()).collect(),
+            env: shell.map(|s| (b"SHELL".to_vec(), s.as_bytes().to_vec())).into_iter().collect(),
+            cwd: b"/".to_vec(),
+            mounts: Vec::new(),
+            scratch: Vec::new(),
+            hostname: Vec::new(),
+            network: Network::default(),
+            terminal: None,
+        }
+    }
+
+    #[test]
+    fn an_empty_command_means_the_users_shell_or_a_fallback() {
+        assert_eq!(program_argv(&start(&["true", "x"], None)).unwrap(), [b"true".to_vec(), b"x".to_vec()]);
+        assert_eq!(program_argv(&start(&[], Some("/bin/sh"))).unwrap(), [b"/bin/sh".to_vec()]);
+        let fallback = FALLBACK_SHELLS.iter().find(|s| Path::new(s).is_file()).unwrap();
+        assert_eq!(program_argv(&start(&[], Some("/no/such/shell"))).unwrap(), [fallback.as_bytes().to_vec()]);
+        assert_eq!(program_argv(&start(&[], None)).unwrap(), [fallback.as_bytes().to_vec()]);
+    }
+}

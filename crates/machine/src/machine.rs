@@ -81,7 +81,7 @@ impl Machine {
 mod tests {
     use super::*;
     use crate::events::{MachineEvent, VmEvent};
-    use crate::vm::tests::{spec, SleepBackend};
+    use crate::vm::tests::{spec, Configure, SleepBackend};
     use std::sync::mpsc;
     use std::time::Duration;
 
@@ -91,7 +91,12 @@ mod tests {
         let (tx, rx) = mpsc::channel::<MachineEvent>();
         let sink: MachineEventSink = Arc::new(move |event| drop(tx.send(event)));
         let dir = state.machine_dir(0, "server").unwrap();
-        let mut machine = Machine::new(spec("server", "/nonexistent".as_ref()), Arc::new(SleepBackend), dir, sink);
+        let mut machine = Machine::new(
+            spec("server", "/nonexistent".as_ref()),
+            Arc::new(SleepBackend(Configure::Nothing)),
+            dir,
+            sink,
+        );
         assert!(!machine.is_running());
 
         let first = machine.start().unwrap().pid();

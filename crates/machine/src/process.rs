@@ -176,6 +176,7 @@ impl ManagedChild {
 #[cfg(test)]
 mod tests {
     use super::*;
+
     use std::time::Duration;
 
     #[test]

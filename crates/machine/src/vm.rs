@@ -59,6 +59,10 @@ impl Vm {
             ManagedChild::spawn(format!("{} ({})", spec.name, backend.name()), &mut command, on_exit).map_err(
                 |source| MachineError::Spawn { program: command.get_program().to_string_lossy().into(), source },
             )?;
+        if let Some(configure) = prepared.after_spawn {
+            // On failure the VMM and helpers are dropped here, which kills them.
+            configure(vmm.id())?;
+        }
         console.attach_input(vmm.take_stdin().expect("piped stdin"));
         console.attach(vmm.take_stdout().expect("piped stdout"));
         console.attach(vmm.take_stderr().expect("piped stderr"));
@@ -143,7 +147,7 @@ impl Drop for Vm {
 pub(crate) mod tests {
     use super::*;
     use crate::accel::Accel;
-    use crate::backend::Prepared;
+    use crate::backend::{AfterSpawn, Prepared};
     use attest_protocol::ExitStatus;
     use std::process::Command;
     use std::sync::mpsc;
@@ -151,7 +155,14 @@ pub(crate) mod tests {
 
     /// A stand-in VMM (`sleep`) with one helper daemon (`sleep`) that reports its exit as a failure,
     /// as virtiofsd does: for the Vm's own bookkeeping only, no guest.
-    pub(crate) struct SleepBackend;
+    pub(crate) struct SleepBackend(pub(crate) Configure);
+
+    /// What the stand-in backend's post-spawn step does.
+    #[derive(Clone, Copy)]
+    pub(crate) enum Configure {
+        Nothing,
+        Fails,
+    }
 
     impl Backend for SleepBackend {
         fn name(&self) -> &'static str {
@@ -172,7 +183,13 @@ pub(crate) mod tests {
             let helper = ManagedChild::spawn("helper", Command::new("sleep").arg("600"), report).unwrap();
             let mut command = Command::new("sleep");
             command.arg("600");
-            Ok(Prepared { command, helpers: vec![helper], agent: None, control: None })
+            let after_spawn: AfterSpawn = match self.0 {
+                Configure::Nothing => Box::new(|_| Ok(())),
+                Configure::Fails => Box::new(|pid| {
+                    Err(MachineError::Unsupported { backend: "sleep", what: format!("configuring pid {pid}") })
+                }),
+            };
+            Ok(Prepared { command, helpers: vec![helper], agent: None, control: None, after_spawn: Some(after_spawn) })
         }
     }
 
@@ -196,7 +213,8 @@ pub(crate) mod tests {
         let dir = state.machine_dir(0, name).unwrap();
         let (tx, rx) = mpsc::channel();
         let sink: MachineEventSink = Arc::new(move |event| drop(tx.send(event)));
-        let vm = Vm::start(&SleepBackend, &spec(name, "/nonexistent".as_ref()), &dir, false, sink).unwrap();
+        let vm = Vm::start(&SleepBackend(Configure::Nothing), &spec(name, "/nonexistent".as_ref()), &dir, false, sink)
+            .unwrap();
         (vm, rx, state)
     }
 
@@ -263,10 +281,22 @@ pub(crate) mod tests {
     #[test]
     fn a_missing_capability_names_the_backend_and_the_capability() {
         use crate::backend::{require, Capability};
-        let err = require(&SleepBackend, Capability::Snapshots).unwrap_err();
+        let err = require(&SleepBackend(Configure::Nothing), Capability::Snapshots).unwrap_err();
         assert_eq!(err.to_string(), "the sleep backend does not support snapshots");
         let qemu = crate::Qemu { binary: "qemu".into(), virtiofsd: None };
         assert!(require(&qemu, Capability::Screenshot).is_ok());
+    }
+
+    #[test]
+    fn a_failing_post_spawn_step_fails_the_start_and_leaves_no_process() {
+        let state = crate::StateDir::create(false).unwrap();
+        let dir = state.machine_dir(0, "rest").unwrap();
+        let started =
+            Vm::start(&SleepBackend(Configure::Fails), &spec("rest", "/x".as_ref()), &dir, false, Arc::new(|_| {}));
+        let err = started.err().expect("the start fails");
+        let pid = err.to_string().rsplit(' ').next().unwrap().to_string();
+        assert!(err.to_string().contains("configuring pid"), "{err}");
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "the VMM {pid} was killed and reaped");
     }
 
     #[test]

@@ -74,7 +74,13 @@ pub struct Prepared {
     pub agent: Option<Box<dyn Transport>>,
     /// The VMM's control channel, bound before the VMM starts and connected on first use.
     pub control: Option<PendingControl>,
+    /// Runs once the VMM process exists, before the machine counts as started: how VMMs that are
+    /// configured over a REST API after spawning (Firecracker, Cloud Hypervisor) get their machine
+    /// and boot it. QEMU, configured by its command line, has none. Given the VMM's pid.
+    pub after_spawn: Option<AfterSpawn>,
 }
+
+pub type AfterSpawn = Box<dyn FnOnce(u32) -> Result<()> + Send>;
 
 /// A control channel the VMM connects to once it runs.
 pub enum PendingControl {

@@ -163,7 +163,7 @@ impl Backend for Qemu {
 
         let mut command = Command::new(&self.binary);
         command.args(&args).current_dir(dir.path());
-        Ok(Prepared { command, helpers, agent, control: Some(PendingControl::Qmp(qmp)) })
+        Ok(Prepared { command, helpers, agent, control: Some(PendingControl::Qmp(qmp)), after_spawn: None })
     }
 }
 
