@@ -1,0 +1,236 @@
+//! The host side of the NixOS test driver's backdoor shell protocol, byte for byte, so NixOS guests
+//! work unchanged: the guest's `backdoor.service` runs `bash` on `/dev/hvc0` after printing
+//! [`MARKER`]; each command goes as `timeout N bash -c '<quoted>' | (base64 -w 0; echo)`, and its
+//! status is read with `echo ${PIPESTATUS[0]}`.
+//!
+//! Unlike the Python driver, every read has a host-side deadline: a hung guest, a dead guest or a
+//! background process that keeps stdout open ends the call with an error, never a hang.
+
+use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+/// What the guest prints once the backdoor shell is about to start.
+pub const MARKER: &[u8] = b"Spawning backdoor root shell...";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShellError {
+    #[error("expected the guest shell to {what} within {waited:?}, but it did not")]
+    Timeout { what: String, waited: Duration },
+    #[error("the guest shell's channel closed while waiting to {what}")]
+    Closed { what: String },
+    #[error("the guest shell is out of step: an earlier command did not finish")]
+    OutOfStep,
+    #[error("the guest shell sent {got:?} where {what} was expected")]
+    Garbled { what: &'static str, got: String },
+    #[error("guest shell channel: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// One guest's backdoor shell.
+pub struct BackdoorShell {
+    stream: UnixStream,
+    buffered: Vec<u8>,
+    /// Set when a command's reply never came: what the shell sends next belongs to that command.
+    out_of_step: bool,
+}
+
+impl BackdoorShell {
+    /// Waits, at most until `deadline`, for the guest to announce its shell. Whatever the guest
+    /// wrote before the marker (firmware logs, for one) is returned, for the caller's log.
+    pub fn connect(stream: UnixStream, deadline: Instant) -> Result<(BackdoorShell, Vec<u8>), ShellError> {
+        let mut shell = BackdoorShell { stream, buffered: Vec::new(), out_of_step: false };
+        let started = Instant::now();
+        loop {
+            if let Some(at) = find(&shell.buffered, MARKER) {
+                let mut end = at + MARKER.len();
+                end += shell.buffered[end..].iter().take_while(|&&b| b == b'\r' || b == b'\n').count();
+                let before = shell.buffered[..at].to_vec();
+                shell.buffered.drain(..end);
+                return Ok((shell, before));
+            }
+            shell.fill(deadline, started, "announce its root shell")?;
+        }
+    }
+
+    /// Runs `command` in the guest as the NixOS driver does (`set -euo pipefail` first), with the
+    /// guest-side `timeout` when given, and returns its exit status and stdout. `deadline` bounds
+    /// the whole call on the host.
+    pub fn execute(
+        &mut self,
+        command: &str,
+        timeout: Option<Duration>,
+        deadline: Instant,
+    ) -> Result<(i32, Vec<u8>), ShellError> {
+        if self.out_of_step {
+            return Err(ShellError::OutOfStep);
+        }
+        let wrapped = quote(&format!("set -euo pipefail; {command}"));
+        let limit = timeout.map(|t| format!("timeout {} ", t.as_secs().max(1))).unwrap_or_default();
+        self.send(format!("{limit}bash -c {wrapped} | (base64 -w 0; echo)\n").as_bytes())?;
+        self.out_of_step = true;
+        let started = Instant::now();
+        let encoded = self.read_line(deadline, started, "finish the command")?;
+        let output = base64::engine::general_purpose::STANDARD.decode(&encoded).map_err(|_| ShellError::Garbled {
+            what: "base64 output",
+            got: String::from_utf8_lossy(&encoded[..encoded.len().min(200)]).into_owned(),
+        })?;
+        self.send(b"echo ${PIPESTATUS[0]}\n")?;
+        let status = self.read_line(deadline, started, "report the exit status")?;
+        let status = std::str::from_utf8(&status).ok().and_then(|s| s.trim().parse().ok()).ok_or_else(|| {
+            ShellError::Garbled { what: "an exit status", got: String::from_utf8_lossy(&status).into_owned() }
+        })?;
+        self.out_of_step = false;
+        Ok((status, output))
+    }
+
+    fn send(&mut self, bytes: &[u8]) -> Result<(), ShellError> {
+        self.stream.write_all(bytes).map_err(|e| match e.kind() {
+            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => {
+                ShellError::Closed { what: "take a command".into() }
+            }
+            _ => ShellError::Io(e),
+        })
+    }
+
+    /// The next line the shell writes, without its newline.
+    fn read_line(&mut self, deadline: Instant, started: Instant, what: &str) -> Result<Vec<u8>, ShellError> {
+        loop {
+            if let Some(end) = self.buffered.iter().position(|&b| b == b'\n') {
+                let mut line: Vec<u8> = self.buffered.drain(..=end).collect();
+                line.pop();
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                return Ok(line);
+            }
+            self.fill(deadline, started, what)?;
+        }
+    }
+
+    /// Waits for more bytes from the guest, at most until `deadline`.
+    fn fill(&mut self, deadline: Instant, started: Instant, what: &str) -> Result<(), ShellError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let millis = left.as_millis().min(i32::MAX as u128) as i32;
+        let mut fds = [PollFd::new(self.stream.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::try_from(millis).unwrap_or(PollTimeout::MAX)) {
+            Ok(0) => return Err(ShellError::Timeout { what: what.into(), waited: started.elapsed() }),
+            Ok(_) => {}
+            Err(nix::Error::EINTR) => return Ok(()),
+            Err(e) => return Err(ShellError::Io(e.into())),
+        }
+        let mut chunk = [0u8; 64 * 1024];
+        match self.stream.read(&mut chunk) {
+            Ok(0) => Err(ShellError::Closed { what: what.into() }),
+            Ok(n) => {
+                self.buffered.extend_from_slice(&chunk[..n]);
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Err(ShellError::Closed { what: what.into() }),
+            Err(e) => Err(ShellError::Io(e)),
+        }
+    }
+}
+
+/// Quotes `text` for a POSIX shell exactly as Python's `shlex.quote` does, which the NixOS driver
+/// uses: bare when every character is safe, else in single quotes with `'` written `'"'"'`.
+pub fn quote(text: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "@%+=:,./-_".contains(c);
+    if !text.is_empty() && text.chars().all(safe) {
+        return text.to_string();
+    }
+    format!("'{}'", text.replace('\'', "'\"'\"'"))
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|window| window == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::CommandExt;
+    use std::process::{Child, Command, Stdio};
+
+    /// The guest going away: its shell and everything the shell started.
+    fn kill_guest(child: &mut Child) {
+        nix::sys::signal::killpg(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGKILL).ok();
+        child.wait().ok();
+    }
+
+    /// A real bash speaking the protocol over a socket pair, as `backdoor.service` does on hvc0:
+    /// noise, the marker, then `bash --norc` reading commands from the channel.
+    fn guest() -> (BackdoorShell, Vec<u8>, Child) {
+        let (host, guest) = UnixStream::pair().unwrap();
+        let script = "echo 'firmware noise'; echo 'Spawning backdoor root shell...'; PS1='' exec bash --norc";
+        let child = Command::new("bash")
+            .args(["-c", script])
+            .stdin(Stdio::from(std::os::fd::OwnedFd::from(guest.try_clone().unwrap())))
+            .stdout(Stdio::from(std::os::fd::OwnedFd::from(guest)))
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let (shell, before) = BackdoorShell::connect(host, soon()).unwrap();
+        (shell, before, child)
+    }
+
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_secs(30)
+    }
+
+    #[test]
+    fn quoting_matches_pythons_shlex() {
+        assert_eq!(quote("plain/path-1.0"), "plain/path-1.0");
+        assert_eq!(quote(""), "''");
+        assert_eq!(quote("it's here"), "'it'\"'\"'s here'");
+        assert_eq!(quote("a\nb $x"), "'a\nb $x'");
+    }
+
+    #[test]
+    fn commands_return_status_and_byte_exact_output() {
+        let (mut shell, before, mut child) = guest();
+        assert_eq!(before, b"firmware noise\n");
+        assert_eq!(shell.execute("echo hello", None, soon()).unwrap(), (0, b"hello\n".to_vec()));
+        assert_eq!(shell.execute("echo partial; exit 3", None, soon()).unwrap(), (3, b"partial\n".to_vec()));
+        let (status, out) = shell.execute(r#"printf 'quote '"'"' nl\n nul\0 end'"#, None, soon()).unwrap();
+        assert_eq!((status, out.as_slice()), (0, &b"quote ' nl\n nul\0 end"[..]));
+        let (status, out) = shell.execute("head -c 3000000 /dev/zero", None, soon()).unwrap();
+        assert_eq!((status, out.len()), (0, 3_000_000));
+        assert_eq!(shell.execute("false | true", None, soon()).unwrap().0, 1, "pipefail, as NixOS sets it");
+        kill_guest(&mut child);
+    }
+
+    #[test]
+    fn the_guest_timeout_is_124_and_a_host_deadline_ends_a_stuck_command() {
+        let (mut shell, _, mut child) = guest();
+        assert_eq!(shell.execute("sleep 10", Some(Duration::from_secs(1)), soon()).unwrap().0, 124);
+
+        // A background process keeps the output pipe open, which hangs the Python driver.
+        let started = Instant::now();
+        let stuck = shell.execute("sleep 30 &", None, Instant::now() + Duration::from_millis(800));
+        assert!(matches!(stuck, Err(ShellError::Timeout { .. })), "{stuck:?}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(matches!(shell.execute("true", None, soon()), Err(ShellError::OutOfStep)));
+        kill_guest(&mut child);
+    }
+
+    #[test]
+    fn a_guest_that_dies_mid_command_is_an_error_not_a_hang() {
+        let (mut shell, _, mut child) = guest();
+        let group = nix::unistd::Pid::from_raw(child.id() as i32);
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            nix::sys::signal::killpg(group, nix::sys::signal::SIGKILL).ok();
+        });
+        let started = Instant::now();
+        let died = shell.execute("sleep 20", None, soon());
+        child.wait().ok();
+        assert!(matches!(died, Err(ShellError::Closed { .. })), "{died:?}");
+        assert!(started.elapsed() < Duration::from_secs(5), "noticed when the channel closed, not at the deadline");
+    }
+}
