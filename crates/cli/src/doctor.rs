@@ -7,7 +7,7 @@ use std::process::Command;
 use attest_image::{ImageError, Kernel};
 use attest_machine::backend::qemu::kvm_probe;
 use attest_machine::network::user_mode;
-use attest_machine::{share_fs, state_dir, Accel, Backend, GuestChannel, MachineSpec};
+use attest_machine::{share_fs, state_dir, vhost_vsock, Accel, Backend, GuestChannel, MachineSpec};
 use attest_machine::{virtiofsd, Qemu, ShareFs};
 use attest_protocol::AGENT_PORT;
 use serde::Serialize;
@@ -93,7 +93,11 @@ pub fn run(args: DoctorArgs) -> i32 {
     let mut checks = Vec::new();
     let qemu = Qemu::find_binary().filter(|p| p.is_file());
     checks.push(check_qemu(qemu.as_deref()));
-    let backend = Qemu { binary: qemu.clone().unwrap_or_default(), virtiofsd: virtiofsd::find() };
+    let backend = Qemu {
+        binary: qemu.clone().unwrap_or_default(),
+        virtiofsd: virtiofsd::find(),
+        vhost_vsock: vhost_vsock::find(),
+    };
     if let Some(qemu) = &qemu {
         let probe = kvm_probe::probe_kvm(qemu);
         checks.push(match probe.usable {
@@ -117,6 +121,14 @@ pub fn run(args: DoctorArgs) -> i32 {
         "needed for vsock command channels (Firecracker, Cloud Hypervisor)",
         "modprobe vhost_vsock",
     ));
+    checks.push(match vhost_vsock::find() {
+        Some(path) => ok("vsock daemon", path.display().to_string()).at(&path),
+        None => warn(
+            "vsock daemon",
+            "vhost-device-vsock not found; needed for vsock guest channels (--channel vsock)",
+            "cargo install vhost-device-vsock (scripts/setup does this), or set ATTEST_VHOST_VSOCK",
+        ),
+    });
     checks.push(check_tool("vde_switch", "needed for virtual networks between QEMU machines", "vde2"));
     checks.push(check_tool("tesseract", "needed for OCR of screenshots", "tesseract-ocr"));
     checks.push(check_tool("strace", "needed for `attest exec --strace`", "strace"));

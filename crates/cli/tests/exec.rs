@@ -405,6 +405,25 @@ fn nothing_is_left_after_success_failure_timeout_or_panic() {
 }
 
 #[test]
+fn the_agent_works_over_vsock_as_over_virtio_serial() {
+    if attest_machine::vhost_vsock::find().is_none() {
+        return eprintln!("SKIP: vhost-device-vsock not found (scripts/setup installs it)");
+    }
+    let mut command = exec_command(
+        &["--channel", "vsock"],
+        &["sh", "-c", "cat; echo err >&2; ls /dev/hvc0 /dev/vport* 2>/dev/null; exit 3"],
+    );
+    command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    child.stdin.take().unwrap().write_all(b"in\x00put").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert_eq!(out.stdout, b"in\x00put", "stdin and stdout byte-exact, and no virtio-serial device: {out:?}");
+    assert_eq!(out.stderr, b"err\n", "{out:?}");
+    assert_run_leaves_nothing(&["--channel", "vsock"], &["true"], 0);
+}
+
+#[test]
 fn another_distro_kernel_with_9p_works() {
     let cache = cache_dir();
     let kernel = std::fs::read_dir(cache.join("test-kernels"))

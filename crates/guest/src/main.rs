@@ -11,8 +11,6 @@ mod run;
 mod system;
 mod terminal;
 
-use std::fs::File;
-
 use anyhow::{Context, Result};
 use attest_protocol::{FailedStage, Frame, GuestMessage, HostMessage};
 
@@ -29,12 +27,7 @@ fn boot() -> Result<()> {
     let kernel_ms = system::uptime_ms();
     system::load_modules();
     let modules_ms = system::uptime_ms();
-    let port = system::find_agent_port()?;
-    let channel = File::options()
-        .read(true)
-        .write(true)
-        .open(&port)
-        .with_context(|| format!("opening agent port {}", port.display()))?;
+    let channel = system::open_channel()?;
     let writer = run::FrameWriter::new(channel.try_clone()?);
     writer.send(Frame::Guest(GuestMessage::Ready { kernel_ms, modules_ms, ready_ms: system::uptime_ms() }))?;
 

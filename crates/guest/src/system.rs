@@ -7,12 +7,15 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use attest_protocol::AGENT_PORT;
+use attest_protocol::{AGENT_PORT, CHANNEL_PARAM};
 use nix::kmod::{finit_module, ModuleInitFlags};
+use nix::libc;
 use nix::mount::{mount, MsFlags};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::reboot::{reboot, RebootMode};
-use nix::sys::socket::{bind, recv, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType};
+use nix::sys::socket::{
+    bind, connect, recv, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, VsockAddr,
+};
 
 /// Written by the host's initramfs builder: one module path per line, dependencies first.
 const MODULE_LIST: &str = "/etc/attest/modules";
@@ -89,6 +92,39 @@ fn scan_for_agent_port() -> Option<PathBuf> {
     None
 }
 
+/// The agent's channel: a vsock connection to the host when the kernel command line says
+/// `attest.channel=vsock:PORT` (VMMs without virtio-serial), else the virtio-serial port.
+pub fn open_channel() -> Result<File> {
+    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    match vsock_port(&cmdline)? {
+        Some(port) => connect_vsock(port),
+        None => {
+            let port = find_agent_port()?;
+            let open = File::options().read(true).write(true).open(&port);
+            open.with_context(|| format!("opening agent port {}", port.display()))
+        }
+    }
+}
+
+fn vsock_port(cmdline: &str) -> Result<Option<u32>> {
+    let prefix = format!("{CHANNEL_PARAM}=");
+    let Some(value) = cmdline.split_whitespace().find_map(|word| word.strip_prefix(prefix.as_str())) else {
+        return Ok(None);
+    };
+    match value.strip_prefix("vsock:").map(str::parse) {
+        Some(Ok(port)) => Ok(Some(port)),
+        _ => bail!("{CHANNEL_PARAM}={value} is not vsock:PORT"),
+    }
+}
+
+fn connect_vsock(port: u32) -> Result<File> {
+    let socket = socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
+        .context("opening a vsock socket (is the vsock driver loaded?)")?;
+    connect(socket.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_HOST, port))
+        .with_context(|| format!("connecting to the host on vsock port {port}"))?;
+    Ok(File::from(socket))
+}
+
 pub fn uptime_ms() -> u64 {
     let text = fs::read_to_string("/proc/uptime").unwrap_or_default();
     let secs: f64 = text.split_whitespace().next().and_then(|s| s.parse().ok()).unwrap_or(0.0);
@@ -100,5 +136,18 @@ pub fn power_off() -> ! {
     let _ = reboot(RebootMode::RB_POWER_OFF);
     loop {
         nix::unistd::pause();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_chooses_the_channel() {
+        assert_eq!(vsock_port("console=ttyS0 quiet").unwrap(), None);
+        assert_eq!(vsock_port("quiet attest.channel=vsock:1024 rdinit=/init").unwrap(), Some(1024));
+        assert!(vsock_port("attest.channel=serial").is_err());
+        assert!(vsock_port("attest.channel=vsock:big").is_err());
     }
 }

@@ -14,6 +14,7 @@ pub mod share_fs;
 pub mod spec;
 pub mod state_dir;
 pub mod transport;
+pub mod vhost_vsock;
 pub mod virtiofsd;
 pub mod vm;
 

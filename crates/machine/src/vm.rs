@@ -246,7 +246,7 @@ pub(crate) mod tests {
         spec.cmdline = "console=ttyS0 panic=-1 quiet rdinit=/init".into();
         // A bzImage needs room to decompress itself; with 64 MiB it resets before printing anything.
         spec.memory_mib = 256;
-        let qemu = crate::Qemu { binary, virtiofsd: None };
+        let qemu = crate::Qemu { binary, virtiofsd: None, vhost_vsock: None };
         let vm = Vm::start(&qemu, &spec, &dir, false, Arc::new(|_| {})).unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
         let wait = |pattern: &str| vm.console().wait_for(&regex::bytes::Regex::new(pattern).unwrap(), deadline);
@@ -265,7 +265,7 @@ pub(crate) mod tests {
         };
         let state = crate::StateDir::create(false).unwrap();
         let dir = state.machine_dir(0, "controlled").unwrap();
-        let qemu = crate::Qemu { binary, virtiofsd: None };
+        let qemu = crate::Qemu { binary, virtiofsd: None, vhost_vsock: None };
         let mut vm = Vm::start(&qemu, &spec("controlled", &kernel.path), &dir, false, Arc::new(|_| {})).unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         let Control::Qmp(qmp) = vm.control(deadline).unwrap();
@@ -283,7 +283,7 @@ pub(crate) mod tests {
         use crate::backend::{require, Capability};
         let err = require(&SleepBackend(Configure::Nothing), Capability::Snapshots).unwrap_err();
         assert_eq!(err.to_string(), "the sleep backend does not support snapshots");
-        let qemu = crate::Qemu { binary: "qemu".into(), virtiofsd: None };
+        let qemu = crate::Qemu { binary: "qemu".into(), virtiofsd: None, vhost_vsock: None };
         assert!(require(&qemu, Capability::Screenshot).is_ok());
     }
 

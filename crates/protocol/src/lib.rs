@@ -13,6 +13,13 @@ use serde::{Deserialize, Serialize};
 /// Name of the virtio-serial port the agent speaks on (`/sys/class/virtio-ports/*/name`).
 pub const AGENT_PORT: &str = "attest.agent";
 
+/// Kernel command-line parameter that moves the agent to vsock, for VMMs without virtio-serial:
+/// `attest.channel=vsock:PORT` makes the agent connect to the host (CID 2) on PORT.
+pub const CHANNEL_PARAM: &str = "attest.channel";
+
+/// The vsock port the agent connects to when told to use vsock.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
 /// Largest payload a frame may carry: room for a start request with argv and environment at the
 /// kernel's own limits, JSON-encoded. Stream data travels in [`CHUNK`]s.
 pub const MAX_PAYLOAD: usize = 16 << 20;

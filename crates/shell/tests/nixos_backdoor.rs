@@ -85,7 +85,7 @@ fn a_guest_running_the_nixos_backdoor_script_is_driven_over_its_virtconsole() {
     let Ok(kernel) = attest_image::kernel::locate(None, &cache) else {
         return eprintln!("SKIP: no guest kernel (scripts/setup fetches one)");
     };
-    let qemu = Qemu { binary, virtiofsd: None };
+    let qemu = Qemu { binary, virtiofsd: None, vhost_vsock: None };
     let mut spec = spec(kernel.path.clone());
     spec.initrd = Some(initramfs(&qemu, &spec, &kernel, &cache.join("initramfs")));
 

@@ -11,10 +11,12 @@ use attest_image::Kernel;
 use attest_machine::accel::{Accel, AccelChoice, AccelRequest};
 use attest_machine::backend::qemu::kvm_probe;
 use attest_machine::network::user_mode;
-use attest_machine::{share_fs, virtiofsd, Backend, GuestChannel, MachineSpec, Qemu, Share, ShareFs};
-use attest_protocol::{Frame, HostMessage, Mount, Network, Scratch, Start, AGENT_PORT};
+use attest_machine::{share_fs, vhost_vsock, virtiofsd, Backend, GuestChannel, MachineSpec, Qemu, Share, ShareFs};
+use attest_protocol::{
+    Frame, HostMessage, Mount, Network, Scratch, Start, AGENT_PORT, AGENT_VSOCK_PORT, CHANNEL_PARAM,
+};
 
-use super::{AccelArg, ExecArgs, NetArg};
+use super::{AccelArg, ChannelArg, ExecArgs, NetArg};
 
 /// Privately writable directories: (path, whether the host's files show through an overlay).
 /// /run stays empty: the host's sockets and pid files there mean nothing inside the guest.
@@ -66,8 +68,12 @@ pub fn prepare(args: &ExecArgs) -> Result<PreparedGuest> {
         // panic=-1 with QEMU's -no-reboot turns a guest panic into a prompt VMM exit.
         // cryptomgr.notests: the boot-time self-tests of every crypto algorithm take ~0.25 s under TCG.
         cmdline: format!(
-            "console=ttyS0 panic=-1 {} cryptomgr.notests rdinit=/init attest.guest=exec",
-            if args.console { "loglevel=7" } else { "quiet loglevel=4" }
+            "console=ttyS0 panic=-1 {} cryptomgr.notests rdinit=/init attest.guest=exec{}",
+            if args.console { "loglevel=7" } else { "quiet loglevel=4" },
+            match args.channel {
+                ChannelArg::VirtioSerial => String::new(),
+                ChannelArg::Vsock => format!(" {CHANNEL_PARAM}=vsock:{AGENT_VSOCK_PORT}"),
+            }
         ),
         memory_mib: args.memory,
         cpus: args.cpus.unwrap_or(match accel.accel {
@@ -77,9 +83,12 @@ pub fn prepare(args: &ExecArgs) -> Result<PreparedGuest> {
         accel: accel.accel,
         shares,
         nics,
-        guest_channel: Some(GuestChannel::VirtioSerialPort(AGENT_PORT.into())),
+        guest_channel: Some(match args.channel {
+            ChannelArg::VirtioSerial => GuestChannel::VirtioSerialPort(AGENT_PORT.into()),
+            ChannelArg::Vsock => GuestChannel::Vsock { port: AGENT_VSOCK_PORT },
+        }),
     };
-    let qemu = Qemu { binary: qemu_binary, virtiofsd };
+    let qemu = Qemu { binary: qemu_binary, virtiofsd, vhost_vsock: vhost_vsock::find() };
     let drivers: Vec<&str> = qemu.guest_drivers(&spec).into_iter().chain(AGENT_DRIVERS).collect();
     let resolution = modules.resolve(&drivers)?;
     if modules.dir().is_some() && !resolution.missing.is_empty() {

@@ -53,6 +53,10 @@ pub struct ExecArgs {
     /// Never give the program a terminal: plain pipes, stderr kept apart from stdout.
     #[arg(short = 'T', long)]
     pub no_tty: bool,
+    /// The agent's channel: virtio-serial (default) or vsock (through vhost-device-vsock, the
+    /// channel Firecracker and Cloud Hypervisor guests use).
+    #[arg(long, value_enum, default_value_t = ChannelArg::VirtioSerial)]
+    pub channel: ChannelArg,
     /// Network: none (default, hermetic) or user (NAT; the host's 127.0.0.1 is 10.0.2.2).
     #[arg(long, value_enum, default_value_t = NetArg::None)]
     pub net: NetArg,
@@ -90,6 +94,12 @@ pub enum AccelArg {
     Auto,
     Kvm,
     Tcg,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ChannelArg {
+    VirtioSerial,
+    Vsock,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -13,7 +13,7 @@ use crate::network::{mac_text, NetBackend};
 use crate::spec::{GuestChannel, MachineSpec, ShareFs};
 use crate::state_dir::MachineDir;
 use crate::transport::{Transport, VirtioSerialSocket};
-use crate::virtiofsd;
+use crate::{vhost_vsock, virtiofsd};
 use std::os::unix::net::UnixListener;
 
 pub mod kvm_probe;
@@ -34,6 +34,8 @@ pub struct Qemu {
     pub binary: PathBuf,
     /// Needed only for virtio-fs shares.
     pub virtiofsd: Option<PathBuf>,
+    /// `vhost-device-vsock`, needed only for a vsock guest channel.
+    pub vhost_vsock: Option<PathBuf>,
 }
 
 impl Qemu {
@@ -88,21 +90,38 @@ impl Backend for Qemu {
         // The serial console is QEMU's stdout, which the Vm reads into the console log.
         push(&["-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console"]);
 
-        // The guest channel's socket: attest listens and QEMU connects, as the NixOS driver does.
+        // The guest channel's socket: attest listens and the VMM (or the vsock daemon) connects, as
+        // the NixOS driver does.
+        let mut helpers = Vec::new();
         let mut agent: Option<Box<dyn Transport>> = None;
-        if let Some(channel) = &spec.guest_channel {
-            let port = match channel {
-                GuestChannel::VirtioSerialPort(name) => {
-                    format!("virtserialport,bus=channelbus.0,chardev=channel,name={name}")
-                }
-                GuestChannel::VirtConsole => "virtconsole,bus=channelbus.0,chardev=channel".to_string(),
-                GuestChannel::Vsock { .. } => {
-                    return Err(MachineError::Unsupported {
-                        backend: "qemu",
-                        what: "vsock guest channels (not yet)".into(),
-                    })
-                }
-            };
+        let serial_port = match &spec.guest_channel {
+            None => None,
+            Some(GuestChannel::VirtioSerialPort(name)) => {
+                Some(format!("virtserialport,bus=channelbus.0,chardev=channel,name={name}"))
+            }
+            Some(GuestChannel::VirtConsole) => Some("virtconsole,bus=channelbus.0,chardev=channel".to_string()),
+            Some(GuestChannel::Vsock { port }) => {
+                let Some(binary) = &self.vhost_vsock else {
+                    return Err(MachineError::MissingHelper {
+                        program: "vhost-device-vsock",
+                        purpose: "for a vsock guest channel".into(),
+                        fix: "`cargo install vhost-device-vsock` (scripts/setup does this) or set ATTEST_VHOST_VSOCK",
+                    });
+                };
+                // The guest's connection to host port P arrives on `<uds>_P`: bound before the daemon starts.
+                let path = dir.socket(&format!("vsock.sock_{port}"))?;
+                let socket =
+                    VirtioSerialSocket::bind(&path).map_err(MachineError::io(format!("binding {}", path.display())))?;
+                agent = Some(Box::new(socket));
+                let (vhost_user, uds) = (dir.socket("vsock-vu.sock")?, dir.socket("vsock.sock")?);
+                let log = dir.path().join("vhost-device-vsock.log");
+                helpers.push(vhost_vsock::spawn(binary, &vhost_user, &uds, &log, events.clone())?);
+                push(&["-chardev", &format!("socket,id=vsock,path={}", option_path(&vhost_user)?)]);
+                push(&["-device", "vhost-user-vsock-pci,chardev=vsock"]);
+                None
+            }
+        };
+        if let Some(port) = serial_port {
             let path = dir.socket("channel.sock")?;
             let socket =
                 VirtioSerialSocket::bind(&path).map_err(MachineError::io(format!("binding {}", path.display())))?;
@@ -127,8 +146,8 @@ impl Backend for Qemu {
         push(&["-chardev", &format!("socket,id=qmp,path={}", option_path(&qmp_path)?)]);
         push(&["-mon", "chardev=qmp,mode=control"]);
 
-        let mut helpers = Vec::new();
-        if spec.shares.iter().any(|s| s.fs == ShareFs::Virtiofs) {
+        let vhost_user_vsock = matches!(spec.guest_channel, Some(GuestChannel::Vsock { .. }));
+        if vhost_user_vsock || spec.shares.iter().any(|s| s.fs == ShareFs::Virtiofs) {
             // vhost-user devices need guest RAM the daemon can map.
             push(&["-object", &format!("memory-backend-memfd,id=mem,size={}M,share=on", spec.memory_mib)]);
             push(&["-numa", "node,memdev=mem"]);
@@ -211,7 +230,7 @@ mod tests {
         let shared = tempfile::Builder::new().prefix("with,comma").tempdir().unwrap();
         let share =
             Share { tag: "attest0".into(), host_path: shared.path().into(), read_only: true, fs: ShareFs::NineP };
-        let qemu = Qemu { binary: "/usr/bin/qemu-system-x86_64".into(), virtiofsd: None };
+        let qemu = Qemu { binary: "/usr/bin/qemu-system-x86_64".into(), virtiofsd: None, vhost_vsock: None };
         let (prepared, _state) = prepare(&qemu, &spec(vec![share]));
         let prepared = prepared.unwrap();
         let args: Vec<String> = prepared.command.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
@@ -241,14 +260,14 @@ mod tests {
     #[test]
     fn virtio_fs_without_virtiofsd_names_the_missing_helper() {
         let share = Share { tag: "attest0".into(), host_path: "/".into(), read_only: true, fs: ShareFs::Virtiofs };
-        let qemu = Qemu { binary: "/usr/bin/qemu-system-x86_64".into(), virtiofsd: None };
+        let qemu = Qemu { binary: "/usr/bin/qemu-system-x86_64".into(), virtiofsd: None, vhost_vsock: None };
         let (prepared, _state) = prepare(&qemu, &spec(vec![share]));
         assert!(matches!(prepared, Err(MachineError::MissingHelper { program: "virtiofsd", .. })));
     }
 
     #[test]
     fn guest_channels_become_devices_or_say_they_cannot() {
-        let qemu = Qemu { binary: "/usr/bin/qemu-system-x86_64".into(), virtiofsd: None };
+        let qemu = Qemu { binary: "/usr/bin/qemu-system-x86_64".into(), virtiofsd: None, vhost_vsock: None };
         let mut nixos = spec(Vec::new());
         nixos.guest_channel = Some(GuestChannel::VirtConsole);
         let (prepared, _state) = prepare(&qemu, &nixos);
@@ -260,7 +279,7 @@ mod tests {
         vsock.guest_channel = Some(GuestChannel::Vsock { port: 1024 });
         assert!(qemu.guest_drivers(&vsock).contains(&"vmw_vsock_virtio_transport"));
         let (prepared, _state) = prepare(&qemu, &vsock);
-        assert!(matches!(prepared, Err(MachineError::Unsupported { backend: "qemu", .. })));
+        assert!(matches!(prepared, Err(MachineError::MissingHelper { program: "vhost-device-vsock", .. })));
     }
 
     #[test]
