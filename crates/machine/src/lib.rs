@@ -6,6 +6,7 @@ pub mod backend;
 pub mod console;
 pub mod error;
 pub mod events;
+pub mod helper;
 pub mod machine;
 pub mod network;
 pub mod process;

@@ -4,13 +4,14 @@
 //! the VM starts, exactly as for virtio-serial.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
 use crate::error::{MachineError, Result};
-use crate::events::{EventSink, VmEvent};
+use crate::events::EventSink;
+use crate::helper;
 use crate::process::ManagedChild;
 
 /// How long the daemon may take to create its vhost-user socket.
@@ -35,25 +36,9 @@ pub fn spawn(binary: &Path, vhost_user: &Path, uds: &Path, log_path: &Path, even
     inotify
         .add_watch(dir, AddWatchFlags::IN_CREATE)
         .map_err(|e| MachineError::io(format!("watching {}", dir.display()))(e.into()))?;
-    let log = std::fs::File::create(log_path).map_err(MachineError::io(format!("creating {}", log_path.display())))?;
     let mut command = Command::new(binary);
-    command
-        .arg("--vm")
-        .arg(format!("guest-cid=3,socket={},uds-path={}", vhost_user.display(), uds.display()))
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(MachineError::io("duplicating the vsock daemon's log"))?)
-        .stderr(log);
-    let name = format!("{} for vsock", binary.display());
-    let on_exit = {
-        let (name, log_path) = (name.clone(), log_path.to_path_buf());
-        move |status| {
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect();
-            events(VmEvent::HelperFailed(format!("{name} exited ({status}); its log ends: {}", tail.join(" | "))));
-        }
-    };
-    let daemon = ManagedChild::spawn(name, &mut command, on_exit)
-        .map_err(|source| MachineError::Spawn { program: binary.display().to_string(), source })?;
+    command.arg("--vm").arg(format!("guest-cid=3,socket={},uds-path={}", vhost_user.display(), uds.display()));
+    let daemon = helper::spawn(format!("{} for vsock", binary.display()), &mut command, log_path, events)?;
     wait_for_socket(&inotify, vhost_user, Instant::now() + SOCKET_DEADLINE)?;
     Ok(daemon)
 }

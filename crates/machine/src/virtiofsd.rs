@@ -2,16 +2,16 @@
 //! attest binds the listening socket itself and hands it over as fd 3, so the daemon is ready the
 //! moment it is spawned and the VMM can connect without waiting for a socket file to appear.
 
-use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use crate::error::{MachineError, Result};
 
-use crate::events::{EventSink, VmEvent};
+use crate::events::EventSink;
+use crate::helper;
 use crate::process::ManagedChild;
 use crate::spec::Share;
 
@@ -35,16 +35,12 @@ pub fn find() -> Option<PathBuf> {
 /// Starts the daemon; if it exits on its own, `events` hears why, with the tail of its log.
 pub fn spawn(binary: &Path, share: &Share, socket: &Path, log_path: &Path, events: EventSink) -> Result<ManagedChild> {
     let listener = UnixListener::bind(socket).map_err(MachineError::io(format!("binding {}", socket.display())))?;
-    let log = File::create(log_path).map_err(MachineError::io(format!("creating {}", log_path.display())))?;
     let mut command = Command::new(binary);
-    command
-        .arg(format!("--fd={LISTEN_FD}"))
-        .arg("--shared-dir")
-        .arg(&share.host_path)
-        .args(["--sandbox=none", "--cache=auto", "--log-level=warn"])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(MachineError::io("duplicating the virtiofsd log"))?)
-        .stderr(log);
+    command.arg(format!("--fd={LISTEN_FD}")).arg("--shared-dir").arg(&share.host_path).args([
+        "--sandbox=none",
+        "--cache=auto",
+        "--log-level=warn",
+    ]);
     if share.read_only {
         command.arg("--readonly");
     }
@@ -61,17 +57,5 @@ pub fn spawn(binary: &Path, share: &Share, socket: &Path, log_path: &Path, event
             Ok(())
         });
     }
-    let name = format!("virtiofsd for {}", share.host_path.display());
-    let on_exit = {
-        let (name, log_path) = (name.clone(), log_path.to_path_buf());
-        move |status| {
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            let last: Vec<&str> = log.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect();
-            events(VmEvent::HelperFailed(format!("{name} exited ({status}); its log ends: {}", last.join(" | "))));
-        }
-    };
-    ManagedChild::spawn(name, &mut command, on_exit).map_err(|source| MachineError::Spawn {
-        program: format!("{} for {}", binary.display(), share.host_path.display()),
-        source,
-    })
+    helper::spawn(format!("virtiofsd for {}", share.host_path.display()), &mut command, log_path, events)
 }
