@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use attest_protocol::{AGENT_PORT, CHANNEL_PARAM};
+use attest_protocol::{AGENT_PORT, CHANNEL_PARAM, MODULE_LIST};
 use nix::kmod::{finit_module, ModuleInitFlags};
 use nix::libc;
 use nix::mount::{mount, MsFlags};
@@ -16,9 +16,6 @@ use nix::sys::reboot::{reboot, RebootMode};
 use nix::sys::socket::{
     bind, connect, recv, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, VsockAddr,
 };
-
-/// Written by the host's initramfs builder: one module path per line, dependencies first.
-const MODULE_LIST: &str = "/etc/attest/modules";
 
 /// The port appears asynchronously once virtio_console has talked to the device; this bounds the wait.
 const PORT_DEADLINE: Duration = Duration::from_secs(30);

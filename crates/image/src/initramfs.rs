@@ -7,6 +7,7 @@ use sha2::{Digest, Sha256};
 
 use crate::modules::{module_bytes, strip_signature, ModuleFile};
 use crate::ImageError;
+use attest_protocol::MODULE_LIST;
 
 const S_IFDIR: u32 = 0o040000;
 const S_IFREG: u32 = 0o100000;
@@ -114,11 +115,17 @@ pub fn exec_initramfs(
     modules: &[ModuleFile],
     unsigned_modules: bool,
 ) -> Result<Initramfs, ImageError> {
-    let mut image = base_layout(busybox)?
-        .file("init", init.to_vec(), 0o755)
-        .dir("lib")
-        .dir("lib/modules")
-        .dir("lib/modules/attest");
+    with_modules(base_layout(busybox)?.file("init", init.to_vec(), 0o755), modules, unsigned_modules)
+}
+
+/// Adds `modules` under `/lib/modules/attest` and their paths, in load order, one per line, in
+/// [`MODULE_LIST`].
+pub(crate) fn with_modules(
+    mut image: Initramfs,
+    modules: &[ModuleFile],
+    unsigned_modules: bool,
+) -> Result<Initramfs, ImageError> {
+    image = image.dir("lib").dir("lib/modules").dir("lib/modules/attest");
     let mut list = String::new();
     for (index, module) in modules.iter().enumerate() {
         let path = format!("lib/modules/attest/{index:02}-{}.ko", module.name);
@@ -126,7 +133,7 @@ pub fn exec_initramfs(
         let bytes = module_bytes(&module.path)?;
         image = image.file(&path, if unsigned_modules { strip_signature(bytes) } else { bytes }, 0o644);
     }
-    Ok(image.dir("etc/attest").file("etc/attest/modules", list.into_bytes(), 0o644))
+    Ok(image.dir("etc/attest").file(&MODULE_LIST[1..], list.into_bytes(), 0o644))
 }
 
 /// The floor for benchmarks: the same busybox, and an init that powers off at once.
@@ -135,7 +142,7 @@ pub fn poweroff_initramfs(busybox: &Path) -> Result<Initramfs, ImageError> {
 }
 
 /// What every attest initramfs has: the top-level directories, a console node and busybox.
-fn base_layout(busybox: &Path) -> Result<Initramfs, ImageError> {
+pub(crate) fn base_layout(busybox: &Path) -> Result<Initramfs, ImageError> {
     let busybox_bytes =
         std::fs::read(busybox).map_err(ImageError::io(format!("reading busybox {}", busybox.display())))?;
     let mut image = Initramfs::new();

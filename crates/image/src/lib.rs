@@ -1,6 +1,7 @@
 //! Guest images for attest: finding a kernel, resolving the driver modules it needs, and building the
 //! initramfs that carries attest's static guest init into the VM.
 
+pub mod backdoor;
 pub mod initramfs;
 pub mod kernel;
 pub mod modules;
@@ -30,6 +31,8 @@ pub enum ImageError {
     NoBusybox,
     #[error("{path} is dynamically linked; the guest needs a static busybox (Debian: busybox-static)")]
     DynamicBusybox { path: PathBuf },
+    #[error("{path} is not a static bash: install Debian's bash-static, or set ATTEST_BASH")]
+    NoStaticBash { path: PathBuf },
 }
 
 impl ImageError {

@@ -13,6 +13,10 @@ use serde::{Deserialize, Serialize};
 /// Name of the virtio-serial port the agent speaks on (`/sys/class/virtio-ports/*/name`).
 pub const AGENT_PORT: &str = "attest.agent";
 
+/// Where an attest initramfs lists the kernel modules its init loads: one path per line,
+/// dependencies first.
+pub const MODULE_LIST: &str = "/etc/attest/modules";
+
 /// Kernel command-line parameter that moves the agent to vsock, for VMMs without virtio-serial:
 /// `attest.channel=vsock:PORT` makes the agent connect to the host (CID 2) on PORT.
 pub const CHANNEL_PARAM: &str = "attest.channel";

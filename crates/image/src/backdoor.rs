@@ -1,0 +1,60 @@
+//! A minimal guest that speaks the NixOS test driver's backdoor protocol: busybox, a static bash,
+//! the virtio drivers, and NixOS's own `backdoor.service` script (store paths replaced by /bin).
+//! It boots in seconds, so the shell and the driver can be tested against the real protocol
+//! without a NixOS or systemd image.
+
+use std::path::{Path, PathBuf};
+
+use attest_protocol::MODULE_LIST;
+
+use crate::initramfs::{base_layout, with_modules};
+use crate::{is_static_elf, ImageError, Initramfs, ModuleFile};
+
+/// NixOS's `backdoor.service` script (`test-instrumentation.nix`).
+pub const BACKDOOR_SCRIPT: &str = r#"
+export USER=root HOME=/root DISPLAY=:0.0
+export PAGER=
+cd /tmp
+exec < /dev/hvc0 > /dev/hvc0
+while ! exec 2> /dev/ttyS0; do sleep 0.1; done
+echo "connecting to host..." >&2
+stty -F /dev/hvc0 raw -echo # prevent nl -> cr/nl conversion
+echo "Spawning backdoor root shell..."
+PS1="" exec /bin/bash --norc /dev/hvc0
+"#;
+
+/// Mounts the kernel filesystems, loads the drivers, waits for hvc0 as systemd would (the unit
+/// `requires dev-hvc0.device`), then runs the backdoor script.
+fn init() -> String {
+    format!(
+        "#!/bin/sh\nmount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev\n\
+         for module in $(cat {MODULE_LIST}); do insmod \"$module\"; done\n\
+         while [ ! -e /dev/hvc0 ]; do sleep 0.1; done\n\
+         exec /bin/bash /backdoor\n"
+    )
+}
+
+/// The busybox applets the init, the backdoor and the driver's commands use.
+const APPLETS: [&str; 12] =
+    ["mount", "insmod", "sleep", "stty", "base64", "timeout", "cat", "uname", "ls", "rm", "mktemp", "test"];
+
+/// `$ATTEST_BASH`, else Debian's bash-static: a bash the guest can run without the host's libraries.
+pub fn find_static_bash() -> Result<PathBuf, ImageError> {
+    let path = std::env::var_os("ATTEST_BASH").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/bin/bash-static"));
+    if !is_static_elf(&path) {
+        return Err(ImageError::NoStaticBash { path });
+    }
+    Ok(path)
+}
+
+pub fn backdoor_initramfs(busybox: &Path, bash: &Path, modules: &[ModuleFile]) -> Result<Initramfs, ImageError> {
+    let bash_bytes = std::fs::read(bash).map_err(ImageError::io(format!("reading {}", bash.display())))?;
+    let mut image = base_layout(busybox)?
+        .file("bin/bash", bash_bytes, 0o755)
+        .file("init", init().into_bytes(), 0o755)
+        .file("backdoor", BACKDOOR_SCRIPT.as_bytes().to_vec(), 0o644);
+    for applet in APPLETS {
+        image = image.symlink(&format!("bin/{applet}"), "busybox");
+    }
+    with_modules(image, modules, false)
+}
