@@ -77,12 +77,12 @@ fn driver_sets(qemu: &Qemu, kernel: &Kernel) -> (Vec<&'static str>, Vec<&'static
     let required = qemu.guest_drivers(&exec);
     let with_nic = MachineSpec { nics: vec![user_mode::nic()], ..exec.clone() };
     let with_vsock = MachineSpec { guest_channel: Some(GuestChannel::Vsock { port: 1024 }), ..exec };
-    let mut devices: Vec<&'static str> = [qemu.guest_drivers(&with_nic), qemu.guest_drivers(&with_vsock)]
-        .concat()
-        .into_iter()
-        .filter(|driver| !required.contains(driver))
-        .collect();
-    devices.dedup();
+    let mut devices: Vec<&'static str> = Vec::new();
+    for driver in [qemu.guest_drivers(&with_nic), qemu.guest_drivers(&with_vsock)].concat() {
+        if !required.contains(&driver) && !devices.contains(&driver) {
+            devices.push(driver);
+        }
+    }
     (required, devices)
 }
 

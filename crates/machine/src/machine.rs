@@ -81,7 +81,7 @@ impl Machine {
 mod tests {
     use super::*;
     use crate::events::{MachineEvent, VmEvent};
-    use crate::vm::tests::{spec, Configure, SleepBackend};
+    use crate::vm::tests::{qemu_and_kernel, spec, Configure, SleepBackend};
     use std::sync::mpsc;
     use std::time::Duration;
 
@@ -114,5 +114,23 @@ mod tests {
         assert_ne!(second, first, "a fresh VM");
         assert!(machine.is_running());
         assert!(!machine.wait_exited(Instant::now() + Duration::from_millis(50)));
+    }
+
+    /// A real QEMU binds its channel and QMP sockets in the machine's directory on every start.
+    #[test]
+    fn a_qemu_machine_starts_again_in_the_same_directory() {
+        let Some((qemu, kernel)) = qemu_and_kernel() else { return };
+        let state = crate::StateDir::create(false).unwrap();
+        let mut spec = spec("again", &kernel.path);
+        spec.guest_channel = Some(crate::GuestChannel::VirtConsole);
+        let dir = state.machine_dir(0, "again").unwrap();
+        let mut machine = Machine::new(spec, Arc::new(qemu), dir, Arc::new(|_| {}));
+        for start in ["first", "second"] {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let vm = machine.start().unwrap_or_else(|e| panic!("{start} start: {e}"));
+            let crate::backend::Control::Qmp(qmp) = vm.control(deadline).unwrap();
+            assert!(qmp.execute("query-status", None, deadline).is_ok(), "{start} start answers over QMP");
+            machine.kill();
+        }
     }
 }

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -48,32 +48,8 @@ struct Inbox {
 }
 
 impl Qmp {
-    /// Accepts QEMU's connection on a socket bound before QEMU started (QEMU is the client, so
-    /// nothing waits for a socket to appear), then negotiates capabilities.
-    pub fn accept(listener: &UnixListener, deadline: Instant) -> Result<Qmp, QmpError> {
-        listener.set_nonblocking(true)?;
-        let stream = loop {
-            match listener.accept() {
-                Ok((stream, _)) => break stream,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let fd = std::os::fd::AsFd::as_fd(listener);
-                    let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Err(QmpError::Timeout { what: "connection from QEMU".into(), waited: Duration::ZERO });
-                    }
-                    let timeout = nix::poll::PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32)
-                        .unwrap_or(nix::poll::PollTimeout::MAX);
-                    nix::poll::poll(&mut fds, timeout).map_err(io::Error::from)?;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
-        stream.set_nonblocking(false)?;
-        Qmp::handshake(stream, deadline)
-    }
-
-    /// Reads the greeting and enters command mode on a connected stream.
+    /// Reads the greeting and enters command mode on a connected stream (QEMU connects to a
+    /// [`crate::transport::ListeningSocket`] bound before it started).
     pub fn handshake(stream: UnixStream, deadline: Instant) -> Result<Qmp, QmpError> {
         let shared = Arc::new((Mutex::new(Inbox::default()), Condvar::new()));
         let reader = stream.try_clone()?;
@@ -187,6 +163,7 @@ fn text(value: &Value) -> String {
 mod tests {
     use super::*;
     use crate::backend::Qemu;
+    use crate::transport::{ListeningSocket, Transport};
     use std::process::{Command, Stdio};
 
     /// A QEMU with no machine at all: enough to talk QMP to, in a few milliseconds.
@@ -197,7 +174,7 @@ mod tests {
         };
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("qmp.sock");
-        let listener = UnixListener::bind(&socket).unwrap();
+        let mut listener = ListeningSocket::bind(&socket).unwrap();
         let child = Command::new(binary)
             .args(["-machine", "none", "-nodefaults", "-display", "none", "-chardev"])
             .arg(format!("socket,id=qmp,path={}", socket.display()))
@@ -205,7 +182,8 @@ mod tests {
             .stdin(Stdio::null())
             .spawn()
             .unwrap();
-        let qmp = Qmp::accept(&listener, Instant::now() + Duration::from_secs(20)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let qmp = Qmp::handshake(listener.connect(deadline).unwrap(), deadline).unwrap();
         Some((child, qmp, dir))
     }
 

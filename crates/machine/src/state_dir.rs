@@ -76,11 +76,17 @@ impl MachineDir {
         &self.path
     }
 
-    /// A path in this directory for a unix socket, checked against the kernel's length limit.
+    /// A path in this directory for a unix socket, checked against the kernel's length limit and
+    /// free to bind: a machine that starts again finds its previous start's socket files there.
     pub fn socket(&self, name: &str) -> Result<PathBuf, MachineError> {
         let path = self.path.join(name);
         if path.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(MachineError::SocketPathTooLong { path, limit: MAX_SOCKET_PATH });
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(MachineError::io(format!("removing the old socket {}", path.display()))(e)),
         }
         Ok(path)
     }

@@ -13,6 +13,7 @@ use crate::error::{MachineError, Result};
 use crate::events::EventSink;
 use crate::helper;
 use crate::process::ManagedChild;
+use crate::transport::listening::wait_readable;
 
 /// How long the daemon may take to create its vhost-user socket.
 const SOCKET_DEADLINE: Duration = Duration::from_secs(10);
@@ -44,18 +45,11 @@ pub fn spawn(binary: &Path, vhost_user: &Path, uds: &Path, log_path: &Path, even
 }
 
 fn wait_for_socket(inotify: &Inotify, path: &Path, deadline: Instant) -> Result<()> {
-    use std::os::fd::AsFd;
     while !path.exists() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(MachineError::io(format!("waiting for {}", path.display()))(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("the vsock daemon did not create it within {SOCKET_DEADLINE:?}"),
-            )));
-        }
-        let mut fds = [nix::poll::PollFd::new(inotify.as_fd(), nix::poll::PollFlags::POLLIN)];
-        let millis = left.as_millis().min(i32::MAX as u128) as i32;
-        nix::poll::poll(&mut fds, nix::poll::PollTimeout::try_from(millis).unwrap_or(nix::poll::PollTimeout::MAX)).ok();
+        wait_readable(inotify, deadline).map_err(|e| {
+            let why = format!("the vsock daemon did not create it within {SOCKET_DEADLINE:?}: {e}");
+            MachineError::io(format!("waiting for {}", path.display()))(std::io::Error::new(e.kind(), why))
+        })?;
         inotify.read_events().ok();
     }
     Ok(())

@@ -110,8 +110,9 @@ impl Vm {
 
     /// The VMM's control channel (QMP for QEMU), connected on first use, at most until `deadline`.
     pub fn control(&mut self, deadline: Instant) -> Result<&Control> {
-        if let ControlState::Pending(PendingControl::Qmp(listener)) = &self.control {
-            let qmp = Qmp::accept(listener, deadline).map_err(MachineError::Control)?;
+        if let ControlState::Pending(PendingControl::Qmp(socket)) = &mut self.control {
+            let stream = socket.connect(deadline).map_err(MachineError::io("waiting for QEMU's QMP connection"))?;
+            let qmp = Qmp::handshake(stream, deadline)?;
             self.control = ControlState::Connected(Control::Qmp(qmp));
         }
         match &self.control {
@@ -208,6 +209,19 @@ pub(crate) mod tests {
         }
     }
 
+    /// QEMU and the cached guest kernel, or `None` after printing why the test cannot run here.
+    pub(crate) fn qemu_and_kernel() -> Option<(crate::Qemu, attest_image::Kernel)> {
+        let Some(binary) = crate::Qemu::find_binary() else {
+            eprintln!("SKIP: qemu-system-x86_64 not found");
+            return None;
+        };
+        let Ok(kernel) = attest_image::kernel::locate(None, &attest_image::cache_dir()) else {
+            eprintln!("SKIP: no guest kernel (scripts/setup fetches one)");
+            return None;
+        };
+        Some((crate::Qemu { binary, virtiofsd: None, vhost_vsock: None }, kernel))
+    }
+
     fn start(name: &str) -> (Vm, mpsc::Receiver<MachineEvent>, crate::StateDir) {
         let state = crate::StateDir::create(false).unwrap();
         let dir = state.machine_dir(0, name).unwrap();
@@ -220,13 +234,9 @@ pub(crate) mod tests {
 
     #[test]
     fn typing_into_the_serial_console_reaches_the_guest() {
-        let Some(binary) = crate::Qemu::find_binary() else {
-            return eprintln!("SKIP: qemu-system-x86_64 not found");
-        };
-        let (Ok(kernel), Ok(busybox)) =
-            (attest_image::kernel::locate(None, &attest_image::cache_dir()), attest_image::find_busybox())
-        else {
-            return eprintln!("SKIP: no guest kernel or static busybox (scripts/setup installs both)");
+        let Some((qemu, kernel)) = qemu_and_kernel() else { return };
+        let Ok(busybox) = attest_image::find_busybox() else {
+            return eprintln!("SKIP: no static busybox (scripts/setup installs busybox-static)");
         };
         let scratch = tempfile::tempdir().unwrap();
         // A guest whose only program is a shell on the serial console.
@@ -246,7 +256,6 @@ pub(crate) mod tests {
         spec.cmdline = "console=ttyS0 panic=-1 quiet rdinit=/init".into();
         // A bzImage needs room to decompress itself; with 64 MiB it resets before printing anything.
         spec.memory_mib = 256;
-        let qemu = crate::Qemu { binary, virtiofsd: None, vhost_vsock: None };
         let vm = Vm::start(&qemu, &spec, &dir, false, Arc::new(|_| {})).unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
         let wait = |pattern: &str| vm.console().wait_for(&regex::bytes::Regex::new(pattern).unwrap(), deadline);
@@ -257,15 +266,9 @@ pub(crate) mod tests {
 
     #[test]
     fn a_qemu_machine_is_controlled_over_qmp() {
-        let Some(binary) = crate::Qemu::find_binary() else {
-            return eprintln!("SKIP: qemu-system-x86_64 not found");
-        };
-        let Ok(kernel) = attest_image::kernel::locate(None, &attest_image::cache_dir()) else {
-            return eprintln!("SKIP: no guest kernel (scripts/setup fetches one)");
-        };
+        let Some((qemu, kernel)) = qemu_and_kernel() else { return };
         let state = crate::StateDir::create(false).unwrap();
         let dir = state.machine_dir(0, "controlled").unwrap();
-        let qemu = crate::Qemu { binary, virtiofsd: None, vhost_vsock: None };
         let mut vm = Vm::start(&qemu, &spec("controlled", &kernel.path), &dir, false, Arc::new(|_| {})).unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         let Control::Qmp(qmp) = vm.control(deadline).unwrap();

@@ -8,7 +8,6 @@
 
 pub mod qemu;
 
-use std::os::unix::net::UnixListener;
 use std::process::Command;
 
 use crate::error::{MachineError, Result};
@@ -18,6 +17,7 @@ use crate::process::ManagedChild;
 use crate::qmp::Qmp;
 use crate::spec::MachineSpec;
 use crate::state_dir::MachineDir;
+use crate::transport::ListeningSocket;
 use crate::transport::Transport;
 
 pub use qemu::Qemu;
@@ -84,8 +84,8 @@ pub type AfterSpawn = Box<dyn FnOnce(u32) -> Result<()> + Send>;
 
 /// A control channel the VMM connects to once it runs.
 pub enum PendingControl {
-    /// QEMU's QMP: QEMU connects to this listening socket as a client.
-    Qmp(UnixListener),
+    /// QEMU's QMP: QEMU connects to this socket as a client.
+    Qmp(ListeningSocket),
 }
 
 /// How attest drives a running VMM beyond its process: QEMU's QMP today; the REST APIs of

@@ -1,15 +1,17 @@
 //! Guest command channels: how attest gets a byte stream to a program inside the guest (the attest
 //! agent, or later the NixOS backdoor shell). Backends differ in plumbing, not in what comes out:
-//! QEMU and Cloud Hypervisor expose a virtio-serial port as a host unix socket; Firecracker's hybrid
-//! vsock is a unix socket plus a `CONNECT <port>` handshake. Either way the result is a `UnixStream`.
+//! QEMU exposes a virtio-serial port or a guest's vsock connection (through vhost-device-vsock's
+//! hybrid sockets) as a host unix socket it connects to; Firecracker's hybrid vsock is the same for
+//! guest-initiated connections, plus a `CONNECT <port>` handshake for host-initiated ones. Either
+//! way the result is a `UnixStream`.
 
-pub mod virtio_serial;
+pub mod listening;
 
 use std::io;
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
-pub use virtio_serial::VirtioSerialSocket;
+pub use listening::ListeningSocket;
 
 pub trait Transport: Send {
     /// Waits until the channel is connected, at most until `deadline`, and returns the stream.

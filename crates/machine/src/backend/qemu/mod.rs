@@ -12,9 +12,8 @@ use crate::events::EventSink;
 use crate::network::{mac_text, NetBackend};
 use crate::spec::{GuestChannel, MachineSpec, ShareFs};
 use crate::state_dir::MachineDir;
-use crate::transport::{Transport, VirtioSerialSocket};
+use crate::transport::{ListeningSocket, Transport};
 use crate::{vhost_vsock, virtiofsd};
-use std::os::unix::net::UnixListener;
 
 pub mod kvm_probe;
 
@@ -110,9 +109,7 @@ impl Backend for Qemu {
                 };
                 // The guest's connection to host port P arrives on `<uds>_P`: bound before the daemon starts.
                 let path = dir.socket(&format!("vsock.sock_{port}"))?;
-                let socket =
-                    VirtioSerialSocket::bind(&path).map_err(MachineError::io(format!("binding {}", path.display())))?;
-                agent = Some(Box::new(socket));
+                agent = Some(Box::new(ListeningSocket::bind(&path)?));
                 let (vhost_user, uds) = (dir.socket("vsock-vu.sock")?, dir.socket("vsock.sock")?);
                 let log = dir.path().join("vhost-device-vsock.log");
                 helpers.push(vhost_vsock::spawn(binary, &vhost_user, &uds, &log, events.clone())?);
@@ -123,8 +120,7 @@ impl Backend for Qemu {
         };
         if let Some(port) = serial_port {
             let path = dir.socket("channel.sock")?;
-            let socket =
-                VirtioSerialSocket::bind(&path).map_err(MachineError::io(format!("binding {}", path.display())))?;
+            let socket = ListeningSocket::bind(&path)?;
             push(&["-device", "virtio-serial-pci,id=channelbus"]);
             push(&["-chardev", &format!("socket,id=channel,path={}", option_path(socket.path())?)]);
             push(&["-device", &port]);
@@ -141,9 +137,8 @@ impl Backend for Qemu {
         }
 
         // QMP: attest listens, QEMU connects at start-up, so nothing waits for a socket to appear.
-        let qmp_path = dir.socket("qmp.sock")?;
-        let qmp = UnixListener::bind(&qmp_path).map_err(MachineError::io(format!("binding {}", qmp_path.display())))?;
-        push(&["-chardev", &format!("socket,id=qmp,path={}", option_path(&qmp_path)?)]);
+        let qmp = ListeningSocket::bind(&dir.socket("qmp.sock")?)?;
+        push(&["-chardev", &format!("socket,id=qmp,path={}", option_path(qmp.path())?)]);
         push(&["-mon", "chardev=qmp,mode=control"]);
 
         let vhost_user_vsock = matches!(spec.guest_channel, Some(GuestChannel::Vsock { .. }));

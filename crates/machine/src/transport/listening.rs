@@ -1,5 +1,6 @@
-//! A virtio-serial port carried to the host as a unix socket that attest listens on and the VMM
-//! connects to at start-up, so there is no window in which the VMM could find nothing listening.
+//! A unix socket that attest binds before the VMM starts and the VMM (or one of its device daemons)
+//! connects to, so there is no window in which it could find nothing listening: a virtio-serial
+//! port or virtconsole, a guest's hybrid vsock connection (`<uds>_PORT`), or QEMU's QMP.
 
 use std::io;
 use std::os::fd::AsFd;
@@ -10,17 +11,17 @@ use std::time::Instant;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use super::Transport;
+use crate::error::MachineError;
 
-pub struct VirtioSerialSocket {
+pub struct ListeningSocket {
     listener: UnixListener,
     path: PathBuf,
 }
 
-impl VirtioSerialSocket {
-    pub fn bind(path: &Path) -> io::Result<Self> {
-        let listener = UnixListener::bind(path)
-            .map_err(|e| io::Error::new(e.kind(), format!("binding {}: {e}", path.display())))?;
-        Ok(VirtioSerialSocket { listener, path: path.to_path_buf() })
+impl ListeningSocket {
+    pub fn bind(path: &Path) -> Result<Self, MachineError> {
+        let listener = UnixListener::bind(path).map_err(MachineError::io(format!("binding {}", path.display())))?;
+        Ok(ListeningSocket { listener, path: path.to_path_buf() })
     }
 
     pub fn path(&self) -> &Path {
@@ -28,7 +29,7 @@ impl VirtioSerialSocket {
     }
 }
 
-impl Transport for VirtioSerialSocket {
+impl Transport for ListeningSocket {
     fn connect(&mut self, deadline: Instant) -> io::Result<UnixStream> {
         wait_readable(&self.listener, deadline).map_err(|e| {
             io::Error::new(e.kind(), format!("the VMM did not connect to {}: {e}", self.path.display()))
@@ -38,7 +39,7 @@ impl Transport for VirtioSerialSocket {
     }
 
     fn describe(&self) -> String {
-        format!("virtio-serial socket {}", self.path.display())
+        format!("socket {}", self.path.display())
     }
 }
 
