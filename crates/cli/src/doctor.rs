@@ -7,7 +7,7 @@ use std::process::Command;
 use attest_image::{ImageError, Kernel};
 use attest_machine::backend::qemu::kvm_probe;
 use attest_machine::network::user_mode;
-use attest_machine::{share_fs, state_dir, vhost_vsock, Accel, Backend, GuestChannel, MachineSpec};
+use attest_machine::{share_fs, state_dir, vhost_vsock, Backend, GuestChannel, KernelBoot, MachineSpec};
 use attest_machine::{virtiofsd, Qemu, ShareFs};
 use attest_protocol::AGENT_PORT;
 use serde::Serialize;
@@ -63,16 +63,8 @@ fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -
 /// network card, a vsock channel) need on top, as the QEMU backend computes them.
 fn driver_sets(qemu: &Qemu, kernel: &Kernel) -> (Vec<&'static str>, Vec<&'static str>) {
     let exec = MachineSpec {
-        name: "doctor".into(),
-        kernel: kernel.path.clone(),
-        initrd: None,
-        cmdline: String::new(),
-        memory_mib: 512,
-        cpus: 1,
-        accel: Accel::Tcg,
-        shares: Vec::new(),
-        nics: Vec::new(),
         guest_channel: Some(GuestChannel::VirtioSerialPort(AGENT_PORT.into())),
+        ..MachineSpec::new("doctor", KernelBoot::new(&kernel.path, None, ""))
     };
     let required = qemu.guest_drivers(&exec);
     let with_nic = MachineSpec { nics: vec![user_mode::nic()], ..exec.clone() };

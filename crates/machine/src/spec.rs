@@ -5,21 +5,104 @@ use std::path::PathBuf;
 pub use attest_protocol::ShareFs;
 
 use crate::accel::Accel;
+use crate::disk::Disk;
 use crate::network::Nic;
 
 #[derive(Debug, Clone)]
 pub struct MachineSpec {
     pub name: String,
-    pub kernel: PathBuf,
-    pub initrd: Option<PathBuf>,
-    pub cmdline: String,
+    pub boot: Boot,
     pub memory_mib: u64,
     pub cpus: u32,
     pub accel: Accel,
     pub shares: Vec<Share>,
     pub nics: Vec<Nic>,
+    pub disks: Vec<Disk>,
     /// How the host reaches the command channel in the guest, if the guest has one.
     pub guest_channel: Option<GuestChannel>,
+    /// A graphics card, for screenshots and typing on the guest's virtual terminals.
+    pub display: bool,
+    /// A virtio random number generator, so early boot does not block on entropy.
+    pub rng: bool,
+    /// Whether a guest reboot restarts the machine; otherwise it ends the VMM, as a power-off does.
+    pub allow_reboot: bool,
+    /// Arguments passed to the VMM as they are, after attest's own.
+    pub extra_args: Vec<String>,
+}
+
+impl MachineSpec {
+    /// A machine with nothing but `boot`: 512 MiB, one vCPU under TCG, no devices.
+    pub fn new(name: impl Into<String>, boot: Boot) -> MachineSpec {
+        MachineSpec {
+            name: name.into(),
+            boot,
+            memory_mib: 512,
+            cpus: 1,
+            accel: Accel::Tcg,
+            shares: Vec::new(),
+            nics: Vec::new(),
+            disks: Vec::new(),
+            guest_channel: None,
+            display: false,
+            rng: false,
+            allow_reboot: false,
+            extra_args: Vec::new(),
+        }
+    }
+
+    /// The kernel of a direct kernel boot.
+    pub fn kernel_boot(&self) -> Option<&KernelBoot> {
+        match &self.boot {
+            Boot::Kernel(kernel) => Some(kernel),
+            _ => None,
+        }
+    }
+}
+
+/// How the machine gets to a running guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Boot {
+    /// The VMM loads a kernel (and initrd) itself.
+    Kernel(KernelBoot),
+    /// Firmware boots from the machine's disks or cdrom.
+    Firmware,
+    /// A NixOS `run-<name>-vm` script, which sets up the machine and execs QEMU with the arguments
+    /// attest appends. QEMU only.
+    StartScript(StartScript),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelBoot {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+}
+
+impl KernelBoot {
+    pub fn new(kernel: impl Into<PathBuf>, initrd: Option<PathBuf>, cmdline: impl Into<String>) -> Boot {
+        Boot::Kernel(KernelBoot { kernel: kernel.into(), initrd, cmdline: cmdline.into() })
+    }
+}
+
+/// A NixOS start script and the parts of its environment contract that the test decides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartScript {
+    pub path: PathBuf,
+    /// `SHARED_DIR`: the directory every machine of a test sees at /tmp/shared.
+    pub shared_dir: PathBuf,
+    /// `QEMU_OPTS`, added by the script to QEMU's arguments.
+    pub qemu_opts: Option<String>,
+    /// `QEMU_KERNEL_PARAMS`, added by the script to the kernel command line.
+    pub kernel_params: Option<String>,
+}
+
+impl StartScript {
+    /// The machine name a NixOS start script carries in its file name: `run-<name>-vm`.
+    pub fn machine_name(path: &std::path::Path) -> Option<String> {
+        let file = path.file_name()?.to_str()?;
+        let name = file.strip_prefix("run-")?.strip_suffix("-vm")?;
+        (!name.is_empty()).then(|| name.to_string())
+    }
 }
 
 /// The guest side of a command channel, independent of the VMM. Each backend offers what its
@@ -41,4 +124,18 @@ pub struct Share {
     pub host_path: PathBuf,
     pub read_only: bool,
     pub fs: ShareFs,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_scripts_name_their_machine_as_nixos_does() {
+        let name = |p: &str| StartScript::machine_name(p.as_ref());
+        assert_eq!(name("/nix/store/abc-nixos-vm/bin/run-server-vm").as_deref(), Some("server"));
+        assert_eq!(name("run-my-client-vm").as_deref(), Some("my-client"));
+        assert_eq!(name("/bin/run--vm"), None);
+        assert_eq!(name("/bin/start-server"), None);
+    }
 }

@@ -109,14 +109,14 @@ impl Vm {
     }
 
     /// The VMM's control channel (QMP for QEMU), connected on first use, at most until `deadline`.
-    pub fn control(&mut self, deadline: Instant) -> Result<&Control> {
+    pub fn control(&mut self, deadline: Instant) -> Result<Control> {
         if let ControlState::Pending(PendingControl::Qmp(socket)) = &mut self.control {
             let stream = socket.connect(deadline).map_err(MachineError::io("waiting for QEMU's QMP connection"))?;
             let qmp = Qmp::handshake(stream, deadline)?;
-            self.control = ControlState::Connected(Control::Qmp(qmp));
+            self.control = ControlState::Connected(Control::Qmp(Arc::new(qmp)));
         }
         match &self.control {
-            ControlState::Connected(control) => Ok(control),
+            ControlState::Connected(control) => Ok(control.clone()),
             _ => Err(MachineError::NoControl { machine: self.name.clone() }),
         }
     }
@@ -147,7 +147,6 @@ impl Drop for Vm {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::accel::Accel;
     use crate::backend::{AfterSpawn, Prepared};
     use attest_protocol::ExitStatus;
     use std::process::Command;
@@ -195,18 +194,7 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn spec(name: &str, kernel: &std::path::Path) -> MachineSpec {
-        MachineSpec {
-            name: name.into(),
-            kernel: kernel.into(),
-            initrd: None,
-            cmdline: String::new(),
-            memory_mib: 64,
-            cpus: 1,
-            accel: Accel::Tcg,
-            shares: Vec::new(),
-            nics: Vec::new(),
-            guest_channel: None,
-        }
+        MachineSpec { memory_mib: 64, ..MachineSpec::new(name, crate::KernelBoot::new(kernel, None, "")) }
     }
 
     /// QEMU and the cached guest kernel, or `None` after printing why the test cannot run here.
@@ -252,8 +240,7 @@ pub(crate) mod tests {
         let state = crate::StateDir::create(false).unwrap();
         let dir = state.machine_dir(0, "typed").unwrap();
         let mut spec = spec("typed", &kernel.path);
-        spec.initrd = Some(initramfs);
-        spec.cmdline = "console=ttyS0 panic=-1 quiet rdinit=/init".into();
+        spec.boot = crate::KernelBoot::new(&kernel.path, Some(initramfs), "console=ttyS0 panic=-1 quiet rdinit=/init");
         // A bzImage needs room to decompress itself; with 64 MiB it resets before printing anything.
         spec.memory_mib = 256;
         let vm = Vm::start(&qemu, &spec, &dir, false, Arc::new(|_| {})).unwrap();
@@ -275,9 +262,8 @@ pub(crate) mod tests {
         let status = qmp.execute("query-status", None, deadline).unwrap();
         assert!(status["status"].is_string(), "{status}");
         qmp.execute("stop", None, deadline).unwrap();
-        let first: *const Qmp = qmp;
-        let Control::Qmp(qmp) = vm.control(deadline).unwrap();
-        assert!(std::ptr::eq(first, qmp), "one connection per machine, kept");
+        let Control::Qmp(again) = vm.control(deadline).unwrap();
+        assert!(Arc::ptr_eq(&qmp, &again), "one connection per machine, kept");
         assert_eq!(qmp.wait_for_event("STOP", |e| e.name == "STOP", deadline).unwrap().name, "STOP");
     }
 

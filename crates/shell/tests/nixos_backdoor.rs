@@ -7,21 +7,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use attest_image::backdoor::{backdoor_initramfs, find_static_bash};
-use attest_machine::{Accel, Backend, GuestChannel, MachineSpec, Qemu, StateDir, Vm};
+use attest_machine::{Backend, GuestChannel, KernelBoot, MachineSpec, Qemu, StateDir, Vm};
 use attest_shell::BackdoorShell;
 
-fn spec(kernel: PathBuf) -> MachineSpec {
+fn spec(kernel: PathBuf, initrd: Option<PathBuf>) -> MachineSpec {
+    let boot = KernelBoot::new(kernel, initrd, "console=ttyS0 panic=-1 quiet rdinit=/init");
     MachineSpec {
-        name: "nixos-like".into(),
-        kernel,
-        initrd: None,
-        cmdline: "console=ttyS0 panic=-1 quiet rdinit=/init".into(),
         memory_mib: 256,
-        cpus: 1,
-        accel: Accel::Tcg,
-        shares: Vec::new(),
-        nics: Vec::new(),
         guest_channel: Some(GuestChannel::VirtConsole),
+        ..MachineSpec::new("nixos-like", boot)
     }
 }
 
@@ -42,8 +36,10 @@ fn a_guest_running_the_nixos_backdoor_script_is_driven_over_its_virtconsole() {
         return eprintln!("SKIP: no guest kernel (scripts/setup fetches one)");
     };
     let qemu = Qemu { binary, virtiofsd: None, vhost_vsock: None };
-    let mut spec = spec(kernel.path.clone());
-    spec.initrd = Some(initramfs(&qemu, &spec, &kernel, &cache.join("initramfs")));
+    let spec = spec(
+        kernel.path.clone(),
+        Some(initramfs(&qemu, &spec(kernel.path.clone(), None), &kernel, &cache.join("initramfs"))),
+    );
 
     let state = StateDir::create(false).unwrap();
     let dir = state.machine_dir(0, &spec.name).unwrap();

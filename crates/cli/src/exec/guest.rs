@@ -11,7 +11,8 @@ use attest_image::Kernel;
 use attest_machine::accel::{Accel, AccelChoice, AccelRequest};
 use attest_machine::backend::qemu::kvm_probe;
 use attest_machine::network::user_mode;
-use attest_machine::{share_fs, vhost_vsock, virtiofsd, Backend, GuestChannel, MachineSpec, Qemu, Share, ShareFs};
+use attest_machine::{share_fs, vhost_vsock, virtiofsd, Backend, GuestChannel, KernelBoot, MachineSpec, Qemu};
+use attest_machine::{Share, ShareFs};
 use attest_protocol::{
     Frame, HostMessage, Mount, Network, Scratch, Start, AGENT_PORT, AGENT_VSOCK_PORT, CHANNEL_PARAM,
 };
@@ -61,20 +62,18 @@ pub fn prepare(args: &ExecArgs) -> Result<PreparedGuest> {
     let (shares, mounts) = shares_and_mounts(args, &cwd, fs);
     // An uncompressed vmlinux boots faster (no in-guest decompression); else the bzImage itself.
     let boot_image = attest_image::vmlinux::pvh_vmlinux(&kernel.path, &cache.join("vmlinux"))?;
+    let boot_image = boot_image.unwrap_or_else(|| kernel.path.clone());
+    // panic=-1 with QEMU's -no-reboot turns a guest panic into a prompt VMM exit.
+    // cryptomgr.notests: the boot-time self-tests of every crypto algorithm take ~0.25 s under TCG.
+    let cmdline = format!(
+        "console=ttyS0 panic=-1 {} cryptomgr.notests rdinit=/init attest.guest=exec{}",
+        if args.console { "loglevel=7" } else { "quiet loglevel=4" },
+        match args.channel {
+            ChannelArg::VirtioSerial => String::new(),
+            ChannelArg::Vsock => format!(" {CHANNEL_PARAM}=vsock:{AGENT_VSOCK_PORT}"),
+        }
+    );
     let mut spec = MachineSpec {
-        name: "exec".into(),
-        kernel: boot_image.unwrap_or_else(|| kernel.path.clone()),
-        initrd: None,
-        // panic=-1 with QEMU's -no-reboot turns a guest panic into a prompt VMM exit.
-        // cryptomgr.notests: the boot-time self-tests of every crypto algorithm take ~0.25 s under TCG.
-        cmdline: format!(
-            "console=ttyS0 panic=-1 {} cryptomgr.notests rdinit=/init attest.guest=exec{}",
-            if args.console { "loglevel=7" } else { "quiet loglevel=4" },
-            match args.channel {
-                ChannelArg::VirtioSerial => String::new(),
-                ChannelArg::Vsock => format!(" {CHANNEL_PARAM}=vsock:{AGENT_VSOCK_PORT}"),
-            }
-        ),
         memory_mib: args.memory,
         cpus: args.cpus.unwrap_or(match accel.accel {
             Accel::Kvm => 2,
@@ -87,6 +86,7 @@ pub fn prepare(args: &ExecArgs) -> Result<PreparedGuest> {
             ChannelArg::VirtioSerial => GuestChannel::VirtioSerialPort(AGENT_PORT.into()),
             ChannelArg::Vsock => GuestChannel::Vsock { port: AGENT_VSOCK_PORT },
         }),
+        ..MachineSpec::new("exec", KernelBoot::new(&boot_image, None, cmdline.clone()))
     };
     let qemu = Qemu { binary: qemu_binary, virtiofsd, vhost_vsock: vhost_vsock::find() };
     let drivers: Vec<&str> = qemu.guest_drivers(&spec).into_iter().chain(AGENT_DRIVERS).collect();
@@ -99,7 +99,7 @@ pub fn prepare(args: &ExecArgs) -> Result<PreparedGuest> {
     let initramfs =
         attest_image::exec_initramfs(attest_image::GUEST_INIT, &busybox, &resolution.load, unsigned_modules)?
             .write_cached(&cache.join("initramfs"))?;
-    spec.initrd = Some(initramfs);
+    spec.boot = KernelBoot::new(boot_image, Some(initramfs), cmdline);
 
     let start = Start {
         argv: program_argv(args).into_iter().map(OsStringExt::into_vec).collect(),

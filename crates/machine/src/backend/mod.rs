@@ -89,7 +89,9 @@ pub enum PendingControl {
 }
 
 /// How attest drives a running VMM beyond its process: QEMU's QMP today; the REST APIs of
-/// Firecracker and Cloud Hypervisor join as variants.
+/// Firecracker and Cloud Hypervisor join as variants. Cheap to clone and usable from any thread, so
+/// a long wait on it (for an event) never holds the machine.
+#[derive(Clone)]
 pub enum Control {
-    Qmp(Qmp),
+    Qmp(std::sync::Arc<Qmp>),
 }

@@ -8,9 +8,10 @@ use crate::error::{MachineError, Result};
 
 use super::{Backend, Capability, PendingControl, Prepared};
 use crate::accel::Accel;
+use crate::disk::{DiskBus, Media};
 use crate::events::EventSink;
 use crate::network::{mac_text, NetBackend};
-use crate::spec::{GuestChannel, MachineSpec, ShareFs};
+use crate::spec::{Boot, GuestChannel, MachineSpec, ShareFs, StartScript};
 use crate::state_dir::MachineDir;
 use crate::transport::{ListeningSocket, Transport};
 use crate::{vhost_vsock, virtiofsd};
@@ -67,6 +68,22 @@ impl Backend for Qemu {
         if !spec.nics.is_empty() {
             drivers.push("virtio_net");
         }
+        if spec.rng {
+            drivers.push("virtio_rng");
+        }
+        for disk in &spec.disks {
+            let needs: &[&'static str] = match (disk.media, disk.bus) {
+                (Media::Disk, DiskBus::Virtio) => &["virtio_blk"],
+                (Media::Disk, DiskBus::Scsi) => &["virtio_scsi", "sd_mod"],
+                (Media::Cdrom, DiskBus::Virtio) => &["ahci", "sr_mod"],
+                (Media::Cdrom, DiskBus::Scsi) => &["virtio_scsi", "sr_mod"],
+            };
+            for driver in needs {
+                if !drivers.contains(driver) {
+                    drivers.push(driver);
+                }
+            }
+        }
         for fs in [ShareFs::Virtiofs, ShareFs::NineP] {
             if spec.shares.iter().any(|s| s.fs == fs) {
                 drivers.extend(fs.guest_drivers());
@@ -78,16 +95,35 @@ impl Backend for Qemu {
     fn prepare(&self, spec: &MachineSpec, dir: &MachineDir, events: &EventSink) -> Result<Prepared> {
         let mut args: Vec<String> = Vec::new();
         let mut push = |items: &[&str]| args.extend(items.iter().map(|s| s.to_string()));
-        push(&["-name", &spec.name, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
-        push(&["-machine", MACHINE_TYPE]);
-        push(&accel_args(spec.accel));
-        push(&["-m", &spec.memory_mib.to_string(), "-smp", &spec.cpus.to_string()]);
-        push(&["-kernel", path_str(&spec.kernel)?, "-append", &spec.cmdline]);
-        if let Some(initrd) = &spec.initrd {
-            push(&["-initrd", path_str(initrd)?]);
+        let script = match &spec.boot {
+            Boot::StartScript(script) => Some(script),
+            _ => None,
+        };
+        // A start script chooses the machine, its memory and its kernel; attest only adds its channels.
+        if script.is_none() {
+            push(&["-name", &spec.name, "-nodefaults", "-no-user-config", "-display", "none"]);
+            push(&["-machine", MACHINE_TYPE]);
+            push(&accel_args(spec.accel));
+            push(&["-m", &spec.memory_mib.to_string(), "-smp", &spec.cpus.to_string()]);
+            if spec.display {
+                push(&["-vga", "std"]);
+            }
+        }
+        if let Boot::Kernel(boot) = &spec.boot {
+            push(&["-kernel", path_str(&boot.kernel)?, "-append", &boot.cmdline]);
+            if let Some(initrd) = &boot.initrd {
+                push(&["-initrd", path_str(initrd)?]);
+            }
+        }
+        if !spec.allow_reboot {
+            push(&["-no-reboot"]);
         }
         // The serial console is QEMU's stdout, which the Vm reads into the console log.
         push(&["-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console"]);
+        if spec.rng || script.is_some() {
+            push(&["-device", "virtio-rng-pci"]);
+        }
+        push_disks(&mut push, spec)?;
 
         // The guest channel's socket: attest listens and the VMM (or the vsock daemon) connects, as
         // the NixOS driver does.
@@ -175,10 +211,56 @@ impl Backend for Qemu {
             }
         }
 
-        let mut command = Command::new(&self.binary);
+        args.extend(spec.extra_args.iter().cloned());
+        let mut command = match script {
+            None => Command::new(&self.binary),
+            Some(script) => start_script_command(script, dir),
+        };
         command.args(&args).current_dir(dir.path());
         Ok(Prepared { command, helpers, agent, control: Some(PendingControl::Qmp(qmp)), after_spawn: None })
     }
+}
+
+/// The block devices, in boot order when firmware boots the machine.
+fn push_disks(push: &mut impl FnMut(&[&str]), spec: &MachineSpec) -> Result<()> {
+    if spec.disks.iter().any(|d| d.bus == DiskBus::Scsi) {
+        push(&["-device", "virtio-scsi-pci,id=scsi"]);
+    }
+    let firmware_boot = spec.boot == Boot::Firmware;
+    for (index, disk) in spec.disks.iter().enumerate() {
+        let id = format!("disk{index}");
+        let mut drive = format!("file={},format={},if=none,id={id}", option_path(&disk.path)?, disk.format.name());
+        if disk.media == Media::Cdrom {
+            drive.push_str(",media=cdrom");
+        }
+        if disk.read_only || disk.media == Media::Cdrom {
+            drive.push_str(",readonly=on");
+        }
+        let device = match (disk.media, disk.bus) {
+            (Media::Disk, DiskBus::Virtio) => "virtio-blk-pci",
+            (Media::Disk, DiskBus::Scsi) => "scsi-hd,bus=scsi.0",
+            // q35's built-in AHCI controller, where firmware looks for a boot cdrom.
+            (Media::Cdrom, DiskBus::Virtio) => "ide-cd",
+            (Media::Cdrom, DiskBus::Scsi) => "scsi-cd,bus=scsi.0",
+        };
+        let boot_index = if firmware_boot { format!(",bootindex={index}") } else { String::new() };
+        push(&["-drive", &drive, "-device", &format!("{device},drive={id}{boot_index}")]);
+    }
+    Ok(())
+}
+
+/// A NixOS start script, run directly (not through `sh -c`) so that the QEMU it `exec`s is attest's
+/// child and gets its parent-death signal, with the environment contract of the NixOS driver.
+fn start_script_command(script: &StartScript, dir: &MachineDir) -> Command {
+    let mut command = Command::new(&script.path);
+    command.env("TMPDIR", dir.path()).env("USE_TMPDIR", "1").env("SHARED_DIR", &script.shared_dir);
+    if let Some(opts) = &script.qemu_opts {
+        command.env("QEMU_OPTS", opts);
+    }
+    if let Some(params) = &script.kernel_params {
+        command.env("QEMU_KERNEL_PARAMS", params);
+    }
+    command
 }
 
 fn path_str(path: &Path) -> Result<&str> {
@@ -194,22 +276,17 @@ fn option_path(path: &Path) -> Result<String> {
 mod tests {
     use super::*;
     use crate::network::user_mode;
-    use crate::spec::Share;
+    use crate::spec::{KernelBoot, Share};
     use crate::StateDir;
     use std::sync::Arc;
 
     fn spec(shares: Vec<Share>) -> MachineSpec {
         MachineSpec {
-            name: "m".into(),
-            kernel: "/boot/k".into(),
-            initrd: Some("/boot/i".into()),
-            cmdline: "console=ttyS0 quiet".into(),
             memory_mib: 256,
-            cpus: 1,
-            accel: Accel::Tcg,
             shares,
             nics: vec![user_mode::nic()],
             guest_channel: Some(GuestChannel::VirtioSerialPort("attest.agent".into())),
+            ..MachineSpec::new("m", KernelBoot::new("/boot/k", Some("/boot/i".into()), "console=ttyS0 quiet"))
         }
     }
 
