@@ -3,8 +3,13 @@
 //! [`MARKER`]; each command goes as `timeout N bash -c '<quoted>' | (base64 -w 0; echo)`, and its
 //! status is read with `echo ${PIPESTATUS[0]}`.
 //!
-//! Unlike the Python driver, every read has a host-side deadline: a hung guest, a dead guest or a
-//! background process that keeps stdout open ends the call with an error, never a hang.
+//! Unlike the Python driver, every read has a host-side deadline: a hung guest or a dead guest ends
+//! the call with an error, never a hang. And a command that leaves a background process holding
+//! its stdout (`sleep 100 &`, NixOS issue #144875) returns when the command ends: the command runs
+//! as NixOS runs it (`set -euo pipefail; CMD`, in a subshell), but with its stdout in a file that is
+//! copied into the pipe once it exits, so no process the command started can hold the pipe open.
+//! The guest side is unchanged: any NixOS guest works. (What this gives up: when the guest's
+//! `timeout` kills a command, its partial output is lost; the status is still `timeout`'s.)
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
@@ -69,9 +74,8 @@ impl BackdoorShell {
         if self.out_of_step {
             return Err(ShellError::OutOfStep);
         }
-        let wrapped = quote(&format!("set -euo pipefail; {command}"));
         let limit = timeout.map(|t| format!("timeout {} ", t.as_secs().max(1))).unwrap_or_default();
-        self.send(format!("{limit}bash -c {wrapped} | (base64 -w 0; echo)\n").as_bytes())?;
+        self.send(format!("{limit}bash -c {} | (base64 -w 0; echo)\n", quote(&detached_stdout(command))).as_bytes())?;
         self.out_of_step = true;
         let started = Instant::now();
         let encoded = self.read_line(deadline, started, "finish the command")?;
@@ -137,6 +141,16 @@ impl BackdoorShell {
     }
 }
 
+/// The script `bash -c` runs for `command`: NixOS's `set -euo pipefail; CMD` in a subshell whose
+/// stdout is a file, then the file's contents on stdout and the subshell's status as the exit status.
+/// The newline before `)` ends a trailing comment or here-document in the command.
+fn detached_stdout(command: &str) -> String {
+    format!(
+        "__out=\"${{TMPDIR:-/tmp}}/.attest-out.$$\"; (unset __out; set -euo pipefail; {command}\n) >\"$__out\"; __status=$?; \
+         cat \"$__out\"; rm -f \"$__out\"; exit $__status"
+    )
+}
+
 /// Quotes `text` for a POSIX shell exactly as Python's `shlex.quote` does, which the NixOS driver
 /// uses: bare when every character is safe, else in single quotes with `'` written `'"'"'`.
 pub fn quote(text: &str) -> String {
@@ -158,25 +172,28 @@ mod tests {
     use std::process::{Child, Command, Stdio};
 
     /// The guest going away: its shell and everything the shell started.
-    fn kill_guest(child: &mut Child) {
+    fn kill_guest((child, _tmp): &mut (Child, tempfile::TempDir)) {
         nix::sys::signal::killpg(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGKILL).ok();
         child.wait().ok();
     }
 
     /// A real bash speaking the protocol over a socket pair, as `backdoor.service` does on hvc0:
     /// noise, the marker, then `bash --norc` reading commands from the channel.
-    fn guest() -> (BackdoorShell, Vec<u8>, Child) {
+    /// The guest's shell, what it printed before the marker, and its process with its own TMPDIR.
+    fn guest() -> (BackdoorShell, Vec<u8>, (Child, tempfile::TempDir)) {
         let (host, guest) = UnixStream::pair().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
         let script = "echo 'firmware noise'; echo 'Spawning backdoor root shell...'; PS1='' exec bash --norc";
         let child = Command::new("bash")
             .args(["-c", script])
+            .env("TMPDIR", tmp.path())
             .stdin(Stdio::from(std::os::fd::OwnedFd::from(guest.try_clone().unwrap())))
             .stdout(Stdio::from(std::os::fd::OwnedFd::from(guest)))
             .process_group(0)
             .spawn()
             .unwrap();
         let (shell, before) = BackdoorShell::connect(host, soon()).unwrap();
-        (shell, before, child)
+        (shell, before, (child, tmp))
     }
 
     fn soon() -> Instant {
@@ -210,9 +227,9 @@ mod tests {
         let (mut shell, _, mut child) = guest();
         assert_eq!(shell.execute("sleep 10", Some(Duration::from_secs(1)), soon()).unwrap().0, 124);
 
-        // A background process keeps the output pipe open, which hangs the Python driver.
+        // Only the host's deadline ends a command that never finishes; the shell is then unusable.
         let started = Instant::now();
-        let stuck = shell.execute("sleep 30 &", None, Instant::now() + Duration::from_millis(800));
+        let stuck = shell.execute("sleep 30", None, Instant::now() + Duration::from_millis(800));
         assert!(matches!(stuck, Err(ShellError::Timeout { .. })), "{stuck:?}");
         assert!(started.elapsed() < Duration::from_secs(5));
         assert!(matches!(shell.execute("true", None, soon()), Err(ShellError::OutOfStep)));
@@ -220,16 +237,34 @@ mod tests {
     }
 
     #[test]
+    fn a_background_process_holding_stdout_does_not_hold_the_command() {
+        let (mut shell, _, mut child) = guest();
+        // This hangs the Python driver until the background process exits.
+        let started = Instant::now();
+        let (status, out) = shell.execute("echo before; sleep 30 & echo after", None, soon()).unwrap();
+        assert_eq!((status, out.as_slice()), (0, &b"before\nafter\n"[..]));
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+        let (status, out) = shell.execute("echo x # a trailing comment", None, soon()).unwrap();
+        assert_eq!((status, out.as_slice()), (0, &b"x\n"[..]));
+        assert_eq!(shell.execute("cat <<EOF\nheredoc\nEOF", None, soon()).unwrap().1, b"heredoc\n");
+        assert_eq!(shell.execute("echo $__out", None, soon()).unwrap().0, 1, "set -u, as NixOS sets it");
+        // The only file is this command's own output ($$ is the outer shell's pid in a subshell).
+        let files = shell.execute("ls -A $TMPDIR | grep -vx .attest-out.$$ || true", None, soon()).unwrap();
+        assert_eq!(files.1, b"", "no earlier command left a file");
+        kill_guest(&mut child);
+    }
+
+    #[test]
     fn a_guest_that_dies_mid_command_is_an_error_not_a_hang() {
         let (mut shell, _, mut child) = guest();
-        let group = nix::unistd::Pid::from_raw(child.id() as i32);
+        let group = nix::unistd::Pid::from_raw(child.0.id() as i32);
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(300));
             nix::sys::signal::killpg(group, nix::sys::signal::SIGKILL).ok();
         });
         let started = Instant::now();
         let died = shell.execute("sleep 20", None, soon());
-        child.wait().ok();
+        child.0.wait().ok();
         assert!(matches!(died, Err(ShellError::Closed { .. })), "{died:?}");
         assert!(started.elapsed() < Duration::from_secs(5), "noticed when the channel closed, not at the deadline");
     }
