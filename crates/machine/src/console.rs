@@ -27,11 +27,22 @@ pub struct Console {
     input: Arc<Mutex<Option<Box<dyn Write + Send>>>>,
 }
 
+/// Where a console's output goes live, besides its log.
+#[derive(Clone, Default)]
+pub enum Echo {
+    #[default]
+    Off,
+    /// Every byte to attest's stderr as it arrives (`attest exec --console`).
+    Raw,
+    /// Each complete line, cleaned of its line ending, to a callback (a test log's `name # line`).
+    Lines(Arc<dyn Fn(&str) + Send + Sync>),
+}
+
 struct State {
     log: Option<File>,
     tail: VecDeque<String>,
     partial: Vec<u8>,
-    echo: bool,
+    echo: Echo,
     kernel_panic: Option<String>,
     open_sources: usize,
     /// Sources ever attached: once some were and none is open, no more output will come.
@@ -52,8 +63,8 @@ pub struct ConsoleTimeout {
 }
 
 impl Console {
-    /// `log` receives every byte; `echo` also copies them to attest's stderr as they arrive.
-    pub fn new(log: Option<&Path>, echo: bool) -> std::io::Result<Console> {
+    /// `log` receives every byte; `echo` says where else the output goes as it arrives.
+    pub fn new(log: Option<&Path>, echo: Echo) -> std::io::Result<Console> {
         // Appended to: a machine that starts again keeps one log.
         let log = log.map(|path| File::options().create(true).append(true).open(path)).transpose()?;
         let state = State {
@@ -146,7 +157,7 @@ impl Console {
 
     fn record(&self, bytes: &[u8]) {
         let mut state = self.lock();
-        if state.echo {
+        if let Echo::Raw = state.echo {
             std::io::stderr().write_all(bytes).ok();
         }
         if let Some(log) = state.log.as_mut() {
@@ -191,6 +202,9 @@ impl State {
             self.tail.pop_front();
         }
         let line = clean(line);
+        if let Echo::Lines(sink) = &self.echo {
+            sink(&line);
+        }
         if self.kernel_panic.is_none() && line.contains("Kernel panic - not syncing") {
             self.kernel_panic = Some(line.trim().to_string());
         }
@@ -208,7 +222,7 @@ mod tests {
 
     #[test]
     fn wait_for_wakes_on_new_output_and_consumes_what_it_matched() {
-        let console = Console::new(None, false).unwrap();
+        let console = Console::new(None, Echo::Off).unwrap();
         console.record(b"early: login: ");
         let soon = || Instant::now() + Duration::from_secs(10);
         let login = Regex::new("login: ").unwrap();
@@ -228,7 +242,7 @@ mod tests {
 
     #[test]
     fn wait_for_gives_up_when_the_console_ends() {
-        let console = Console::new(None, false).unwrap();
+        let console = Console::new(None, Echo::Off).unwrap();
         console.attach(&b"booting\n"[..]);
         let waited = console.wait_for(&Regex::new("never").unwrap(), Instant::now() + Duration::from_secs(30));
         let err = waited.unwrap_err();
@@ -238,7 +252,7 @@ mod tests {
 
     #[test]
     fn send_types_into_the_input() {
-        let console = Console::new(None, false).unwrap();
+        let console = Console::new(None, Echo::Off).unwrap();
         assert!(console.send(b"x").is_err(), "no input attached");
         let (reader, writer) = std::os::unix::net::UnixStream::pair().unwrap();
         console.attach_input(writer);
@@ -249,8 +263,19 @@ mod tests {
     }
 
     #[test]
+    fn lines_reach_the_echo_callback_whole_and_clean() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tx = Mutex::new(tx);
+        let echo = Echo::Lines(Arc::new(move |line: &str| tx.lock().unwrap().send(line.to_string()).unwrap()));
+        let console = Console::new(None, echo).unwrap();
+        console.record(b"one\r\ntw");
+        console.record(b"o\nunfinished");
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), ["one", "two"]);
+    }
+
+    #[test]
     fn tail_keeps_last_lines_and_partial() {
-        let console = Console::new(None, false).unwrap();
+        let console = Console::new(None, Echo::Off).unwrap();
         for i in 0..300 {
             console.record(format!("line {i}\r\n").as_bytes());
         }
@@ -262,7 +287,7 @@ mod tests {
 
     #[test]
     fn a_panic_line_is_kept_after_it_leaves_the_tail() {
-        let console = Console::new(None, false).unwrap();
+        let console = Console::new(None, Echo::Off).unwrap();
         console.record(b"[    2.0] Kernel panic - not syncing: sysrq triggered crash\n");
         for i in 0..300 {
             console.record(format!("[    2.1] trace {i}\n").as_bytes());

@@ -22,7 +22,7 @@ pub mod vm;
 
 pub use accel::{Accel, AccelChoice, AccelRequest};
 pub use backend::{Backend, Qemu};
-pub use console::Console;
+pub use console::{Console, Echo};
 pub use disk::{Disk, DiskBus, DiskFormat, Media};
 pub use error::MachineError;
 pub use events::{EventSink, MachineEvent, MachineEventSink, VmEvent};

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::backend::Backend;
+use crate::console::Echo;
 use crate::error::Result;
 use crate::events::MachineEventSink;
 use crate::spec::MachineSpec;
@@ -17,6 +18,7 @@ pub struct Machine {
     backend: Arc<dyn Backend + Send + Sync>,
     dir: MachineDir,
     events: MachineEventSink,
+    echo: Echo,
     vm: Option<Vm>,
 }
 
@@ -26,8 +28,9 @@ impl Machine {
         backend: Arc<dyn Backend + Send + Sync>,
         dir: MachineDir,
         events: MachineEventSink,
+        echo: Echo,
     ) -> Self {
-        Machine { spec, backend, dir, events, vm: None }
+        Machine { spec, backend, dir, events, echo, vm: None }
     }
 
     pub fn name(&self) -> &str {
@@ -46,7 +49,7 @@ impl Machine {
     pub fn start(&mut self) -> Result<&mut Vm> {
         if !self.is_running() {
             self.vm = None;
-            let vm = Vm::start(self.backend.as_ref(), &self.spec, &self.dir, false, self.events.clone())?;
+            let vm = Vm::start(self.backend.as_ref(), &self.spec, &self.dir, self.echo.clone(), self.events.clone())?;
             self.vm = Some(vm);
         }
         Ok(self.vm.as_mut().expect("started above"))
@@ -96,6 +99,7 @@ mod tests {
             Arc::new(SleepBackend(Configure::Nothing)),
             dir,
             sink,
+            Echo::Off,
         );
         assert!(!machine.is_running());
 
@@ -124,7 +128,7 @@ mod tests {
         let mut spec = spec("again", &kernel.path);
         spec.guest_channel = Some(crate::GuestChannel::VirtConsole);
         let dir = state.machine_dir(0, "again").unwrap();
-        let mut machine = Machine::new(spec, Arc::new(qemu), dir, Arc::new(|_| {}));
+        let mut machine = Machine::new(spec, Arc::new(qemu), dir, Arc::new(|_| {}), Echo::Off);
         for start in ["first", "second"] {
             let deadline = Instant::now() + Duration::from_secs(30);
             let vm = machine.start().unwrap_or_else(|e| panic!("{start} start: {e}"));

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::backend::{Backend, Control, PendingControl};
-use crate::console::Console;
+use crate::console::{Console, Echo};
 use crate::error::{MachineError, Result};
 use crate::events::{EventSink, MachineEvent, MachineEventSink, VmEvent};
 use crate::process::ManagedChild;
@@ -34,7 +34,7 @@ impl Vm {
         backend: &dyn Backend,
         spec: &MachineSpec,
         dir: &MachineDir,
-        echo_console: bool,
+        echo: Echo,
         events: MachineEventSink,
     ) -> Result<Vm> {
         let stopping = Arc::new(AtomicBool::new(false));
@@ -49,7 +49,7 @@ impl Vm {
         };
         let prepared = backend.prepare(spec, dir, &events)?;
         let log = dir.path().join("console.log");
-        let console = Console::new(Some(&log), echo_console)
+        let console = Console::new(Some(&log), echo)
             .map_err(MachineError::io(format!("creating the console log {}", log.display())))?;
         let mut command = prepared.command;
         command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
@@ -215,8 +215,9 @@ pub(crate) mod tests {
         let dir = state.machine_dir(0, name).unwrap();
         let (tx, rx) = mpsc::channel();
         let sink: MachineEventSink = Arc::new(move |event| drop(tx.send(event)));
-        let vm = Vm::start(&SleepBackend(Configure::Nothing), &spec(name, "/nonexistent".as_ref()), &dir, false, sink)
-            .unwrap();
+        let vm =
+            Vm::start(&SleepBackend(Configure::Nothing), &spec(name, "/nonexistent".as_ref()), &dir, Echo::Off, sink)
+                .unwrap();
         (vm, rx, state)
     }
 
@@ -243,7 +244,7 @@ pub(crate) mod tests {
         spec.boot = crate::KernelBoot::new(&kernel.path, Some(initramfs), "console=ttyS0 panic=-1 quiet rdinit=/init");
         // A bzImage needs room to decompress itself; with 64 MiB it resets before printing anything.
         spec.memory_mib = 256;
-        let vm = Vm::start(&qemu, &spec, &dir, false, Arc::new(|_| {})).unwrap();
+        let vm = Vm::start(&qemu, &spec, &dir, Echo::Off, Arc::new(|_| {})).unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
         let wait = |pattern: &str| vm.console().wait_for(&regex::bytes::Regex::new(pattern).unwrap(), deadline);
         wait("console-shell-ready").unwrap_or_else(|e| panic!("{e}; console: {:?}", vm.console().tail(20)));
@@ -256,7 +257,7 @@ pub(crate) mod tests {
         let Some((qemu, kernel)) = qemu_and_kernel() else { return };
         let state = crate::StateDir::create(false).unwrap();
         let dir = state.machine_dir(0, "controlled").unwrap();
-        let mut vm = Vm::start(&qemu, &spec("controlled", &kernel.path), &dir, false, Arc::new(|_| {})).unwrap();
+        let mut vm = Vm::start(&qemu, &spec("controlled", &kernel.path), &dir, Echo::Off, Arc::new(|_| {})).unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         let Control::Qmp(qmp) = vm.control(deadline).unwrap();
         let status = qmp.execute("query-status", None, deadline).unwrap();
@@ -281,7 +282,7 @@ pub(crate) mod tests {
         let state = crate::StateDir::create(false).unwrap();
         let dir = state.machine_dir(0, "rest").unwrap();
         let started =
-            Vm::start(&SleepBackend(Configure::Fails), &spec("rest", "/x".as_ref()), &dir, false, Arc::new(|_| {}));
+            Vm::start(&SleepBackend(Configure::Fails), &spec("rest", "/x".as_ref()), &dir, Echo::Off, Arc::new(|_| {}));
         let err = started.err().expect("the start fails");
         let pid = err.to_string().rsplit(' ').next().unwrap().to_string();
         assert!(err.to_string().contains("configuring pid"), "{err}");

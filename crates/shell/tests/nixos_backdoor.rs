@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use attest_image::backdoor::{backdoor_initramfs, find_static_bash};
+use attest_machine::console::Echo;
 use attest_machine::{Backend, GuestChannel, KernelBoot, MachineSpec, Qemu, StateDir, Vm};
 use attest_shell::BackdoorShell;
 
@@ -43,7 +44,7 @@ fn a_guest_running_the_nixos_backdoor_script_is_driven_over_its_virtconsole() {
 
     let state = StateDir::create(false).unwrap();
     let dir = state.machine_dir(0, &spec.name).unwrap();
-    let mut vm = Vm::start(&qemu, &spec, &dir, false, Arc::new(|_| {})).unwrap();
+    let mut vm = Vm::start(&qemu, &spec, &dir, Echo::Off, Arc::new(|_| {})).unwrap();
     let deadline = Instant::now() + Duration::from_secs(90);
     let console_tail = |vm: &Vm| vm.console().tail(30).join("\n");
     let stream = vm.take_agent().expect("the virtconsole's socket").connect(deadline).unwrap();

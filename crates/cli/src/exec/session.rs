@@ -8,6 +8,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use attest_machine::console::Echo;
 use attest_machine::{MachineEventSink, StateDir, Vm};
 use attest_protocol::{Frame, HostMessage};
 use attest_session::reader::{self, OutputSink};
@@ -62,7 +63,13 @@ pub fn run(guest: PreparedGuest, args: &ExecArgs, verbose: bool, t0: Instant) ->
         Err(err) => return exit_code::setup_error(&format!("creating the machine's state directory: {err}")),
     };
     let vmm_started = Instant::now();
-    let mut vm = match Vm::start(&guest.qemu, &guest.spec, &machine_dir, args.console, vm_events) {
+    let mut vm = match Vm::start(
+        &guest.qemu,
+        &guest.spec,
+        &machine_dir,
+        if args.console { Echo::Raw } else { Echo::Off },
+        vm_events,
+    ) {
         Ok(vm) => vm,
         Err(err) => return exit_code::setup_error(&format!("starting the VM: {err:#}")),
     };
