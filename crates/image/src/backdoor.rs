@@ -34,9 +34,63 @@ fn init() -> String {
     )
 }
 
-/// The busybox applets the init, the backdoor and the driver's commands use.
-const APPLETS: [&str; 12] =
-    ["mount", "insmod", "sleep", "stty", "base64", "timeout", "cat", "uname", "ls", "rm", "mktemp", "test"];
+/// The busybox applets the init, the backdoor and the driver's commands use, and the everyday tools
+/// tests run in a guest without an init system.
+const APPLETS: &[&str] = &[
+    "mount",
+    "insmod",
+    "sleep",
+    "stty",
+    "base64",
+    "timeout",
+    "cat",
+    "uname",
+    "ls",
+    "rm",
+    "mktemp",
+    "test",
+    "[",
+    "awk",
+    "basename",
+    "chmod",
+    "cp",
+    "date",
+    "dirname",
+    "echo",
+    "env",
+    "false",
+    "fold",
+    "grep",
+    "head",
+    "hostname",
+    "httpd",
+    "id",
+    "ip",
+    "kill",
+    "ln",
+    "mkdir",
+    "mv",
+    "nc",
+    "printf",
+    "ps",
+    "sed",
+    "seq",
+    "sha256sum",
+    "sort",
+    "sync",
+    "tail",
+    "tar",
+    "touch",
+    "tr",
+    "true",
+    "wc",
+    "wget",
+    "xargs",
+];
+
+/// `poweroff` and `reboot` for a guest whose PID 1 is a shell, which ignores the signals busybox's
+/// versions send to an init: they sync and act at once, as systemd does at the end.
+const POWER: [(&str, &str); 2] = [("poweroff", "poweroff -f"), ("reboot", "reboot -f")];
 
 /// `$ATTEST_BASH`, else Debian's bash-static: a bash the guest can run without the host's libraries.
 pub fn find_static_bash() -> Result<PathBuf, ImageError> {
@@ -55,6 +109,10 @@ pub fn backdoor_initramfs(busybox: &Path, bash: &Path, modules: &[ModuleFile]) -
         .file("backdoor", BACKDOOR_SCRIPT.as_bytes().to_vec(), 0o644);
     for applet in APPLETS {
         image = image.symlink(&format!("bin/{applet}"), "busybox");
+    }
+    for (name, action) in POWER {
+        image =
+            image.file(&format!("bin/{name}"), format!("#!/bin/sh\nsync\nexec busybox {action}\n").into_bytes(), 0o755);
     }
     with_modules(image, modules, false)
 }

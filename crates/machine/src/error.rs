@@ -32,6 +32,9 @@ pub enum MachineError {
     /// The VMM's control channel failed.
     #[error("{0}")]
     Control(#[from] crate::qmp::QmpError),
+    /// The machine has no guest command channel.
+    #[error("machine {machine} has no guest command channel")]
+    NoChannel { machine: String },
     /// The machine's backend gave it no control channel.
     #[error("machine {machine} has no control channel")]
     NoControl { machine: String },

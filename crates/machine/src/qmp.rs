@@ -183,7 +183,7 @@ mod tests {
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
-        let qmp = Qmp::handshake(listener.connect(deadline).unwrap(), deadline).unwrap();
+        let qmp = Qmp::handshake(listener.connect(deadline, None).unwrap(), deadline).unwrap();
         Some((child, qmp, dir))
     }
 

@@ -46,7 +46,7 @@ pub fn spawn(binary: &Path, vhost_user: &Path, uds: &Path, log_path: &Path, even
 
 fn wait_for_socket(inotify: &Inotify, path: &Path, deadline: Instant) -> Result<()> {
     while !path.exists() {
-        wait_readable(inotify, deadline).map_err(|e| {
+        wait_readable(inotify, None, deadline).map_err(|e| {
             let why = format!("the vsock daemon did not create it within {SOCKET_DEADLINE:?}: {e}");
             MachineError::io(format!("waiting for {}", path.display()))(std::io::Error::new(e.kind(), why))
         })?;

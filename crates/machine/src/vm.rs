@@ -1,7 +1,11 @@
 //! A running machine: the VMM process, its helper daemons and its console, whatever the backend.
 //! Dropping a `Vm` kills and reaps all of them.
 
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::process::Stdio;
+
+use nix::fcntl::OFlag;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -25,6 +29,8 @@ pub struct Vm {
     control: ControlState,
     /// Set when the VM is being stopped on purpose: its helpers' exits are then no failure.
     stopping: Arc<AtomicBool>,
+    /// Hangs up when the VMM exits: a wait can include it instead of asking whether it did.
+    exit_fd: OwnedFd,
 }
 
 impl Vm {
@@ -54,7 +60,13 @@ impl Vm {
         let mut command = prepared.command;
         command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
         tracing::debug!(?command, "starting {}", backend.name());
-        let on_exit = move |status| events(VmEvent::VmmExited(status));
+        // Close-on-exec, so no child holds the write end: it closes when `on_exit` has run.
+        let (exit_fd, exit_writer) =
+            nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| MachineError::io("creating a pipe")(e.into()))?;
+        let on_exit = move |status| {
+            events(VmEvent::VmmExited(status));
+            drop(exit_writer);
+        };
         let mut vmm =
             ManagedChild::spawn(format!("{} ({})", spec.name, backend.name()), &mut command, on_exit).map_err(
                 |source| MachineError::Spawn { program: command.get_program().to_string_lossy().into(), source },
@@ -78,7 +90,24 @@ impl Vm {
             agent: prepared.agent,
             control,
             stopping,
+            exit_fd,
         })
+    }
+
+    /// An fd that hangs up once the VMM has exited, for waits that should end then (see
+    /// [`Transport::connect`]).
+    pub fn exit_fd(&self) -> BorrowedFd<'_> {
+        self.exit_fd.as_fd()
+    }
+
+    /// Waits, at most until `deadline`, for the VMM to connect the guest channel, and returns the
+    /// stream; fails at once if the VMM exits first.
+    pub fn connect_channel(&mut self, deadline: Instant) -> Result<UnixStream> {
+        let transport = self.agent.as_mut().ok_or_else(|| MachineError::NoChannel { machine: self.name.clone() })?;
+        let describe = transport.describe();
+        transport
+            .connect(deadline, Some(self.exit_fd.as_fd()))
+            .map_err(MachineError::io(format!("waiting for the guest channel on {describe}")))
     }
 
     pub fn name(&self) -> &str {
@@ -111,7 +140,9 @@ impl Vm {
     /// The VMM's control channel (QMP for QEMU), connected on first use, at most until `deadline`.
     pub fn control(&mut self, deadline: Instant) -> Result<Control> {
         if let ControlState::Pending(PendingControl::Qmp(socket)) = &mut self.control {
-            let stream = socket.connect(deadline).map_err(MachineError::io("waiting for QEMU's QMP connection"))?;
+            let stream = socket
+                .connect(deadline, Some(self.exit_fd.as_fd()))
+                .map_err(MachineError::io("waiting for QEMU's QMP connection"))?;
             let qmp = Qmp::handshake(stream, deadline)?;
             self.control = ControlState::Connected(Control::Qmp(Arc::new(qmp)));
         }

@@ -24,7 +24,7 @@ pub fn spawn(
     mut stderr: OutputSink,
 ) {
     std::thread::spawn(move || {
-        let mut stream = match transport.connect(deadline) {
+        let mut stream = match transport.connect(deadline, None) {
             Ok(stream) => stream,
             Err(err) => return drop(events.send(Event::AgentClosed(format!("{}: {err}", transport.describe())))),
         };

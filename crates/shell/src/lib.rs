@@ -92,6 +92,17 @@ impl BackdoorShell {
         Ok((status, output))
     }
 
+    /// Writes `bytes` to the shell as they are, outside the command protocol: NixOS's `shutdown`
+    /// sends a bare `poweroff` line this way, whose reply never comes.
+    pub fn write_raw(&mut self, bytes: &[u8]) -> Result<(), ShellError> {
+        self.send(bytes)
+    }
+
+    /// The channel, for connecting again after the guest rebooted (the VMM keeps it open).
+    pub fn into_stream(self) -> UnixStream {
+        self.stream
+    }
+
     fn send(&mut self, bytes: &[u8]) -> Result<(), ShellError> {
         self.stream.write_all(bytes).map_err(|e| match e.kind() {
             io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => {

@@ -47,7 +47,7 @@ fn a_guest_running_the_nixos_backdoor_script_is_driven_over_its_virtconsole() {
     let mut vm = Vm::start(&qemu, &spec, &dir, Echo::Off, Arc::new(|_| {})).unwrap();
     let deadline = Instant::now() + Duration::from_secs(90);
     let console_tail = |vm: &Vm| vm.console().tail(30).join("\n");
-    let stream = vm.take_agent().expect("the virtconsole's socket").connect(deadline).unwrap();
+    let stream = vm.take_agent().expect("the virtconsole's socket").connect(deadline, None).unwrap();
     let (mut shell, _before) =
         BackdoorShell::connect(stream, deadline).unwrap_or_else(|e| panic!("{e}; console:\n{}", console_tail(&vm)));
 

@@ -8,6 +8,7 @@
 pub mod listening;
 
 use std::io;
+use std::os::fd::BorrowedFd;
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
@@ -15,7 +16,9 @@ pub use listening::ListeningSocket;
 
 pub trait Transport: Send {
     /// Waits until the channel is connected, at most until `deadline`, and returns the stream.
-    fn connect(&mut self, deadline: Instant) -> io::Result<UnixStream>;
+    /// With `unless`, gives up (`BrokenPipe`) as soon as that fd becomes readable or hangs up:
+    /// [`crate::Vm::exit_fd`] does when the VMM exits, which then can never connect.
+    fn connect(&mut self, deadline: Instant, unless: Option<BorrowedFd<'_>>) -> io::Result<UnixStream>;
 
     /// Where the channel lives, for error messages.
     fn describe(&self) -> String;

@@ -1,0 +1,237 @@
+//! The driver: it owns a test's named machines and everything they run on the host. It prepares
+//! them all before any boots (so a bad definition fails in a second), starts them in parallel,
+//! enforces the global timeout, records subtests, and on drop stops every VM (gracefully, then by
+//! force) and removes their state unless asked to keep it.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use attest_machine::accel::AccelRequest;
+use attest_machine::backend::qemu::kvm_probe;
+use attest_machine::{Backend, Echo, MachineEventSink, Qemu, StateDir};
+
+use crate::config::{BackendKind, TestConfig};
+use crate::error::{DriverError, Result};
+use crate::log::{Log, SubtestRecord};
+use crate::machine::Machine;
+use crate::prepare;
+
+/// How the driver runs, beyond the test's definition.
+#[derive(Clone)]
+pub struct DriverOptions {
+    /// Keep the machines' state directories (NixOS's `--keep-vm-state`).
+    pub keep_vm_state: bool,
+    /// Where screenshots, copied files and console logs go; a fresh directory when `None`.
+    pub out_dir: Option<PathBuf>,
+    pub log: Log,
+}
+
+impl Default for DriverOptions {
+    fn default() -> Self {
+        DriverOptions { keep_vm_state: false, out_dir: None, log: Log::stderr() }
+    }
+}
+
+/// What the driver's machines share.
+pub(crate) struct Shared {
+    pub log: Log,
+    /// When the global timeout expires: every wait ends by then.
+    pub deadline: Instant,
+    pub global_timeout: Duration,
+    timed_out: AtomicBool,
+    pub out_dir: PathBuf,
+    /// `SHARED_DIR` of NixOS start scripts.
+    pub shared_dir: PathBuf,
+    /// Host-side scratch files (screen dumps).
+    pub scratch: PathBuf,
+    pub backend: Arc<dyn Backend + Send + Sync>,
+}
+
+impl Shared {
+    /// The global-timeout error, once it has expired.
+    pub fn timed_out(&self) -> Option<DriverError> {
+        self.timed_out.load(Ordering::SeqCst).then_some(DriverError::GlobalTimeout(self.global_timeout))
+    }
+}
+
+pub struct Driver {
+    machines: Vec<Arc<Machine>>,
+    shared: Arc<Shared>,
+    /// Dropping it stops the watchdog.
+    _watchdog: mpsc::Sender<()>,
+    /// Kept until every machine is gone.
+    _out_dir: Option<tempfile::TempDir>,
+    state: StateDir,
+}
+
+impl Driver {
+    pub fn new(config: TestConfig, options: DriverOptions) -> Result<Driver> {
+        let started = Instant::now();
+        let mut names: Vec<&str> = Vec::new();
+        for machine in &config.machines {
+            if names.contains(&machine.name.as_str()) {
+                return Err(DriverError::Config(format!("two machines are named {:?}", machine.name)));
+            }
+            if machine.backend != BackendKind::Qemu {
+                return Err(DriverError::Config(format!(
+                    "machine {}: the {:?} backend is not available yet; use backend = \"qemu\"",
+                    machine.name, machine.backend
+                )));
+            }
+            names.push(&machine.name);
+        }
+        let qemu_binary = Qemu::find_binary().ok_or_else(|| {
+            DriverError::Config(
+                "qemu-system-x86_64 not found: install Debian's qemu-system-x86 (or set ATTEST_QEMU)".into(),
+            )
+        })?;
+        let cache = attest_image::cache_dir();
+        let accel = kvm_probe::choose(AccelRequest::Auto, &qemu_binary, &cache)?;
+        options.log.info(None, &format!("accelerator: {accel}"));
+        let backend: Arc<dyn Backend + Send + Sync> =
+            Arc::new(Qemu { binary: qemu_binary, virtiofsd: None, vhost_vsock: None });
+
+        let state = StateDir::create(options.keep_vm_state).map_err(DriverError::io("creating the state directory"))?;
+        if options.keep_vm_state {
+            options.log.info(None, &format!("keeping the machines' state in {}", state.path().display()));
+        }
+        let (out_dir, owned_out_dir) = match &options.out_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(DriverError::io(format!("creating {}", dir.display())))?;
+                (dir.clone(), None)
+            }
+            None => {
+                let dir = tempfile::Builder::new()
+                    .prefix("attest-out-")
+                    .tempdir()
+                    .map_err(DriverError::io("creating an output directory"))?;
+                (dir.path().to_path_buf(), Some(dir))
+            }
+        };
+        let shared_dir = state.path().join("shared-xchg");
+        let scratch = state.path().join("scratch");
+        for dir in [&shared_dir, &scratch] {
+            std::fs::create_dir_all(dir).map_err(DriverError::io(format!("creating {}", dir.display())))?;
+        }
+        let deadline = started + config.global_timeout;
+        let shared = Arc::new(Shared {
+            log: options.log.clone(),
+            deadline,
+            global_timeout: config.global_timeout,
+            timed_out: AtomicBool::new(false),
+            out_dir,
+            shared_dir: shared_dir.clone(),
+            scratch,
+            backend: backend.clone(),
+        });
+
+        let cx =
+            prepare::Context { backend: backend.as_ref(), accel: accel.accel, cache: &cache, shared_dir: &shared_dir };
+        let mut machines = Vec::new();
+        for (index, config) in config.machines.into_iter().enumerate() {
+            let dir = state.machine_dir(index, &config.name)?;
+            let spec = prepare::spec(&config, &cx, &dir)?;
+            let (log, name) = (options.log.clone(), config.name.clone());
+            let echo = Echo::Lines(Arc::new(move |line: &str| log.serial(&name, line)));
+            let events: MachineEventSink = Arc::new(|event| tracing::debug!(?event, "machine event"));
+            let machine = attest_machine::Machine::new(spec, backend.clone(), dir, events, echo);
+            machines.push(Arc::new(Machine::new(config, machine, shared.clone())));
+        }
+        let watchdog = spawn_watchdog(shared.clone(), machines.clone());
+        Ok(Driver { machines, shared, _watchdog: watchdog, _out_dir: owned_out_dir, state })
+    }
+
+    /// The machine named `name`.
+    pub fn machine(&self, name: &str) -> Result<&Arc<Machine>> {
+        self.machines.iter().find(|m| m.name() == name).ok_or_else(|| DriverError::NoSuchMachine {
+            name: name.into(),
+            known: self.machines.iter().map(|m| m.name()).collect::<Vec<_>>().join(", "),
+        })
+    }
+
+    pub fn machines(&self) -> &[Arc<Machine>] {
+        &self.machines
+    }
+
+    /// Starts every machine; they boot in parallel (each start returns before its guest is up).
+    pub fn start_all(&self) -> Result<()> {
+        self.shared.log.nested(None, "starting all VMs", || self.machines.iter().try_for_each(|m| m.start()))
+    }
+
+    /// Waits until every machine has powered off.
+    pub fn join_all(&self) -> Result<()> {
+        self.shared.log.nested(None, "waiting for all VMs to finish", || {
+            self.machines.iter().try_for_each(|m| m.wait_for_shutdown())
+        })
+    }
+
+    /// Runs `body` as a named subtest: logged as a block, and recorded (with its error, if any)
+    /// for the JUnit report.
+    pub fn subtest<T>(&self, name: &str, body: impl FnOnce() -> Result<T>) -> Result<T> {
+        let started = Instant::now();
+        let result = self.shared.log.nested(None, &format!("subtest: {name}"), body);
+        if let Err(e) = &result {
+            self.shared.log.info(None, &format!("!!! Test \"{name}\" failed with error: {e}"));
+        }
+        let failure = result.as_ref().err().map(|e| e.to_string());
+        self.shared.log.record_subtest(SubtestRecord { name: name.into(), duration: started.elapsed(), failure });
+        result
+    }
+
+    pub fn log(&self) -> &Log {
+        &self.shared.log
+    }
+
+    /// Where screenshots and copied files go.
+    pub fn out_dir(&self) -> &Path {
+        &self.shared.out_dir
+    }
+
+    /// The run's state directory (sockets, console logs, overlays).
+    pub fn state_dir(&self) -> &Path {
+        self.state.path()
+    }
+
+    /// Writes the JUnit report of the subtests so far, with `failure` as the test's own error.
+    pub fn write_junit(&self, path: &Path, suite: &str, failure: Option<&DriverError>) -> Result<()> {
+        let failure = failure.map(|e| e.to_string());
+        crate::log::write_junit(path, suite, &self.shared.log.subtests(), failure.as_deref())
+            .map_err(DriverError::io(format!("writing {}", path.display())))
+    }
+}
+
+impl Drop for Driver {
+    /// Stops every machine in parallel, gracefully then by force, whatever happened.
+    fn drop(&mut self) {
+        std::thread::scope(|scope| {
+            for machine in &self.machines {
+                scope.spawn(|| machine.stop());
+            }
+        });
+        // Keep each machine's console log with the test's output.
+        for (index, machine) in self.machines.iter().enumerate() {
+            let log = self.state.path().join(format!("{index:02}-{}", machine.name())).join("console.log");
+            std::fs::copy(&log, self.shared.out_dir.join(format!("{}-console.log", machine.name()))).ok();
+        }
+    }
+}
+
+/// Kills every machine when the global timeout expires, so whatever waits on one ends now.
+fn spawn_watchdog(shared: Arc<Shared>, machines: Vec<Arc<Machine>>) -> mpsc::Sender<()> {
+    let (stop, stopped) = mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let left = shared.deadline.saturating_duration_since(Instant::now());
+        if let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(left) {
+            shared.timed_out.store(true, Ordering::SeqCst);
+            shared.log.info(
+                None,
+                &format!("!!! the global timeout of {:?} expired: stopping every machine", shared.global_timeout),
+            );
+            machines.iter().for_each(|m| m.kill());
+        }
+    });
+    stop
+}

@@ -1,0 +1,147 @@
+//! Running commands in the guest with the NixOS driver's names and defaults: `execute`, `succeed`,
+//! `fail`, `wait_until_succeeds`, `wait_until_fails`, `sleep`.
+//!
+//! Every call has a host-side deadline: the command's timeout plus [`HOST_GRACE`] when it has one,
+//! else the global timeout. The guest enforces the timeout itself too (`timeout N`), as in NixOS.
+
+use std::panic::Location;
+use std::time::{Duration, Instant};
+
+use super::Machine;
+use crate::error::Result;
+
+/// NixOS's default timeout of `execute` and of every `wait_*`.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(900);
+/// How long past a command's own timeout the host waits for the guest's `timeout` to report.
+const HOST_GRACE: Duration = Duration::from_secs(30);
+/// Pause between attempts of `wait_until_*` (NixOS: 1 s).
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+impl Machine {
+    /// Runs `command` and returns its exit status and output (NixOS's `execute`; `timeout`
+    /// defaults to 900 s). Output is decoded as UTF-8 with invalid bytes replaced, as NixOS does.
+    #[track_caller]
+    pub fn execute(&self, command: &str, timeout: Option<Duration>) -> Result<(i32, String)> {
+        let (status, output) = self.run(Location::caller(), command, Some(timeout.unwrap_or(DEFAULT_TIMEOUT)))?;
+        Ok((status, String::from_utf8_lossy(&output).into_owned()))
+    }
+
+    /// Runs `command`, which must exit 0, and returns its output. No timeout by default, as in
+    /// NixOS; the global timeout still ends it.
+    #[track_caller]
+    pub fn succeed(&self, command: &str, timeout: Option<Duration>) -> Result<String> {
+        let at = Location::caller();
+        self.shared.log.nested(Some(&self.name), &format!("must succeed: {command}"), || {
+            let (status, output) = self.run(at, command, timeout)?;
+            let output = String::from_utf8_lossy(&output).into_owned();
+            if status != 0 {
+                self.shared.log.info(Some(&self.name), &format!("output: {output}"));
+                let message = format!("command `{command}` failed (exit code {status}){}", shown(&output));
+                return Err(self.assertion(at, message, status == 124));
+            }
+            Ok(output)
+        })
+    }
+
+    /// Runs `command`, which must fail, and returns its output.
+    #[track_caller]
+    pub fn fail(&self, command: &str, timeout: Option<Duration>) -> Result<String> {
+        let at = Location::caller();
+        self.shared.log.nested(Some(&self.name), &format!("must fail: {command}"), || {
+            let (status, output) = self.run(at, command, timeout)?;
+            let output = String::from_utf8_lossy(&output).into_owned();
+            if status == 0 {
+                return Err(self.assertion(
+                    at,
+                    format!("command `{command}` unexpectedly succeeded{}", shown(&output)),
+                    false,
+                ));
+            }
+            Ok(output)
+        })
+    }
+
+    /// Runs `command` until it exits 0, each attempt limited to `timeout` too (default 900 s), and
+    /// returns its output.
+    #[track_caller]
+    pub fn wait_until_succeeds(&self, command: &str, timeout: Option<Duration>) -> Result<String> {
+        let at = Location::caller();
+        let what = format!("wait for success: {command}");
+        self.retry(at, &what, command, timeout, |status| status == 0)
+    }
+
+    /// Runs `command` until it exits non-zero, and returns its output.
+    #[track_caller]
+    pub fn wait_until_fails(&self, command: &str, timeout: Option<Duration>) -> Result<String> {
+        let at = Location::caller();
+        let what = format!("wait for failure: {command}");
+        self.retry(at, &what, command, timeout, |status| status != 0)
+    }
+
+    /// Sleeps in the guest, so the time counts on the guest's clock.
+    #[track_caller]
+    pub fn sleep(&self, duration: Duration) -> Result<()> {
+        let at = Location::caller();
+        self.run(at, &format!("sleep {}", duration.as_secs_f64()), None).map(drop)
+    }
+
+    fn retry(
+        &self,
+        at: &'static Location<'static>,
+        what: &str,
+        command: &str,
+        timeout: Option<Duration>,
+        done: impl Fn(i32) -> bool,
+    ) -> Result<String> {
+        let timeout = timeout.unwrap_or(DEFAULT_TIMEOUT);
+        self.shared.log.nested(Some(&self.name), what, || {
+            let deadline = Instant::now() + timeout;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let (status, output) = self.run(at, command, Some(left.max(Duration::from_secs(1))))?;
+                if done(status) {
+                    return Ok(String::from_utf8_lossy(&output).into_owned());
+                }
+                if Instant::now() + RETRY_PAUSE >= deadline {
+                    let output = String::from_utf8_lossy(&output);
+                    let message =
+                        format!("{what}: timed out after {timeout:?} (last exit code {status}){}", shown(&output));
+                    return Err(self.assertion(at, message, true));
+                }
+                std::thread::sleep(RETRY_PAUSE);
+            }
+        })
+    }
+
+    /// Runs `command` through the backdoor shell, with the guest's `timeout` when given.
+    pub(super) fn run(
+        &self,
+        at: &'static Location<'static>,
+        command: &str,
+        timeout: Option<Duration>,
+    ) -> Result<(i32, Vec<u8>)> {
+        let mut shell = self.shell(at)?;
+        let deadline = match timeout {
+            Some(timeout) => self.shared.deadline.min(Instant::now() + timeout + HOST_GRACE),
+            None => self.shared.deadline,
+        };
+        shell.get().execute(command, timeout, deadline).map_err(|e| {
+            drop(shell);
+            self.shell_failed(at, &format!("running `{command}`"), e)
+        })
+    }
+}
+
+/// The output for an error message: nothing when empty, else after a colon, cut when long.
+fn shown(output: &str) -> String {
+    const LIMIT: usize = 4000;
+    let output = output.trim_end();
+    match output.len() {
+        0 => String::new(),
+        n if n <= LIMIT => format!(", output:\n{output}"),
+        n => {
+            let cut = output.char_indices().map(|(i, _)| i).take_while(|&i| i <= n - LIMIT).last().unwrap_or(0);
+            format!(", output (last {LIMIT} bytes):\n{}", &output[cut..])
+        }
+    }
+}

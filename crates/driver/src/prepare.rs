@@ -1,0 +1,120 @@
+//! Turning a [`MachineConfig`] into what a backend boots: the built-in guests built or taken from
+//! the cache, disk images behind copy-on-write overlays and blank disks created in the machine's
+//! directory, and the devices every test machine has (the backdoor's virtconsole, a display, an rng).
+
+use std::path::{Path, PathBuf};
+
+use attest_image::backdoor::{backdoor_initramfs, find_static_bash};
+use attest_machine::{
+    disk, Accel, Backend, Boot, Disk, DiskFormat, GuestChannel, KernelBoot, MachineDir, MachineSpec, Media, StartScript,
+};
+
+use crate::config::{BootConfig, BuiltinImage, MachineConfig};
+use crate::error::{DriverError, Result};
+
+/// What every machine of a test shares.
+pub struct Context<'a> {
+    pub backend: &'a dyn Backend,
+    pub accel: Accel,
+    pub cache: &'a Path,
+    /// `SHARED_DIR` for start scripts.
+    pub shared_dir: &'a Path,
+}
+
+/// Kernel parameters of attest's own guests: the serial console for the log and tty0 for typing
+/// and screenshots (as NixOS has both), a panic that ends the VMM, and no crypto self-tests (a
+/// quarter second under TCG).
+const GUEST_PARAMS: &str = "console=tty0 console=ttyS0 panic=-1 cryptomgr.notests";
+
+pub fn spec(config: &MachineConfig, cx: &Context, dir: &MachineDir) -> Result<MachineSpec> {
+    let boot = match &config.boot {
+        BootConfig::StartScript { path, qemu_opts, kernel_params } => {
+            must_exist(path, "start script")?;
+            Boot::StartScript(StartScript {
+                path: path.clone(),
+                shared_dir: cx.shared_dir.to_path_buf(),
+                qemu_opts: qemu_opts.clone(),
+                kernel_params: kernel_params.clone(),
+            })
+        }
+        BootConfig::Kernel { kernel, initrd, cmdline, .. } => {
+            must_exist(kernel, "kernel")?;
+            if let Some(initrd) = initrd {
+                must_exist(initrd, "initrd")?;
+            }
+            KernelBoot::new(kernel, initrd.clone(), cmdline)
+        }
+        BootConfig::Disk(_) | BootConfig::Iso(_) => Boot::Firmware,
+        // Filled in below, once the devices (and so the drivers the initramfs loads) are known.
+        BootConfig::Image(_) => Boot::Firmware,
+    };
+    let mut spec = MachineSpec {
+        memory_mib: config.memory_mib,
+        cpus: config.cpus,
+        accel: cx.accel,
+        guest_channel: Some(GuestChannel::VirtConsole),
+        display: true,
+        rng: true,
+        allow_reboot: config.allow_reboot,
+        extra_args: config.qemu_args.clone(),
+        ..MachineSpec::new(config.name.clone(), boot)
+    };
+    let root_image = match &config.boot {
+        BootConfig::Kernel { disk: Some(image), .. } | BootConfig::Disk(image) => Some(image.clone()),
+        _ => None,
+    };
+    if let Some(image) = root_image {
+        must_exist(&image, "disk image")?;
+        spec.disks.push(disk::overlay(&image, &dir.path().join("root-overlay.qcow2"))?);
+    }
+    if let BootConfig::Iso(iso) = &config.boot {
+        must_exist(iso, "ISO")?;
+        spec.disks.push(Disk {
+            path: iso.clone(),
+            format: DiskFormat::Raw,
+            media: Media::Cdrom,
+            bus: Default::default(),
+            read_only: true,
+        });
+    }
+    for (index, blank) in config.blank_disks.iter().enumerate() {
+        let path = dir.path().join(format!("blank-{index}.{}", blank.format.name()));
+        // A machine that starts again gets its disks as it left them, as real disks would be.
+        let mut made = if path.exists() {
+            Disk { path, format: blank.format, media: Media::Disk, bus: blank.bus, read_only: false }
+        } else {
+            disk::blank(&path, blank.size_mib, blank.format)?
+        };
+        made.bus = blank.bus;
+        spec.disks.push(made);
+    }
+    if let BootConfig::Image(image) = config.boot {
+        spec.boot = builtin(image, &spec, cx)?;
+    }
+    Ok(spec)
+}
+
+/// The boot of one of attest's own guests, with exactly the drivers `spec`'s devices need.
+fn builtin(image: BuiltinImage, spec: &MachineSpec, cx: &Context) -> Result<Boot> {
+    let kernel = attest_image::kernel::locate(None, cx.cache)?;
+    let drivers = cx.backend.guest_drivers(spec);
+    let modules = kernel.module_tree()?.resolve(&drivers)?.load;
+    match image {
+        BuiltinImage::Minimal => {
+            let initramfs = backdoor_initramfs(&attest_image::find_busybox()?, &find_static_bash()?, &modules)?
+                .write_cached(&cx.cache.join("initramfs"))?;
+            Ok(KernelBoot::new(&kernel.path, Some(initramfs), format!("{GUEST_PARAMS} quiet rdinit=/init")))
+        }
+        BuiltinImage::Debian => Err(DriverError::Config(
+            "the Debian guest is not available in this build of attest; use image = \"minimal\"".into(),
+        )),
+    }
+}
+
+fn must_exist(path: &Path, what: &str) -> Result<PathBuf> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() => Ok(path.to_path_buf()),
+        Ok(_) => Err(DriverError::Config(format!("the {what} {} is not a file", path.display()))),
+        Err(e) => Err(DriverError::Config(format!("the {what} {} cannot be read: {e}", path.display()))),
+    }
+}
