@@ -24,6 +24,9 @@ use crate::error::{DriverError, Result};
 
 /// NixOS's default for `globalTimeout`.
 pub const DEFAULT_GLOBAL_TIMEOUT: Duration = Duration::from_secs(3600);
+/// How long a machine may take from start to its backdoor shell by default (NixOS waits without
+/// limit; its connect timeout was raised to 10 minutes in PR #53828).
+pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The VMM that runs a machine.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -86,6 +89,8 @@ pub struct MachineConfig {
     pub qemu_args: Vec<String>,
     pub blank_disks: Vec<BlankDisk>,
     pub allow_reboot: bool,
+    /// How long the machine may take from start to its backdoor shell.
+    pub boot_timeout: Duration,
 }
 
 impl MachineConfig {
@@ -99,6 +104,7 @@ impl MachineConfig {
             qemu_args: Vec::new(),
             blank_disks: Vec::new(),
             allow_reboot: false,
+            boot_timeout: DEFAULT_BOOT_TIMEOUT,
         }
     }
 
@@ -156,6 +162,11 @@ impl MachineConfig {
 
     pub fn allow_reboot(mut self, allow: bool) -> Self {
         self.allow_reboot = allow;
+        self
+    }
+
+    pub fn boot_timeout(mut self, timeout: Duration) -> Self {
+        self.boot_timeout = timeout;
         self
     }
 
@@ -244,6 +255,8 @@ struct RawMachine {
     blank_disks: Vec<RawBlankDisk>,
     #[serde(default)]
     allow_reboot: bool,
+    /// Seconds.
+    boot_timeout: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -369,6 +382,7 @@ impl RawMachine {
             qemu_args: self.qemu_args,
             blank_disks,
             allow_reboot: self.allow_reboot,
+            boot_timeout: self.boot_timeout.map(Duration::from_secs).unwrap_or(DEFAULT_BOOT_TIMEOUT),
             ..defaults
         })
     }
@@ -405,6 +419,7 @@ initrd = "/boot/initrd"
 cmdline = "console=ttyS0"
 disk = "root.qcow2"
 allow_reboot = true
+boot_timeout = 90
 "#,
         )
         .unwrap();
@@ -425,7 +440,8 @@ allow_reboot = true
                 disk: Some("/tests/root.qcow2".into()),
             },
         )
-        .allow_reboot(true);
+        .allow_reboot(true)
+        .boot_timeout(Duration::from_secs(90));
         // Machines come in name order, which NixOS's node numbers follow too.
         assert_eq!(test.machines, [client, server]);
     }

@@ -7,7 +7,7 @@
 use std::panic::Location;
 use std::time::{Duration, Instant};
 
-use super::Machine;
+use super::{brief, Machine};
 use crate::error::Result;
 
 /// NixOS's default timeout of `execute` and of every `wait_*`.
@@ -31,12 +31,12 @@ impl Machine {
     #[track_caller]
     pub fn succeed(&self, command: &str, timeout: Option<Duration>) -> Result<String> {
         let at = Location::caller();
-        self.shared.log.nested(Some(&self.name), &format!("must succeed: {command}"), || {
+        self.shared.log.nested(Some(&self.name), &format!("must succeed: {}", brief(command)), || {
             let (status, output) = self.run(at, command, timeout)?;
             let output = String::from_utf8_lossy(&output).into_owned();
             if status != 0 {
                 self.shared.log.info(Some(&self.name), &format!("output: {output}"));
-                let message = format!("command `{command}` failed (exit code {status}){}", shown(&output));
+                let message = format!("command `{}` failed (exit code {status}){}", brief(command), shown(&output));
                 return Err(self.assertion(at, message, status == 124));
             }
             Ok(output)
@@ -47,13 +47,13 @@ impl Machine {
     #[track_caller]
     pub fn fail(&self, command: &str, timeout: Option<Duration>) -> Result<String> {
         let at = Location::caller();
-        self.shared.log.nested(Some(&self.name), &format!("must fail: {command}"), || {
+        self.shared.log.nested(Some(&self.name), &format!("must fail: {}", brief(command)), || {
             let (status, output) = self.run(at, command, timeout)?;
             let output = String::from_utf8_lossy(&output).into_owned();
             if status == 0 {
                 return Err(self.assertion(
                     at,
-                    format!("command `{command}` unexpectedly succeeded{}", shown(&output)),
+                    format!("command `{}` unexpectedly succeeded{}", brief(command), shown(&output)),
                     false,
                 ));
             }
@@ -66,7 +66,7 @@ impl Machine {
     #[track_caller]
     pub fn wait_until_succeeds(&self, command: &str, timeout: Option<Duration>) -> Result<String> {
         let at = Location::caller();
-        let what = format!("wait for success: {command}");
+        let what = format!("wait for success: {}", brief(command));
         self.retry(at, &what, command, timeout, |status| status == 0)
     }
 
@@ -74,7 +74,7 @@ impl Machine {
     #[track_caller]
     pub fn wait_until_fails(&self, command: &str, timeout: Option<Duration>) -> Result<String> {
         let at = Location::caller();
-        let what = format!("wait for failure: {command}");
+        let what = format!("wait for failure: {}", brief(command));
         self.retry(at, &what, command, timeout, |status| status != 0)
     }
 
@@ -127,7 +127,7 @@ impl Machine {
         };
         shell.get().execute(command, timeout, deadline).map_err(|e| {
             drop(shell);
-            self.shell_failed(at, &format!("running `{command}`"), e)
+            self.shell_failed(at, &format!("running `{}`", brief(command)), e)
         })
     }
 }

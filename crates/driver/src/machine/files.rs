@@ -10,12 +10,13 @@ use attest_shell::quote;
 use base64::Engine;
 
 use super::commands::DEFAULT_TIMEOUT;
-use super::Machine;
+use super::{brief, Machine};
 use crate::config::BootConfig;
 use crate::error::{DriverError, Result};
 
-/// Bytes of a file per command when copying through the shell.
-const CHUNK: usize = 3 * 64 * 1024;
+/// Bytes of a file per command when copying through the shell: the command travels as one argument
+/// of `bash -c`, which the kernel limits to 128 KiB (`MAX_ARG_STRLEN`), and base64 adds a third.
+const CHUNK: usize = 48 * 1024;
 
 impl Machine {
     /// Copies the host file `source` to `target` in the guest.
@@ -99,7 +100,7 @@ impl Machine {
             (0, _) => Ok(()),
             (status, output) => Err(self.assertion(
                 at,
-                format!("command `{command}` failed (exit code {status}): {}", String::from_utf8_lossy(&output)),
+                format!("command `{}` failed (exit code {status}): {}", brief(command), String::from_utf8_lossy(&output)),
                 false,
             )),
         }

@@ -29,9 +29,6 @@ use crate::error::{DriverError, Failure, Result};
 
 pub use screen::key_for_char;
 
-/// How long a machine may take from `start` to its backdoor shell, unless the global timeout ends
-/// sooner (NixOS waits without limit; its connect timeout was raised to 10 minutes, PR #53828).
-pub const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a graceful stop may take before the VMM is killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// Console lines shown with an error.
@@ -214,7 +211,7 @@ impl Machine {
     /// Waits for the guest's backdoor shell: the channel, then the marker line.
     fn connect(&self, at: &'static Location<'static>, generation: u64) -> Result<BackdoorShell> {
         let started = lock(&self.started).unwrap_or_else(Instant::now);
-        let deadline = self.shared.deadline.min(started + BOOT_TIMEOUT);
+        let deadline = self.shared.deadline.min(started + self.config.boot_timeout);
         self.shared.log.nested(Some(&self.name), "waiting for the VM to finish booting", || {
             let rebooted =
                 lock(&self.rebooting).take().filter(|_| generation == self.generation.load(Ordering::SeqCst));
@@ -243,7 +240,7 @@ impl Machine {
             format!(
                 "expected the guest to print \"Spawning backdoor root shell...\" on its virtconsole within {:?} of starting, \
                  but after {waited:.1?}: {what}",
-                self.shared.deadline.min(started + BOOT_TIMEOUT).saturating_duration_since(started)
+                self.shared.deadline.min(started + self.config.boot_timeout).saturating_duration_since(started)
             ),
         )
     }
@@ -311,6 +308,16 @@ impl Machine {
     fn out_dir(&self) -> PathBuf {
         self.shared.out_dir.clone()
     }
+}
+
+/// A command as logs and errors show it: whole up to a few lines, else its start and its size.
+fn brief(command: &str) -> std::borrow::Cow<'_, str> {
+    const LIMIT: usize = 300;
+    if command.len() <= LIMIT {
+        return command.into();
+    }
+    let cut = (0..=LIMIT).rev().find(|&i| command.is_char_boundary(i)).unwrap_or(0);
+    format!("{}… ({} bytes)", &command[..cut], command.len()).into()
 }
 
 /// The machine's connected shell, held for one command.

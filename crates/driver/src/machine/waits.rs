@@ -28,7 +28,7 @@ impl Machine {
         self.wait_in_guest(
             at,
             &format!("TCP port {addr}:{port} to open"),
-            &format!("nc -z {} {port}", quote(addr)),
+            &port_open(addr, port),
             timeout,
         )
     }
@@ -37,7 +37,7 @@ impl Machine {
     pub fn wait_for_closed_port(&self, port: u16, addr: Option<&str>, timeout: Option<Duration>) -> Result<()> {
         let at = Location::caller();
         let addr = addr.unwrap_or("localhost");
-        let check = format!("! nc -z {} {port}", quote(addr));
+        let check = format!("! {{ {}; }}", port_open(addr, port));
         self.wait_in_guest(at, &format!("TCP port {addr}:{port} to close"), &check, timeout)
     }
 
@@ -74,10 +74,22 @@ impl Machine {
     ) -> Result<()> {
         let timeout = timeout.unwrap_or(DEFAULT_TIMEOUT);
         self.shared.log.nested(Some(&self.name), &format!("waiting for {what}"), || {
-            let script = format!("until {check}; do sleep {GUEST_POLL}; done");
+            // Quiet while it waits: a check that fails every 50 ms would flood the console.
+            let script = format!("until {{ {check}; }} 2>/dev/null; do sleep {GUEST_POLL}; done");
             match self.run(at, &script, Some(timeout))? {
                 (0, _) => Ok(()),
-                (124 | 143, _) => Err(self.timed_out(at, what, timeout)),
+                (124 | 143, _) => {
+                    // What the check says, once, to show why it never passed.
+                    let last = self.run(at, &format!("{{ {check}; }} 2>&1"), Some(Duration::from_secs(30)));
+                    let said =
+                        last.map(|(_, out)| String::from_utf8_lossy(&out).trim_end().to_string()).unwrap_or_default();
+                    let what = if said.is_empty() {
+                        what.to_string()
+                    } else {
+                        format!("{what} (the check `{check}` says: {said})")
+                    };
+                    Err(self.timed_out(at, &what, timeout))
+                }
                 (status, output) => Err(self.assertion(
                     at,
                     format!("waiting for {what} failed (exit code {status}): {}", String::from_utf8_lossy(&output)),
@@ -90,4 +102,12 @@ impl Machine {
     pub(super) fn timed_out(&self, at: &'static Location<'static>, what: &str, timeout: Duration) -> DriverError {
         self.assertion(at, format!("timed out after {timeout:?} waiting for {what}"), true)
     }
+}
+
+/// Whether something accepts TCP connections at `addr:port`: `nc -z` as NixOS checks, else (a
+/// netcat without `-z`, e.g. busybox's) bash's own `/dev/tcp`, which every backdoor guest has.
+fn port_open(addr: &str, port: u16) -> String {
+    // A static bash cannot resolve names: give it the address localhost stands for.
+    let numeric = if addr == "localhost" { "127.0.0.1" } else { addr };
+    format!("nc -z {} {port} || (exec 3<>{})", quote(addr), quote(&format!("/dev/tcp/{numeric}/{port}")))
 }

@@ -1,0 +1,31 @@
+//! What the driver's VM tests share: whether this host can run them (else they print why and skip),
+//! and a driver whose log is captured with the test's output.
+
+use attest_driver::{Driver, DriverOptions, MachineConfig, TestConfig};
+
+/// Why the minimal guest cannot boot here, if it cannot.
+pub fn missing_prerequisite() -> Option<String> {
+    if attest_machine::Qemu::find_binary().is_none() {
+        return Some("qemu-system-x86_64 not found".into());
+    }
+    if attest_image::kernel::locate(None, &attest_image::cache_dir()).is_err() {
+        return Some("no guest kernel (scripts/setup fetches one)".into());
+    }
+    if let Err(e) = attest_image::find_busybox() {
+        return Some(e.to_string());
+    }
+    attest_image::backdoor::find_static_bash().err().map(|e| e.to_string())
+}
+
+/// A driver for `machines`, or `None` after printing why this host cannot run it.
+pub fn driver(machines: Vec<MachineConfig>) -> Option<Driver> {
+    driver_with(TestConfig::new(machines))
+}
+
+pub fn driver_with(config: TestConfig) -> Option<Driver> {
+    if let Some(why) = missing_prerequisite() {
+        eprintln!("SKIP: {why}");
+        return None;
+    }
+    Some(Driver::new(config, DriverOptions::default()).expect("the driver starts"))
+}

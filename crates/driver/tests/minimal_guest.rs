@@ -1,0 +1,255 @@
+//! The machine API on real VMs (QEMU, TCG here) running attest's minimal backdoor guest (busybox,
+//! bash, NixOS's backdoor script; no init system): one boot shared by many checks, and the failure
+//! modes that must end in an error, not a hang.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use attest_driver::{BuiltinImage, DriverError, MachineConfig, TestConfig};
+
+fn minimal(name: &str) -> MachineConfig {
+    MachineConfig::image(name, BuiltinImage::Minimal).memory_mib(256)
+}
+
+#[test]
+fn one_boot_many_checks() {
+    let Some(driver) = common::driver(vec![minimal("machine")]) else { return };
+    let m = driver.machine("machine").unwrap();
+    let quick = Some(Duration::from_secs(60));
+
+    driver
+        .subtest("commands", || {
+            assert_eq!(m.succeed("echo hello; echo err >&2", None)?, "hello\n");
+            assert_eq!(m.execute("printf 'a\\nb'; exit 3", None)?, (3, "a\nb".to_string()));
+            assert_eq!(m.fail("false", None)?, "");
+            let failed = m.succeed("echo out; exit 4", None).unwrap_err();
+            assert!(failed.is_assertion(), "{failed}");
+            let text = failed.to_string();
+            assert!(text.contains("command `echo out; exit 4` failed (exit code 4)") && text.contains("out"), "{text}");
+            assert!(text.contains("minimal_guest.rs:"), "the error names the test's line: {text}");
+            let unexpected = m.fail("true", None).unwrap_err().to_string();
+            assert!(unexpected.contains("unexpectedly succeeded"), "{unexpected}");
+            // Quotes, newlines and a here-document survive the trip byte for byte.
+            let tricky = "printf '%s|' \"it's\" 'a \"b\"' $'x\\ny'";
+            assert_eq!(m.succeed(tricky, None)?, "it's|a \"b\"|x\ny|");
+            Ok(())
+        })
+        .unwrap();
+
+    driver
+        .subtest("a background process does not hold the command", || {
+            let asked = Instant::now();
+            assert_eq!(m.succeed("sleep 100 & echo started", None)?, "started\n");
+            assert!(asked.elapsed() < Duration::from_secs(10), "{:?}", asked.elapsed());
+            Ok(())
+        })
+        .unwrap();
+
+    driver
+        .subtest("a command's timeout ends it in time", || {
+            let asked = Instant::now();
+            let err = m.succeed("sleep 30", Some(Duration::from_secs(2))).unwrap_err();
+            assert!(err.is_assertion(), "{err}");
+            assert!(asked.elapsed() < Duration::from_secs(3), "{:?}", asked.elapsed());
+            assert_eq!(m.succeed("echo still usable", None)?, "still usable\n");
+            Ok(())
+        })
+        .unwrap();
+
+    driver
+        .subtest("waits return when the condition comes true", || {
+            m.succeed("(sleep 1; touch /tmp/ready) >/dev/null 2>&1 &", None)?;
+            m.wait_for_file("/tmp/ready", quick)?;
+            assert_eq!(m.succeed("ls /tmp/ready", None)?, "/tmp/ready\n", "the file is there once the wait returns");
+            m.succeed("mkdir -p /srv && echo served > /srv/index.html", None)?;
+            m.succeed("(sleep 1; httpd -p 8080 -h /srv) >/dev/null 2>&1 &", None)?;
+            m.wait_for_open_port(8080, None, quick)?;
+            assert_eq!(m.succeed("wget -q -O - http://127.0.0.1:8080/", None)?, "served\n");
+            m.succeed("kill $(ps -o pid,args | awk '/httpd -p 8080/ && !/awk/ {print $1}')", None)?;
+            m.wait_for_closed_port(8080, None, quick)?;
+            let asked = Instant::now();
+            let err = m.wait_for_file("/never", Some(Duration::from_secs(2))).unwrap_err();
+            assert!(err.to_string().contains("timed out after 2s waiting for file /never to exist"), "{err}");
+            assert!(asked.elapsed() < Duration::from_secs(4), "{:?}", asked.elapsed());
+            Ok(())
+        })
+        .unwrap();
+
+    driver
+        .subtest("console text printed later", || {
+            m.succeed("(sleep 1; echo 'late console line' > /dev/ttyS0) >/dev/null 2>&1 &", None)?;
+            assert_eq!(m.wait_for_console_text("late console \\w+", quick)?, "late console line");
+            let err = m.wait_for_console_text("never printed", Some(Duration::from_millis(300))).unwrap_err();
+            assert!(err.to_string().contains("--- last lines of machine's console ---"), "{err}");
+            assert!(m.get_console_log().contains("late console line"));
+            Ok(())
+        })
+        .unwrap();
+
+    driver
+        .subtest("files round-trip byte for byte", || {
+            let dir = tempfile::tempdir().unwrap();
+            let source = dir.path().join("blob");
+            let bytes: Vec<u8> = (0..300_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+            std::fs::write(&source, &bytes).unwrap();
+            m.copy_from_host(&source, "/root/in/blob")?;
+            let sum = m.succeed("sha256sum /root/in/blob | cut -c1-64", None);
+            let sum = sum.or_else(|_| m.succeed("sha256sum /root/in/blob | awk '{print $1}'", None))?;
+            assert_eq!(sum.len(), 65, "{sum}");
+            let back = m.copy_from_vm("/root/in/blob", "copied")?;
+            assert_eq!(back, driver.out_dir().join("copied/blob"));
+            assert_eq!(std::fs::read(&back).unwrap(), bytes);
+            m.succeed("mkdir -p /root/tree/sub && echo x > /root/tree/sub/f", None)?;
+            let tree = m.copy_from_vm("/root/tree", "")?;
+            assert_eq!(std::fs::read(tree.join("sub/f")).unwrap(), b"x\n");
+            Ok(())
+        })
+        .unwrap();
+
+    driver
+        .subtest("screen and keyboard", || {
+            let png = m.screenshot("screen")?;
+            assert_eq!(png, driver.out_dir().join("screen.png"));
+            let image = image::open(&png).expect("a PNG the image crate reads");
+            assert!(image.width() >= 640 && image.height() >= 400, "{}x{}", image.width(), image.height());
+            // Something must hold tty1 open for the line discipline to echo what is typed.
+            m.succeed("(sleep 600 < /dev/tty1) >/dev/null 2>&1 &", None)?;
+            m.send_chars("Hello, World! ~|{}")?;
+            let text = m.wait_until_tty_matches(1, "Hello, World! ~\\|\\{\\}", quick)?;
+            assert!(text.contains("Hello, World! ~|{}"), "{text}");
+            Ok(())
+        })
+        .unwrap();
+
+    driver
+        .subtest("the monitor", || {
+            assert!(m.send_monitor_command("info status")?.contains("running"));
+            m.send_monitor_command("stop")?;
+            let stop = m.wait_for_qmp_event(|e| e.name == "STOP", quick)?;
+            assert_eq!(stop.name, "STOP");
+            m.send_monitor_command("cont")?;
+            assert_eq!(m.succeed("echo resumed", None)?, "resumed\n");
+            Ok(())
+        })
+        .unwrap();
+
+    driver
+        .subtest("a crash during a command is an error, not a hang", || {
+            let crasher = m.clone();
+            let asked = Instant::now();
+            let crash = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_secs(1));
+                crasher.crash()
+            });
+            let err = m.succeed("sleep 60", None).unwrap_err();
+            crash.join().unwrap()?;
+            assert!(asked.elapsed() < Duration::from_secs(10), "{:?}", asked.elapsed());
+            assert!(matches!(err, DriverError::Broken(_)), "{err}");
+            assert!(err.to_string().contains("the machine stopped while the command ran"), "{err}");
+            assert!(!m.is_up());
+            // As in NixOS, the next command boots the machine again.
+            assert_eq!(m.succeed("echo back", None)?, "back\n");
+            assert!(m.is_up());
+            Ok(())
+        })
+        .unwrap();
+
+    driver
+        .subtest("shutdown", || {
+            m.shutdown()?;
+            assert!(!m.is_up());
+            Ok(())
+        })
+        .unwrap();
+
+    let junit = driver.out_dir().join("junit.xml");
+    driver.write_junit(&junit, "minimal guest", None).unwrap();
+    let xml = std::fs::read_to_string(&junit).unwrap();
+    assert!(xml.contains(r#"tests="10""#) && xml.contains(r#"failures="0""#), "{xml}");
+    assert!(xml.contains(r#"<testcase name="screen and keyboard""#), "{xml}");
+}
+
+#[test]
+fn machines_boot_in_parallel_and_reboot() {
+    let machines = vec![minimal("first"), minimal("second").allow_reboot(true)];
+    let Some(driver) = common::driver(machines) else { return };
+    let started = Instant::now();
+    driver.start_all().unwrap();
+    let (first, second) = (driver.machine("first").unwrap(), driver.machine("second").unwrap());
+    let other = second.clone();
+    let booting = std::thread::spawn(move || other.succeed("echo up", None).map(|_| Instant::now()));
+    first.succeed("echo up", None).unwrap();
+    let first_up = Instant::now();
+    let second_up = booting.join().unwrap().unwrap();
+    let both = first_up.max(second_up) - started;
+    let one = first_up.min(second_up) - started;
+    // Sequential boots would take twice as long as one.
+    assert!(both < one * 2, "one boot {one:?}, both {both:?}");
+
+    let boot_id = |m: &attest_driver::Machine| m.succeed("cat /proc/sys/kernel/random/boot_id", None).unwrap();
+    let before = boot_id(second);
+    second.reboot().unwrap();
+    assert_ne!(boot_id(second), before, "a new boot, on the same channel");
+    assert!(second.is_up());
+    first.shutdown().unwrap();
+    second.shutdown().unwrap();
+}
+
+#[test]
+fn the_global_timeout_stops_everything_within_seconds() {
+    let mut config = TestConfig::new(vec![minimal("slow")]);
+    config.global_timeout = Duration::from_secs(20);
+    let Some(driver) = common::driver_with(config) else { return };
+    let m = driver.machine("slow").unwrap();
+    m.succeed("true", None).unwrap();
+    let err = m.succeed("sleep 600", None).unwrap_err();
+    assert!(matches!(err, DriverError::GlobalTimeout(_)), "{err}");
+    assert!(!m.is_up());
+}
+
+#[test]
+fn a_guest_that_never_announces_its_shell_fails_within_the_boot_timeout() {
+    let Some(why) = common::missing_prerequisite() else {
+        let kernel = attest_image::kernel::locate(None, &attest_image::cache_dir()).unwrap();
+        // Boots, prints, and then idles forever without a backdoor.
+        let busybox = attest_image::find_busybox().unwrap();
+        let initramfs = attest_image::Initramfs::new()
+            .dir("bin")
+            .dir("dev")
+            .char_device("dev/console", 5, 1)
+            .file("bin/busybox", std::fs::read(busybox).unwrap(), 0o755)
+            .symlink("bin/sh", "busybox")
+            .file("init", b"#!/bin/sh\necho 'no backdoor here'\nexec /bin/busybox sleep 600\n".to_vec(), 0o755)
+            .write_cached(&attest_image::cache_dir().join("initramfs"))
+            .unwrap();
+        let machine = MachineConfig::kernel("silent", &kernel.path, Some(initramfs), "console=ttyS0 rdinit=/init")
+            .memory_mib(256)
+            .boot_timeout(Duration::from_secs(15));
+        let driver = common::driver(vec![machine]).unwrap();
+        let asked = Instant::now();
+        let err = driver.machine("silent").unwrap().succeed("true", None).unwrap_err().to_string();
+        assert!(asked.elapsed() < Duration::from_secs(25), "{:?}", asked.elapsed());
+        assert!(err.contains("expected the guest to print \"Spawning backdoor root shell...\""), "{err}");
+        assert!(err.contains("no backdoor here"), "the console tail is shown: {err}");
+        return;
+    };
+    eprintln!("SKIP: {why}");
+}
+
+#[test]
+fn a_start_script_that_exits_at_once_fails_at_once() {
+    if let Some(why) = common::missing_prerequisite() {
+        return eprintln!("SKIP: {why}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("run-broken-vm");
+    std::fs::write(&script, "#!/bin/sh\necho 'qemu: cannot find the disk image' >&2\nexit 1\n").unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let driver = common::driver(vec![MachineConfig::start_script(&script).unwrap()]).unwrap();
+    let asked = Instant::now();
+    let err = driver.machine("broken").unwrap().succeed("true", None).unwrap_err().to_string();
+    assert!(asked.elapsed() < Duration::from_secs(10), "{:?}", asked.elapsed());
+    assert!(err.contains("the VMM exited"), "{err}");
+    assert!(err.contains("qemu: cannot find the disk image"), "the script's output is shown: {err}");
+}
