@@ -10,6 +10,7 @@
 use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -342,7 +343,14 @@ impl Build {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
         let dir = parent.join(format!("build-{}-{nanos}", std::process::id()));
         std::fs::create_dir(&dir).map_err(ImageError::io(format!("creating {}", dir.display())))?;
-        let log = File::create(&log_path).map_err(ImageError::io(format!("creating {}", log_path.display())))?;
+        // A fresh file in append mode: every step's output lands at the end, and a straggler of an
+        // earlier build still holding the old log cannot write holes into this one.
+        let _ = std::fs::remove_file(&log_path);
+        let log = std::fs::OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(ImageError::io(format!("creating {}", log_path.display())))?;
         Ok(Build { dir, log_path, log })
     }
 
@@ -421,6 +429,13 @@ impl Build {
             Command::new(program)
         };
         args(&mut cmd);
+        // If attest dies mid-build, SIGTERM the step: debootstrap traps it and unmounts what it
+        // mounted in the chroot. (Lost across sudo, which is set-uid; attest running as root keeps it.)
+        // SAFETY: between fork and exec the hook only makes the prctl system call and returns its
+        // errno: async-signal-safe, no allocation, no locks.
+        unsafe {
+            cmd.pre_exec(|| Ok(nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)?));
+        }
         writeln!(self.log, "==> {step}: {cmd:?}").ok();
         let log = |f: &File| f.try_clone().map(Stdio::from);
         let io = ImageError::io(format!("opening the build log {}", self.log_path.display()));
@@ -490,7 +505,7 @@ fn remove_stale_builds(dir: &Path) {
             continue;
         }
         let log_path = dir.join(format!("{name}.stale.log"));
-        let Ok(log) = File::create(&log_path) else { continue };
+        let Ok(log) = std::fs::OpenOptions::new().create(true).append(true).open(&log_path) else { continue };
         drop(Build { dir: entry.path(), log_path: log_path.clone(), log });
         let _ = std::fs::remove_file(log_path);
     }
