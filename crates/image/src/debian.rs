@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
+use nix::fcntl::{Flock, FlockArg};
 use sha2::{Digest, Sha256};
 
 use crate::backdoor::BACKDOOR_SCRIPT;
@@ -319,6 +320,11 @@ pub fn image(
         why: format!("no lib/modules/{} beside it; the Debian guest's udev needs the kernel's modules", kernel.release),
     })?;
     std::fs::create_dir_all(&dir).map_err(ImageError::io(format!("creating {}", dir.display())))?;
+    // One build at a time (threads and processes alike); the holder's steps all have time limits.
+    let _lock = lock_builds(&dir, progress)?;
+    if path.exists() && !rebuild {
+        return Ok(path);
+    }
     remove_stale_builds(&dir);
     let started = Instant::now();
     let log_path = dir.join(format!("{}.log", recipe.file_name()));
@@ -326,6 +332,22 @@ pub fn image(
     build.run(&recipe, modules, &path, progress)?;
     progress(&format!("built {} in {:.0?}", path.display(), started.elapsed()));
     Ok(path)
+}
+
+/// Takes the exclusive build lock of `dir` (`.build.lock`), saying so when another build holds it.
+fn lock_builds(dir: &Path, progress: &mut dyn FnMut(&str)) -> Result<Flock<File>, ImageError> {
+    let path = dir.join(".build.lock");
+    let io = |what: &str| ImageError::io(format!("{what} {}", path.display()));
+    let file =
+        std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io("opening"))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(lock),
+        Err((file, nix::errno::Errno::EWOULDBLOCK)) => {
+            progress("waiting for another attest to finish building the Debian image");
+            Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| io("locking")(errno.into()))
+        }
+        Err((_, errno)) => Err(io("locking")(errno.into())),
+    }
 }
 
 /// One build's private directory (`cache/debian/build-<pid>-<n>`: the debootstrap root, the raw
@@ -373,28 +395,28 @@ impl Build {
             self.log_path.display()
         ));
         let include = format!("--include={}", recipe.packages.join(","));
-        self.command("debootstrap", true, "debootstrap", |c| {
+        self.command("debootstrap", true, 1200, "debootstrap", |c| {
             c.args(["--variant=minbase", &include, &recipe.suite]).arg(&root).arg(&recipe.mirror)
         })?;
 
         progress("configuring the guest");
         let staged = self.dir.join("files");
         stage_files(&staged, &recipe.files)?;
-        self.command("copying the configuration files", true, "cp", |c| {
+        self.command("copying the configuration files", true, 300, "cp", |c| {
             c.args(["-R", "--preserve=mode", "--remove-destination"]).arg(staged.join(".")).arg(&root)
         })?;
         let guest_modules = root.join("usr/lib/modules");
-        self.command("copying the kernel's modules", true, "sh", |c| {
+        self.command("copying the kernel's modules", true, 300, "sh", |c| {
             c.args(["-c", "mkdir -p \"$1\" && cp -R \"$2\" \"$1/\"", "sh"]).arg(&guest_modules).arg(modules)
         })?;
-        self.command("configuring the guest in a chroot", true, "chroot", |c| {
+        self.command("configuring the guest in a chroot", true, 300, "chroot", |c| {
             c.arg(&root).args(["/bin/sh", "-c", &recipe.chroot_script, "sh", &recipe.kernel_release])
         })?;
         self.unmount_all()?;
 
         progress("making the ext4 filesystem and the qcow2");
         let raw = self.dir.join("root.ext4");
-        self.command("making the ext4 filesystem", true, "mkfs.ext4", |c| {
+        self.command("making the ext4 filesystem", true, 600, "mkfs.ext4", |c| {
             c.args(["-q", "-F", "-L", LABEL, "-d"]).arg(&root).arg(&raw).arg(DISK_SIZE)
         })?;
         let parent = image.parent().unwrap_or(Path::new("."));
@@ -403,7 +425,7 @@ impl Build {
             .suffix(".qcow2")
             .tempfile_in(parent)
             .map_err(ImageError::io(format!("creating a temporary image in {}", parent.display())))?;
-        self.command("converting to qcow2", false, "qemu-img", |c| {
+        self.command("converting to qcow2", false, 600, "qemu-img", |c| {
             c.args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(partial.path())
         })?;
         set_read_only(partial.path())?;
@@ -411,23 +433,26 @@ impl Build {
         Ok(())
     }
 
-    /// Runs `program` with the arguments `args` adds, its output appended to the log; `privileged`
-    /// steps go through sudo unless attest is root.
+    /// Runs `program` with the arguments `args` adds, its output appended to the log, stopped after
+    /// `limit_secs`; `privileged` steps go through sudo unless attest is root.
     fn command(
         &mut self,
         step: &str,
         privileged: bool,
+        limit_secs: u32,
         program: &str,
         args: impl FnOnce(&mut Command) -> &mut Command,
     ) -> Result<(), ImageError> {
         use std::io::Write as _;
         let mut cmd = if privileged && !nix::unistd::geteuid().is_root() {
             let mut sudo = Command::new("sudo");
-            sudo.arg(program);
+            sudo.arg("timeout");
             sudo
         } else {
-            Command::new(program)
+            Command::new("timeout")
         };
+        // GNU timeout: TERM after the limit (debootstrap unmounts on TERM), KILL 30 s later.
+        cmd.args(["--kill-after=30", &limit_secs.to_string(), program]);
         args(&mut cmd);
         // If attest dies mid-build, SIGTERM the step: debootstrap traps it and unmounts what it
         // mounted in the chroot. (Lost across sudo, which is set-uid; attest running as root keeps it.)
@@ -449,9 +474,16 @@ impl Build {
         if status.success() {
             return Ok(());
         }
+        let what = match status.code() {
+            Some(124 | 137) => format!("did not finish within {limit_secs} s (stopped)"),
+            Some(126 | 127) => {
+                format!("could not run {program} (scripts/setup installs debootstrap, qemu-utils and e2fsprogs)")
+            }
+            _ => format!("exited with {status}"),
+        };
         Err(ImageError::GuestBuild {
             step: step.into(),
-            what: format!("exited with {status}"),
+            what,
             log: self.log_path.clone(),
             tail: log_tail(&self.log_path, 25),
         })
@@ -462,8 +494,9 @@ impl Build {
         let mounts = mounts_under(&self.dir);
         for mount in mounts.iter().rev() {
             // Lazy: detached at once even if a straggler process still uses it.
-            let _ = self
-                .command(&format!("unmounting {}", mount.display()), true, "umount", |c| c.args(["--lazy"]).arg(mount));
+            let _ = self.command(&format!("unmounting {}", mount.display()), true, 60, "umount", |c| {
+                c.args(["--lazy"]).arg(mount)
+            });
         }
         let left = mounts_under(&self.dir);
         if left.is_empty() {
@@ -487,7 +520,9 @@ impl Drop for Build {
         // --one-file-system: never descend into a mount, even one that appeared since.
         let dir = self.dir.clone();
         if self
-            .command("removing the build directory", true, "rm", |c| c.args(["-rf", "--one-file-system"]).arg(&dir))
+            .command("removing the build directory", true, 300, "rm", |c| {
+                c.args(["-rf", "--one-file-system"]).arg(&dir)
+            })
             .is_err()
         {
             tracing::warn!("could not remove {}; see {}", dir.display(), self.log_path.display());
