@@ -1,4 +1,5 @@
-//! The `attest` command line: `exec` runs one program in a fresh VM, `doctor` checks the host.
+//! The `attest` command line: `exec` runs one program in a fresh VM, `doctor` checks the host,
+//! `image` builds guest images.
 
 /// Like eprintln!, but a closed stderr must not turn a report into a panic (and exit 101).
 macro_rules! say {
@@ -19,6 +20,7 @@ macro_rules! out {
 mod doctor;
 mod exec;
 mod exit_code;
+mod image;
 
 use clap::{Parser, Subcommand};
 
@@ -43,6 +45,8 @@ enum Command {
     Exec(exec::ExecArgs),
     /// Check every prerequisite and say how to fix what is missing.
     Doctor(doctor::DoctorArgs),
+    /// Build guest images for system tests (cached) and print their paths.
+    Image(image::ImageArgs),
     /// Print the path of the benchmark floor initramfs (busybox init that powers off at once).
     #[command(hide = true, name = "bench-floor-initramfs")]
     BenchFloorInitramfs,
@@ -54,6 +58,7 @@ fn main() {
     let code = match cli.command {
         Command::Exec(args) => exec::run(args, cli.verbose > 0),
         Command::Doctor(args) => doctor::run(args),
+        Command::Image(args) => image::run(args),
         Command::BenchFloorInitramfs => bench_floor_initramfs(),
     };
     std::process::exit(code);

@@ -1,7 +1,9 @@
 //! Guest images for attest: finding a kernel, resolving the driver modules it needs, and building the
-//! initramfs that carries attest's static guest init into the VM.
+//! initramfs that carries attest's static guest init into the VM, and guest images (a Debian systemd
+//! guest) for system tests.
 
 pub mod backdoor;
+pub mod debian;
 pub mod initramfs;
 pub mod kernel;
 pub mod modules;
@@ -33,6 +35,8 @@ pub enum ImageError {
     DynamicBusybox { path: PathBuf },
     #[error("{path} is not a static bash: install Debian's bash-static, or set ATTEST_BASH")]
     NoStaticBash { path: PathBuf },
+    #[error("building the Debian guest image: {step} {what}; full log: {}\n{tail}", log.display())]
+    GuestBuild { step: String, what: String, log: PathBuf, tail: String },
 }
 
 impl ImageError {
