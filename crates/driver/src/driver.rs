@@ -128,8 +128,13 @@ impl Driver {
             backend: backend.clone(),
         });
 
-        let cx =
-            prepare::Context { backend: backend.as_ref(), accel: accel.accel, cache: &cache, shared_dir: &shared_dir };
+        let cx = prepare::Context {
+            backend: backend.as_ref(),
+            accel: accel.accel,
+            cache: &cache,
+            shared_dir: &shared_dir,
+            log: &options.log,
+        };
         let mut machines = Vec::new();
         for (index, config) in config.machines.into_iter().enumerate() {
             let dir = state.machine_dir(index, &config.name)?;

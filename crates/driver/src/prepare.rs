@@ -11,6 +11,7 @@ use attest_machine::{
 
 use crate::config::{BootConfig, BuiltinImage, MachineConfig};
 use crate::error::{DriverError, Result};
+use crate::log::Log;
 
 /// What every machine of a test shares.
 pub struct Context<'a> {
@@ -19,6 +20,7 @@ pub struct Context<'a> {
     pub cache: &'a Path,
     /// `SHARED_DIR` for start scripts.
     pub shared_dir: &'a Path,
+    pub log: &'a Log,
 }
 
 /// Kernel parameters of attest's own guests: the serial console for the log and tty0 for typing
@@ -89,26 +91,33 @@ pub fn spec(config: &MachineConfig, cx: &Context, dir: &MachineDir) -> Result<Ma
         spec.disks.push(made);
     }
     if let BootConfig::Image(image) = config.boot {
-        spec.boot = builtin(image, &spec, cx)?;
+        builtin(image, &mut spec, cx, dir)?;
     }
     Ok(spec)
 }
 
-/// The boot of one of attest's own guests, with exactly the drivers `spec`'s devices need.
-fn builtin(image: BuiltinImage, spec: &MachineSpec, cx: &Context) -> Result<Boot> {
+/// Boots `spec` as one of attest's own guests, with exactly the drivers its devices need.
+fn builtin(image: BuiltinImage, spec: &mut MachineSpec, cx: &Context, dir: &MachineDir) -> Result<()> {
     let kernel = attest_image::kernel::locate(None, cx.cache)?;
-    let drivers = cx.backend.guest_drivers(spec);
-    let modules = kernel.module_tree()?.resolve(&drivers)?.load;
     match image {
         BuiltinImage::Minimal => {
+            let modules = kernel.module_tree()?.resolve(&cx.backend.guest_drivers(spec))?.load;
             let initramfs = backdoor_initramfs(&attest_image::find_busybox()?, &find_static_bash()?, &modules)?
                 .write_cached(&cx.cache.join("initramfs"))?;
-            Ok(KernelBoot::new(&kernel.path, Some(initramfs), format!("{GUEST_PARAMS} quiet rdinit=/init")))
+            spec.boot = KernelBoot::new(&kernel.path, Some(initramfs), format!("{GUEST_PARAMS} quiet rdinit=/init"));
         }
-        BuiltinImage::Debian => Err(DriverError::Config(
-            "the Debian guest is not available in this build of attest; use image = \"minimal\"".into(),
-        )),
+        BuiltinImage::Debian => {
+            // virtio_blk for the root disk is among the image's own boot drivers.
+            let name = spec.name.clone();
+            let mut progress = |step: &str| cx.log.info(Some(&name), step);
+            let guest =
+                attest_image::debian::ensure(cx.cache, &kernel, &cx.backend.guest_drivers(spec), &mut progress)?;
+            // The root disk comes first: the guest mounts /dev/vda.
+            spec.disks.insert(0, disk::overlay(&guest.disk, &dir.path().join("root-overlay.qcow2"))?);
+            spec.boot = KernelBoot::new(&guest.kernel, Some(guest.initrd.clone()), guest.cmdline_for(&spec.name));
+        }
     }
+    Ok(())
 }
 
 fn must_exist(path: &Path, what: &str) -> Result<PathBuf> {

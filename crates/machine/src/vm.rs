@@ -1,8 +1,7 @@
 //! A running machine: the VMM process, its helper daemons and its console, whatever the backend.
 //! Dropping a `Vm` kills and reaps all of them.
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::net::UnixStream;
+use std::os::fd::{AsFd, OwnedFd};
 use std::process::Stdio;
 
 use nix::fcntl::OFlag;
@@ -95,19 +94,9 @@ impl Vm {
     }
 
     /// An fd that hangs up once the VMM has exited, for waits that should end then (see
-    /// [`Transport::connect`]).
-    pub fn exit_fd(&self) -> BorrowedFd<'_> {
-        self.exit_fd.as_fd()
-    }
-
-    /// Waits, at most until `deadline`, for the VMM to connect the guest channel, and returns the
-    /// stream; fails at once if the VMM exits first.
-    pub fn connect_channel(&mut self, deadline: Instant) -> Result<UnixStream> {
-        let transport = self.agent.as_mut().ok_or_else(|| MachineError::NoChannel { machine: self.name.clone() })?;
-        let describe = transport.describe();
-        transport
-            .connect(deadline, Some(self.exit_fd.as_fd()))
-            .map_err(MachineError::io(format!("waiting for the guest channel on {describe}")))
+    /// [`Transport::connect`]); a duplicate, so it can be waited on without holding the `Vm`.
+    pub fn exit_watch(&self) -> Result<OwnedFd> {
+        self.exit_fd.try_clone().map_err(MachineError::io("duplicating the VMM's exit pipe"))
     }
 
     pub fn name(&self) -> &str {
@@ -133,6 +122,7 @@ impl Vm {
         self.vmm.wait_until(deadline).is_some()
     }
 
+    /// The guest command channel, to connect (with [`Vm::exit_watch`]) outside any lock on the `Vm`.
     pub fn take_agent(&mut self) -> Option<Box<dyn Transport>> {
         self.agent.take()
     }

@@ -100,7 +100,11 @@ impl Machine {
             (0, _) => Ok(()),
             (status, output) => Err(self.assertion(
                 at,
-                format!("command `{}` failed (exit code {status}): {}", brief(command), String::from_utf8_lossy(&output)),
+                format!(
+                    "command `{}` failed (exit code {status}): {}",
+                    brief(command),
+                    String::from_utf8_lossy(&output)
+                ),
                 false,
             )),
         }

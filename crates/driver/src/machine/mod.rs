@@ -11,6 +11,7 @@ mod screen;
 mod units;
 mod waits;
 
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::panic::Location;
 use std::path::PathBuf;
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use attest_machine::backend::Control;
 use attest_machine::qmp::Qmp;
+use attest_machine::transport::listening::wait_readable;
 use attest_machine::Console;
 use attest_shell::{BackdoorShell, ShellError};
 
@@ -158,14 +160,17 @@ impl Machine {
     }
 
     fn wait_down(&self, at: &'static Location<'static>) -> Result<()> {
-        if lock(&self.vm).wait_exited(self.shared.deadline) {
+        let exit =
+            lock(&self.vm).vm().map(|vm| vm.exit_watch()).transpose().map_err(|e| self.broken(at, e.to_string()))?;
+        if let Some(exit) = exit {
+            // Not under the machine's lock: the wait can last until the global timeout.
+            wait_readable(&exit, None, self.shared.deadline).ok();
+        }
+        if lock(&self.vm).wait_exited(Instant::now() + Duration::from_secs(5)) {
             return Ok(());
         }
-        Err(self.assertion(
-            at,
-            "expected the machine to power off, but it was still running at the global timeout".into(),
-            true,
-        ))
+        let message = "expected the machine to power off, but it was still running at the global timeout";
+        Err(self.assertion(at, message.into(), true))
     }
 
     /// Stops the machine for teardown: a `sync` if the shell is free, QMP `quit`, then a kill if
@@ -218,9 +223,18 @@ impl Machine {
             let stream = match rebooted {
                 Some(stream) => stream,
                 None => {
-                    let mut vm = lock(&self.vm);
-                    let vm = vm.vm().expect("started");
-                    vm.connect_channel(deadline).map_err(|e| self.boot_failed(at, started, &e.to_string()))?
+                    // Waited on without the machine's lock, so other threads can crash or inspect it.
+                    let (channel, exit) = {
+                        let mut vm = lock(&self.vm);
+                        let vm = vm.vm().expect("started");
+                        (vm.take_agent(), vm.exit_watch())
+                    };
+                    let no_channel =
+                        || self.broken(at, "it has no guest channel left (a previous connect failed)".into());
+                    let mut channel = channel.ok_or_else(no_channel)?;
+                    let exit = exit.map_err(|e| self.broken(at, e.to_string()))?;
+                    let connected = channel.connect(deadline, Some(exit.as_fd()));
+                    connected.map_err(|e| self.boot_failed(at, started, &e.to_string()))?
                 }
             };
             let (shell, _) =
@@ -249,9 +263,8 @@ impl Machine {
     fn qmp(&self, at: &'static Location<'static>) -> Result<Arc<Qmp>> {
         self.start_at(at)?;
         let deadline = self.shared.deadline.min(Instant::now() + Duration::from_secs(30));
-        let mut vm = lock(&self.vm);
-        let vm = vm.vm().expect("started");
-        match vm.control(deadline) {
+        let control = lock(&self.vm).vm().expect("started").control(deadline);
+        match control {
             Ok(Control::Qmp(qmp)) => Ok(qmp),
             Err(e) => Err(self.broken(at, format!("its QMP monitor is unusable: {e}"))),
         }

@@ -25,12 +25,7 @@ impl Machine {
     pub fn wait_for_open_port(&self, port: u16, addr: Option<&str>, timeout: Option<Duration>) -> Result<()> {
         let at = Location::caller();
         let addr = addr.unwrap_or("localhost");
-        self.wait_in_guest(
-            at,
-            &format!("TCP port {addr}:{port} to open"),
-            &port_open(addr, port),
-            timeout,
-        )
+        self.wait_in_guest(at, &format!("TCP port {addr}:{port} to open"), &port_open(addr, port), timeout)
     }
 
     #[track_caller]
