@@ -7,7 +7,7 @@ use std::process::Command;
 use attest_image::{ImageError, Kernel};
 use attest_machine::backend::qemu::kvm_probe;
 use attest_machine::network::user_mode;
-use attest_machine::{share_fs, state_dir, vhost_vsock, Backend, GuestChannel, KernelBoot, MachineSpec};
+use attest_machine::{share_fs, state_dir, vhost_vsock, Backend, Boot, GuestChannel, MachineSpec};
 use attest_machine::{virtiofsd, Qemu, ShareFs};
 use attest_protocol::AGENT_PORT;
 use serde::Serialize;
@@ -64,7 +64,7 @@ fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -
 fn driver_sets(qemu: &Qemu, kernel: &Kernel) -> (Vec<&'static str>, Vec<&'static str>) {
     let exec = MachineSpec {
         guest_channel: Some(GuestChannel::VirtioSerialPort(AGENT_PORT.into())),
-        ..MachineSpec::new("doctor", KernelBoot::new(&kernel.path, None, ""))
+        ..MachineSpec::new("doctor", Boot::kernel(&kernel.path, None, ""))
     };
     let required = qemu.guest_drivers(&exec);
     let with_nic = MachineSpec { nics: vec![user_mode::nic()], ..exec.clone() };

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use attest_image::backdoor::{backdoor_initramfs, find_static_bash};
 use attest_machine::{
-    disk, Accel, Backend, Boot, Disk, DiskFormat, GuestChannel, KernelBoot, MachineDir, MachineSpec, Media, StartScript,
+    disk, Accel, Backend, Boot, Disk, DiskFormat, GuestChannel, MachineDir, MachineSpec, Media, StartScript,
 };
 
 use crate::config::{BootConfig, BuiltinImage, MachineConfig};
@@ -44,7 +44,7 @@ pub fn spec(config: &MachineConfig, cx: &Context, dir: &MachineDir) -> Result<Ma
             if let Some(initrd) = initrd {
                 must_exist(initrd, "initrd")?;
             }
-            KernelBoot::new(kernel, initrd.clone(), cmdline)
+            Boot::kernel(kernel, initrd.clone(), cmdline)
         }
         BootConfig::Disk(_) | BootConfig::Iso(_) => Boot::Firmware,
         // Filled in below, once the devices (and so the drivers the initramfs loads) are known.
@@ -104,7 +104,7 @@ fn builtin(image: BuiltinImage, spec: &mut MachineSpec, cx: &Context, dir: &Mach
             let modules = kernel.module_tree()?.resolve(&cx.backend.guest_drivers(spec))?.load;
             let initramfs = backdoor_initramfs(&attest_image::find_busybox()?, &find_static_bash()?, &modules)?
                 .write_cached(&cx.cache.join("initramfs"))?;
-            spec.boot = KernelBoot::new(&kernel.path, Some(initramfs), format!("{GUEST_PARAMS} quiet rdinit=/init"));
+            spec.boot = Boot::kernel(&kernel.path, Some(initramfs), format!("{GUEST_PARAMS} quiet rdinit=/init"));
         }
         BuiltinImage::Debian => {
             // virtio_blk for the root disk is among the image's own boot drivers.
@@ -114,7 +114,7 @@ fn builtin(image: BuiltinImage, spec: &mut MachineSpec, cx: &Context, dir: &Mach
                 attest_image::debian::ensure(cx.cache, &kernel, &cx.backend.guest_drivers(spec), &mut progress)?;
             // The root disk comes first: the guest mounts /dev/vda.
             spec.disks.insert(0, disk::overlay(&guest.disk, &dir.path().join("root-overlay.qcow2"))?);
-            spec.boot = KernelBoot::new(&guest.kernel, Some(guest.initrd.clone()), guest.cmdline_for(&spec.name));
+            spec.boot = Boot::kernel(&guest.kernel, Some(guest.initrd.clone()), guest.cmdline_for(&spec.name));
         }
     }
     Ok(())

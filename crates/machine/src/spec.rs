@@ -78,8 +78,9 @@ pub struct KernelBoot {
     pub cmdline: String,
 }
 
-impl KernelBoot {
-    pub fn new(kernel: impl Into<PathBuf>, initrd: Option<PathBuf>, cmdline: impl Into<String>) -> Boot {
+impl Boot {
+    /// A direct kernel boot.
+    pub fn kernel(kernel: impl Into<PathBuf>, initrd: Option<PathBuf>, cmdline: impl Into<String>) -> Boot {
         Boot::Kernel(KernelBoot { kernel: kernel.into(), initrd, cmdline: cmdline.into() })
     }
 }

@@ -215,7 +215,7 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn spec(name: &str, kernel: &std::path::Path) -> MachineSpec {
-        MachineSpec { memory_mib: 64, ..MachineSpec::new(name, crate::KernelBoot::new(kernel, None, "")) }
+        MachineSpec { memory_mib: 64, ..MachineSpec::new(name, crate::Boot::kernel(kernel, None, "")) }
     }
 
     /// QEMU and the cached guest kernel, or `None` after printing why the test cannot run here.
@@ -262,7 +262,7 @@ pub(crate) mod tests {
         let state = crate::StateDir::create(false).unwrap();
         let dir = state.machine_dir(0, "typed").unwrap();
         let mut spec = spec("typed", &kernel.path);
-        spec.boot = crate::KernelBoot::new(&kernel.path, Some(initramfs), "console=ttyS0 panic=-1 quiet rdinit=/init");
+        spec.boot = crate::Boot::kernel(&kernel.path, Some(initramfs), "console=ttyS0 panic=-1 quiet rdinit=/init");
         // A bzImage needs room to decompress itself; with 64 MiB it resets before printing anything.
         spec.memory_mib = 256;
         let vm = Vm::start(&qemu, &spec, &dir, Echo::Off, Arc::new(|_| {})).unwrap();

@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use attest_image::backdoor::{backdoor_initramfs, find_static_bash};
 use attest_machine::console::Echo;
-use attest_machine::{Backend, GuestChannel, KernelBoot, MachineSpec, Qemu, StateDir, Vm};
+use attest_machine::{Backend, Boot, GuestChannel, MachineSpec, Qemu, StateDir, Vm};
 use attest_shell::BackdoorShell;
 
 fn spec(kernel: PathBuf, initrd: Option<PathBuf>) -> MachineSpec {
-    let boot = KernelBoot::new(kernel, initrd, "console=ttyS0 panic=-1 quiet rdinit=/init");
+    let boot = Boot::kernel(kernel, initrd, "console=ttyS0 panic=-1 quiet rdinit=/init");
     MachineSpec {
         memory_mib: 256,
         guest_channel: Some(GuestChannel::VirtConsole),

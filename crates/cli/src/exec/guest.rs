@@ -11,7 +11,7 @@ use attest_image::Kernel;
 use attest_machine::accel::{Accel, AccelChoice, AccelRequest};
 use attest_machine::backend::qemu::kvm_probe;
 use attest_machine::network::user_mode;
-use attest_machine::{share_fs, vhost_vsock, virtiofsd, Backend, GuestChannel, KernelBoot, MachineSpec, Qemu};
+use attest_machine::{share_fs, vhost_vsock, virtiofsd, Backend, Boot, GuestChannel, MachineSpec, Qemu};
 use attest_machine::{Share, ShareFs};
 use attest_protocol::{
     Frame, HostMessage, Mount, Network, Scratch, Start, AGENT_PORT, AGENT_VSOCK_PORT, CHANNEL_PARAM,
@@ -86,7 +86,7 @@ pub fn prepare(args: &ExecArgs) -> Result<PreparedGuest> {
             ChannelArg::VirtioSerial => GuestChannel::VirtioSerialPort(AGENT_PORT.into()),
             ChannelArg::Vsock => GuestChannel::Vsock { port: AGENT_VSOCK_PORT },
         }),
-        ..MachineSpec::new("exec", KernelBoot::new(&boot_image, None, cmdline.clone()))
+        ..MachineSpec::new("exec", Boot::kernel(&boot_image, None, cmdline.clone()))
     };
     let qemu = Qemu { binary: qemu_binary, virtiofsd, vhost_vsock: vhost_vsock::find() };
     let drivers: Vec<&str> = qemu.guest_drivers(&spec).into_iter().chain(AGENT_DRIVERS).collect();
@@ -99,7 +99,7 @@ pub fn prepare(args: &ExecArgs) -> Result<PreparedGuest> {
     let initramfs =
         attest_image::exec_initramfs(attest_image::GUEST_INIT, &busybox, &resolution.load, unsigned_modules)?
             .write_cached(&cache.join("initramfs"))?;
-    spec.boot = KernelBoot::new(boot_image, Some(initramfs), cmdline);
+    spec.boot = Boot::kernel(boot_image, Some(initramfs), cmdline);
 
     let start = Start {
         argv: program_argv(args).into_iter().map(OsStringExt::into_vec).collect(),

@@ -276,7 +276,7 @@ fn option_path(path: &Path) -> Result<String> {
 mod tests {
     use super::*;
     use crate::network::user_mode;
-    use crate::spec::{KernelBoot, Share};
+    use crate::spec::Share;
     use crate::StateDir;
     use std::sync::Arc;
 
@@ -286,7 +286,7 @@ mod tests {
             shares,
             nics: vec![user_mode::nic()],
             guest_channel: Some(GuestChannel::VirtioSerialPort("attest.agent".into())),
-            ..MachineSpec::new("m", KernelBoot::new("/boot/k", Some("/boot/i".into()), "console=ttyS0 quiet"))
+            ..MachineSpec::new("m", Boot::kernel("/boot/k", Some("/boot/i".into()), "console=ttyS0 quiet"))
         }
     }
 
