@@ -34,9 +34,20 @@ struct Inner {
 }
 
 impl Log {
-    /// A log on attest's stderr.
+    /// A log on stderr, through `eprint!` so that `cargo test` captures it with the test's output
+    /// (shown only when the test fails), from the machines' console threads too.
     pub fn stderr() -> Log {
-        Log::to(Box::new(std::io::stderr()))
+        struct Eprint;
+        impl Write for Eprint {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                eprint!("{}", String::from_utf8_lossy(buf));
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        Log::to(Box::new(Eprint))
     }
 
     pub fn to(out: Box<dyn Write + Send>) -> Log {

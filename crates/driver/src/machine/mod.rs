@@ -137,6 +137,8 @@ impl Machine {
             // The VMM keeps its end of the channel across the guest's reboot: reuse the stream.
             *lock(&self.rebooting) = Some(shell.into_stream());
         }
+        // The boot deadline counts from here.
+        *lock(&self.started) = Some(Instant::now());
         Ok(())
     }
 

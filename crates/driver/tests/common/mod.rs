@@ -29,3 +29,21 @@ pub fn driver_with(config: TestConfig) -> Option<Driver> {
     }
     Some(Driver::new(config, DriverOptions::default()).expect("the driver starts"))
 }
+
+/// Why the Debian guest cannot be built or booted here, if it cannot.
+pub fn missing_debian_prerequisite() -> Option<String> {
+    if let Some(why) = missing_prerequisite() {
+        return Some(why);
+    }
+    for tool in ["debootstrap", "mkfs.ext4", "qemu-img"] {
+        if which(tool).is_none() {
+            return Some(format!("{tool} not found (scripts/setup installs it)"));
+        }
+    }
+    None
+}
+
+fn which(tool: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).chain(["/usr/sbin".into(), "/sbin".into()]).map(|d| d.join(tool)).find(|p| p.is_file())
+}
