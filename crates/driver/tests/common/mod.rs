@@ -1,5 +1,7 @@
 //! What the driver's VM tests share: whether this host can run them (else they print why and skip),
 //! and a driver whose log is captured with the test's output.
+// Each test crate uses a part of this module.
+#![allow(dead_code)]
 
 use attest_driver::{Driver, DriverOptions, MachineConfig, TestConfig};
 
@@ -36,14 +38,9 @@ pub fn missing_debian_prerequisite() -> Option<String> {
         return Some(why);
     }
     for tool in ["debootstrap", "mkfs.ext4", "qemu-img"] {
-        if which(tool).is_none() {
+        if which::which(tool).is_err() {
             return Some(format!("{tool} not found (scripts/setup installs it)"));
         }
     }
     None
-}
-
-fn which(tool: &str) -> Option<std::path::PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path).chain(["/usr/sbin".into(), "/sbin".into()]).map(|d| d.join(tool)).find(|p| p.is_file())
 }
