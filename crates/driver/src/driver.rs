@@ -24,7 +24,8 @@ use crate::prepare;
 pub struct DriverOptions {
     /// Keep the machines' state directories (NixOS's `--keep-vm-state`).
     pub keep_vm_state: bool,
-    /// Where screenshots, copied files and console logs go; a fresh directory when `None`.
+    /// Where screenshots, copied files and console logs go, kept after the test. When `None`:
+    /// `$ATTEST_OUT_DIR` if set, else a temporary directory removed with the driver.
     pub out_dir: Option<PathBuf>,
     pub log: Log,
 }
@@ -98,7 +99,8 @@ impl Driver {
         if options.keep_vm_state {
             options.log.info(None, &format!("keeping the machines' state in {}", state.path().display()));
         }
-        let (out_dir, owned_out_dir) = match &options.out_dir {
+        let chosen = options.out_dir.clone().or_else(|| std::env::var_os("ATTEST_OUT_DIR").map(PathBuf::from));
+        let (out_dir, owned_out_dir) = match &chosen {
             Some(dir) => {
                 std::fs::create_dir_all(dir).map_err(DriverError::io(format!("creating {}", dir.display())))?;
                 (dir.clone(), None)
@@ -111,6 +113,7 @@ impl Driver {
                 (dir.path().to_path_buf(), Some(dir))
             }
         };
+        options.log.info(None, &format!("output directory: {}", out_dir.display()));
         let shared_dir = state.path().join("shared-xchg");
         let scratch = state.path().join("scratch");
         for dir in [&shared_dir, &scratch] {

@@ -68,6 +68,10 @@ fn one_boot_many_checks() {
             assert_eq!(m.succeed("wget -q -O - http://127.0.0.1:8080/", None)?, "served\n");
             m.succeed("kill $(ps -o pid,args | awk '/httpd -p 8080/ && !/awk/ {print $1}')", None)?;
             m.wait_for_closed_port(8080, None, quick)?;
+            m.succeed("(sleep 1; echo on > /tmp/flag) >/dev/null 2>&1 &", None)?;
+            assert_eq!(m.wait_until_succeeds("cat /tmp/flag", quick)?, "on\n");
+            m.succeed("(sleep 1; rm /tmp/flag) >/dev/null 2>&1 &", None)?;
+            m.wait_until_fails("test -e /tmp/flag", quick)?;
             let asked = Instant::now();
             let err = m.wait_for_file("/never", Some(Duration::from_secs(2))).unwrap_err();
             assert!(err.to_string().contains("timed out after 2s waiting for file /never to exist"), "{err}");
@@ -193,7 +197,32 @@ fn machines_boot_in_parallel_and_reboot() {
     assert_ne!(boot_id(second), before, "a new boot, on the same channel");
     assert!(second.is_up());
     first.shutdown().unwrap();
-    second.shutdown().unwrap();
+    assert!(second.is_up());
+
+    // Teardown stops the machine that is still running and leaves nothing behind.
+    let state = driver.state_dir().to_path_buf();
+    let out = driver.out_dir().to_path_buf();
+    assert!(state.exists());
+    drop(driver);
+    assert!(!state.exists(), "the state directory {} is removed", state.display());
+    assert!(!out.exists(), "the temporary output directory {} is removed", out.display());
+    assert_eq!(children(), Vec::<String>::new(), "no VMM or helper is left");
+}
+
+/// The commands of this test process's children that are still alive.
+fn children() -> Vec<String> {
+    let tasks = std::fs::read_dir("/proc/self/task").unwrap();
+    let pids: Vec<String> = tasks
+        .flatten()
+        .flat_map(|task| {
+            std::fs::read_to_string(task.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    pids.iter().filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/cmdline")).ok()).collect()
 }
 
 #[test]
@@ -252,4 +281,52 @@ fn a_start_script_that_exits_at_once_fails_at_once() {
     assert!(asked.elapsed() < Duration::from_secs(10), "{:?}", asked.elapsed());
     assert!(err.contains("the VMM exited"), "{err}");
     assert!(err.contains("qemu: cannot find the disk image"), "the script's output is shown: {err}");
+}
+
+/// A stand-in for NixOS's `run-<name>-vm` (qemu-vm.nix), run by dash: it checks the driver's
+/// environment contract, leaves a note of it, and ends by exec'ing QEMU with the driver's arguments.
+const START_SCRIPT: &str = r#"#!/bin/sh
+set -e
+[ "$USE_TMPDIR" = 1 ] && [ -d "$TMPDIR" ] || { echo "start script: TMPDIR/USE_TMPDIR not set" >&2; exit 1; }
+echo "$SHARED_DIR" > "$TMPDIR/shared-dir-was"
+exec qemu-system-x86_64 -machine q35,accel=tcg -cpu max -name nixos -m 256 -nodefaults -display none \
+  -kernel @KERNEL@ -initrd @INITRD@ -append "console=ttyS0 panic=-1 quiet rdinit=/init $QEMU_KERNEL_PARAMS" \
+  $QEMU_OPTS "$@"
+"#;
+
+#[test]
+fn a_nixos_start_script_runs_under_its_environment_contract() {
+    if let Some(why) = common::missing_prerequisite() {
+        return eprintln!("SKIP: {why}");
+    }
+    let cache = attest_image::cache_dir();
+    let kernel = attest_image::kernel::locate(None, &cache).unwrap();
+    let modules = kernel.module_tree().unwrap().resolve(&["virtio_pci", "virtio_console", "virtio_rng"]).unwrap().load;
+    let (busybox, bash) = (attest_image::find_busybox().unwrap(), attest_image::backdoor::find_static_bash().unwrap());
+    let initrd = attest_image::backdoor::backdoor_initramfs(&busybox, &bash, &modules)
+        .unwrap()
+        .write_cached(&cache.join("initramfs"))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("run-nixos-vm");
+    let text =
+        START_SCRIPT.replace("@KERNEL@", kernel.path.to_str().unwrap()).replace("@INITRD@", initrd.to_str().unwrap());
+    std::fs::write(&script, text).unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+
+    let mut machine = MachineConfig::start_script(&script).unwrap();
+    machine.boot = attest_driver::BootConfig::StartScript {
+        path: script.clone(),
+        qemu_opts: Some("-smp 2".into()),
+        kernel_params: Some("attest.test=kernel-params".into()),
+    };
+    let driver = common::driver(vec![machine]).unwrap();
+    let m = driver.machine("nixos").unwrap();
+    assert!(m.succeed("cat /proc/cmdline", None).unwrap().contains("attest.test=kernel-params"), "QEMU_KERNEL_PARAMS");
+    assert_eq!(m.succeed("grep -c ^processor /proc/cpuinfo", None).unwrap(), "2\n", "QEMU_OPTS");
+    // The script's QEMU is this process's own child: the script exec'd it, dash or not.
+    assert!(children().iter().any(|c| c.starts_with("qemu-system-x86_64")), "{:?}", children());
+    let note = driver.state_dir().join("00-nixos/shared-dir-was");
+    let shared = std::fs::read_to_string(note).expect("the script ran in the machine's directory as TMPDIR");
+    assert_eq!(shared.trim_end(), driver.state_dir().join("shared-xchg").to_str().unwrap(), "SHARED_DIR");
 }
