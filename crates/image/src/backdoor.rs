@@ -23,13 +23,14 @@ echo "Spawning backdoor root shell..."
 PS1="" exec /bin/bash --norc /dev/hvc0
 "#;
 
-/// Mounts the kernel filesystems, loads the drivers, brings up loopback, waits for hvc0 as systemd
-/// would (the unit `requires dev-hvc0.device`), then runs the backdoor script.
+/// Mounts the kernel filesystems, loads the drivers, brings up loopback, adds /dev/fd (bash's
+/// process substitution needs it; udev makes it on systemd guests), waits for hvc0 as systemd would
+/// (the unit `requires dev-hvc0.device`), then runs the backdoor script.
 fn init() -> String {
     format!(
         "#!/bin/sh\nmount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev\n\
          for module in $(cat {MODULE_LIST}); do insmod \"$module\"; done\n\
-         ip link set lo up\n\
+         ip link set lo up; ln -s /proc/self/fd /dev/fd\n\
          while [ ! -e /dev/hvc0 ]; do sleep 0.1; done\n\
          exec /bin/bash /backdoor\n"
     )

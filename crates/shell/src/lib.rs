@@ -5,11 +5,8 @@
 //!
 //! Unlike the Python driver, every read has a host-side deadline: a hung guest or a dead guest ends
 //! the call with an error, never a hang. And a command that leaves a background process holding
-//! its stdout (`sleep 100 &`, NixOS issue #144875) returns when the command ends: the command runs
-//! as NixOS runs it (`set -euo pipefail; CMD`, in a subshell), but with its stdout in a file that is
-//! copied into the pipe once it exits, so no process the command started can hold the pipe open.
-//! The guest side is unchanged: any NixOS guest works. (What this gives up: when the guest's
-//! `timeout` kills a command, its partial output is lost; the status is still `timeout`'s.)
+//! its stdout (`sleep 100 &`, NixOS issue #144875) returns when the command ends (see
+//! [`command_line`]). The guest side is unchanged: any NixOS guest works.
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
@@ -42,13 +39,32 @@ pub struct BackdoorShell {
     buffered: Vec<u8>,
     /// Set when a command's reply never came: what the shell sends next belongs to that command.
     out_of_step: bool,
+    /// Commands sent, which number their output files.
+    sent: u64,
+    /// Output files not yet removed, and their bytes.
+    leftover_files: u64,
+    leftover_bytes: u64,
 }
+
+/// Output files are removed in bulk, before a command, once this many have accumulated or their
+/// bytes pass [`CLEANUP_BYTES`]: a `rm` per command would cost as much as the command (an exec of a
+/// dynamically linked program takes ~35 ms under TCG).
+const CLEANUP_FILES: u64 = 32;
+const CLEANUP_BYTES: u64 = 16 << 20;
 
 impl BackdoorShell {
     /// Waits, at most until `deadline`, for the guest to announce its shell. Whatever the guest
     /// wrote before the marker (firmware logs, for one) is returned, for the caller's log.
     pub fn connect(stream: UnixStream, deadline: Instant) -> Result<(BackdoorShell, Vec<u8>), ShellError> {
-        let mut shell = BackdoorShell { stream, buffered: Vec::new(), out_of_step: false };
+        let mut shell = BackdoorShell {
+            stream,
+            buffered: Vec::new(),
+            out_of_step: false,
+            sent: 0,
+            // Files an earlier connection (an earlier boot, with a disk-backed /tmp) left behind.
+            leftover_files: CLEANUP_FILES,
+            leftover_bytes: 0,
+        };
         let started = Instant::now();
         loop {
             if let Some(at) = find(&shell.buffered, MARKER) {
@@ -74,8 +90,12 @@ impl BackdoorShell {
         if self.out_of_step {
             return Err(ShellError::OutOfStep);
         }
-        let limit = timeout.map(|t| format!("timeout {} ", t.as_secs().max(1))).unwrap_or_default();
-        self.send(format!("{limit}bash -c {} | (base64 -w 0; echo)\n", quote(&detached_stdout(command))).as_bytes())?;
+        let cleanup = self.leftover_files >= CLEANUP_FILES || self.leftover_bytes >= CLEANUP_BYTES;
+        if cleanup {
+            (self.leftover_files, self.leftover_bytes) = (0, 0);
+        }
+        self.sent += 1;
+        self.send(command_line(command, timeout, self.sent, cleanup).as_bytes())?;
         self.out_of_step = true;
         let started = Instant::now();
         let encoded = self.read_line(deadline, started, "finish the command")?;
@@ -89,6 +109,8 @@ impl BackdoorShell {
             ShellError::Garbled { what: "an exit status", got: String::from_utf8_lossy(&status).into_owned() }
         })?;
         self.out_of_step = false;
+        self.leftover_files += 1;
+        self.leftover_bytes += output.len() as u64;
         Ok((status, output))
     }
 
@@ -152,14 +174,21 @@ impl BackdoorShell {
     }
 }
 
-/// The script `bash -c` runs for `command`: NixOS's `set -euo pipefail; CMD` in a subshell whose
-/// stdout is a file, then the file's contents on stdout and the subshell's status as the exit status.
-/// The newline before `)` ends a trailing comment or here-document in the command.
-fn detached_stdout(command: &str) -> String {
-    format!(
-        "__out=\"${{TMPDIR:-/tmp}}/.attest-out.$$\"; (unset __out; set -euo pipefail; {command}\n) >\"$__out\"; __status=$?; \
-         cat \"$__out\"; rm -f \"$__out\"; exit $__status"
-    )
+/// The line the backdoor shell is sent for `command`, command number `serial`: NixOS's
+/// `timeout N bash -c '<set -euo pipefail; CMD>' | (base64 -w 0; echo)`, except that the command's
+/// stdout is a file, which `base64` reads once `bash -c` has exited. So no process the command
+/// leaves running can hold the pipe open, and output written before the guest's `timeout` struck
+/// is kept. `bash -c` holds the pipe (as fd 3, closed for the command itself) until it exits; the
+/// reader waits for that with the `read` builtin. Processes per command are those of NixOS's line.
+/// With `cleanup`, earlier output files are removed first. The newline before `}` ends a trailing
+/// comment or here-document in the command.
+pub fn command_line(command: &str, timeout: Option<Duration>, serial: u64, cleanup: bool) -> String {
+    const DIR: &str = "\"${TMPDIR:-/tmp}\"";
+    let limit = timeout.map(|t| format!("timeout {} ", t.as_secs().max(1))).unwrap_or_default();
+    let cleanup = if cleanup { format!("rm -f {DIR}/.attest-out-*; ") } else { String::new() };
+    let script = quote(&format!("set -euo pipefail; {{ {command}\n}} 3>&-"));
+    let file = format!("{DIR}/.attest-out-{serial}");
+    format!("{cleanup}{limit}bash -c {script} 3>&1 >{file} | (read -r _ || :; base64 -w 0 {file}; echo)\n")
 }
 
 /// Quotes `text` for a POSIX shell exactly as Python's `shlex.quote` does, which the NixOS driver
@@ -236,7 +265,8 @@ mod tests {
     #[test]
     fn the_guest_timeout_is_124_and_a_host_deadline_ends_a_stuck_command() {
         let (mut shell, _, mut child) = guest();
-        assert_eq!(shell.execute("sleep 10", Some(Duration::from_secs(1)), soon()).unwrap().0, 124);
+        let (status, out) = shell.execute("echo partial; sleep 10", Some(Duration::from_secs(1)), soon()).unwrap();
+        assert_eq!((status, out.as_slice()), (124, &b"partial\n"[..]), "what came before the timeout is kept");
 
         // Only the host's deadline ends a command that never finishes; the shell is then unusable.
         let started = Instant::now();
@@ -258,10 +288,14 @@ mod tests {
         let (status, out) = shell.execute("echo x # a trailing comment", None, soon()).unwrap();
         assert_eq!((status, out.as_slice()), (0, &b"x\n"[..]));
         assert_eq!(shell.execute("cat <<EOF\nheredoc\nEOF", None, soon()).unwrap().1, b"heredoc\n");
-        assert_eq!(shell.execute("echo $__out", None, soon()).unwrap().0, 1, "set -u, as NixOS sets it");
-        // The only file is this command's own output ($$ is the outer shell's pid in a subshell).
-        let files = shell.execute("ls -A $TMPDIR | grep -vx .attest-out.$$ || true", None, soon()).unwrap();
-        assert_eq!(files.1, b"", "no earlier command left a file");
+        assert_eq!(shell.execute("echo $never_set", None, soon()).unwrap().0, 1, "set -u, as NixOS sets it");
+        // Output files are removed in bulk: never more than a batch of them.
+        for _ in 0..2 * CLEANUP_FILES {
+            shell.execute("true", None, soon()).unwrap();
+        }
+        let files = shell.execute("ls -A $TMPDIR | wc -l", None, soon()).unwrap().1;
+        let files: u64 = String::from_utf8(files).unwrap().trim().parse().unwrap();
+        assert!((1..=CLEANUP_FILES + 1).contains(&files), "{files} output files");
         kill_guest(&mut child);
     }
 

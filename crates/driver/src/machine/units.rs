@@ -9,12 +9,9 @@ use std::time::Duration;
 
 use attest_shell::quote;
 
-use super::commands::DEFAULT_TIMEOUT;
+use super::commands::{guest_poll_loop, DEFAULT_TIMEOUT};
 use super::Machine;
 use crate::error::Result;
-
-/// How often the guest rechecks a condition it waits for.
-pub(super) const GUEST_POLL: &str = "0.05";
 
 impl Machine {
     /// Runs `systemctl Q`, for `user`'s manager when given; returns the status and output.
@@ -88,19 +85,22 @@ impl Machine {
         let timeout = timeout.unwrap_or(DEFAULT_TIMEOUT);
         let state = systemctl_command(&format!("--no-pager show --property=ActiveState --value {}", quote(unit)), user);
         let jobs = systemctl_command("list-jobs --full", user);
-        // Exit 0: active; 3: failed; 4: inactive with no jobs; 124: the guest's timeout.
-        let script = format!(
-            "while true; do state=$({state}); case \"$state\" in active) exit 0;; failed) exit 3;; \
-             inactive) if {jobs} 2>&1 | grep -q 'No jobs'; then exit 4; fi;; esac; sleep {GUEST_POLL}; done"
+        // Exit 0: active; 3: failed; 4: inactive with no jobs; 124: timed out.
+        let script = guest_poll_loop(
+            &format!(
+                "case \"$({state})\" in active) exit 0;; failed) exit 3;; \
+                 inactive) if {jobs} 2>&1 | grep -q 'No jobs'; then exit 4; fi;; esac"
+            ),
+            timeout,
         );
         let who = user.map(|u| format!(" (user {u})")).unwrap_or_default();
         self.shared.log.nested(Some(&self.name), &format!("waiting for unit {unit}{who}"), || {
-            let (status, _) = self.run(at, &script, Some(timeout))?;
+            let (status, _) = self.run_loop(at, &script, timeout)?;
             let message = match status {
                 0 => return Ok(()),
                 3 => format!("unit {unit:?} reached state \"failed\""),
                 4 => format!("unit {unit:?} is inactive and there are no pending jobs"),
-                124 | 143 => format!("timed out after {timeout:?} waiting for unit {unit:?} to become active"),
+                124 => format!("timed out after {timeout:?} waiting for unit {unit:?} to become active"),
                 other => format!("checking unit {unit:?} failed with exit code {other}"),
             };
             let status_output = self.run(

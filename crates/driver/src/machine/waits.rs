@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 use attest_shell::quote;
 use regex::bytes::Regex;
 
-use super::commands::DEFAULT_TIMEOUT;
-use super::units::GUEST_POLL;
+use super::commands::{guest_poll_loop, DEFAULT_TIMEOUT};
 use super::Machine;
 use crate::error::{DriverError, Result};
 
@@ -70,10 +69,10 @@ impl Machine {
         let timeout = timeout.unwrap_or(DEFAULT_TIMEOUT);
         self.shared.log.nested(Some(&self.name), &format!("waiting for {what}"), || {
             // Quiet while it waits: a check that fails every 50 ms would flood the console.
-            let script = format!("until {{ {check}; }} 2>/dev/null; do sleep {GUEST_POLL}; done");
-            match self.run(at, &script, Some(timeout))? {
+            let script = guest_poll_loop(&format!("if {{ {check}; }} 2>/dev/null; then exit 0; fi"), timeout);
+            match self.run_loop(at, &script, timeout)? {
                 (0, _) => Ok(()),
-                (124 | 143, _) => {
+                (124, _) => {
                     // What the check says, once, to show why it never passed.
                     let last = self.run(at, &format!("{{ {check}; }} 2>&1"), Some(Duration::from_secs(30)));
                     let said =
@@ -99,10 +98,14 @@ impl Machine {
     }
 }
 
-/// Whether something accepts TCP connections at `addr:port`: `nc -z` as NixOS checks, else (a
-/// netcat without `-z`, e.g. busybox's) bash's own `/dev/tcp`, which every backdoor guest has.
+/// Whether something accepts TCP connections at `addr:port`, with bash's own `/dev/tcp` (a fork,
+/// no exec; every backdoor guest has bash) where NixOS runs `nc -z`. A static bash cannot resolve
+/// names, so localhost is tried as both of its addresses; other names go to `nc -z`.
 fn port_open(addr: &str, port: u16) -> String {
-    // A static bash cannot resolve names: give it the address localhost stands for.
-    let numeric = if addr == "localhost" { "127.0.0.1" } else { addr };
-    format!("nc -z {} {port} || (exec 3<>{})", quote(addr), quote(&format!("/dev/tcp/{numeric}/{port}")))
+    let connect = |host: &str| format!("(exec 3<>{})", quote(&format!("/dev/tcp/{host}/{port}")));
+    match addr {
+        "localhost" => format!("{} || {}", connect("127.0.0.1"), connect("::1")),
+        numeric if numeric.parse::<std::net::IpAddr>().is_ok() => connect(numeric),
+        name => format!("nc -z {} {port}", quote(name)),
+    }
 }
