@@ -171,7 +171,9 @@ fn one_boot_many_checks() {
     driver.write_junit(&junit, "minimal guest", None).unwrap();
     let xml = std::fs::read_to_string(&junit).unwrap();
     assert!(xml.contains(r#"tests="10""#) && xml.contains(r#"failures="0""#), "{xml}");
-    assert!(xml.contains(r#"<testcase name="screen and keyboard""#), "{xml}");
+    let cases = common::junit_cases(&xml);
+    assert_eq!(cases.len(), 10, "{cases:?}");
+    assert!(cases.contains(&"screen and keyboard".to_string()), "{cases:?}");
 }
 
 #[test]
@@ -331,4 +333,29 @@ fn a_nixos_start_script_runs_under_its_environment_contract() {
     let note = driver.state_dir().join("00-nixos/shared-dir-was");
     let shared = std::fs::read_to_string(note).expect("the script ran in the machine's directory as TMPDIR");
     assert_eq!(shared.trim_end(), driver.state_dir().join("shared-xchg").to_str().unwrap(), "SHARED_DIR");
+}
+
+#[test]
+fn a_missing_kernel_or_image_is_named_before_anything_boots() {
+    if let Some(why) = common::missing_prerequisite() {
+        return eprintln!("SKIP: {why}");
+    }
+    let missing = |machine: MachineConfig| {
+        let started = Instant::now();
+        let err = attest_driver::Driver::new(TestConfig::new(vec![machine]), Default::default()).err().unwrap();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        err.to_string()
+    };
+    let err = missing(MachineConfig::kernel("k", "/nonexistent/bzImage", None, ""));
+    assert!(err.contains("the kernel /nonexistent/bzImage cannot be read"), "{err}");
+    let err = missing(MachineConfig::disk("d", "/nonexistent/disk.qcow2"));
+    assert!(err.contains("the disk image /nonexistent/disk.qcow2 cannot be read"), "{err}");
+    let err = missing(MachineConfig::iso("i", "/nonexistent/x.iso"));
+    assert!(err.contains("the ISO /nonexistent/x.iso cannot be read"), "{err}");
+    let err =
+        missing(MachineConfig::image("f", BuiltinImage::Minimal).backend(attest_driver::BackendKind::Firecracker));
+    assert!(err.contains("backend is not available yet"), "{err}");
+    let twice = TestConfig::new(vec![minimal("same"), minimal("same")]);
+    let err = attest_driver::Driver::new(twice, Default::default()).err().unwrap().to_string();
+    assert!(err.contains("two machines are named \"same\""), "{err}");
 }

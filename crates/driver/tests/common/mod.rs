@@ -44,3 +44,20 @@ pub fn missing_debian_prerequisite() -> Option<String> {
     }
     None
 }
+
+/// The test case names of a JUnit report, which must parse as XML.
+pub fn junit_cases(xml: &str) -> Vec<String> {
+    use quick_xml::events::Event;
+    let mut reader = quick_xml::Reader::from_str(xml);
+    let mut names = Vec::new();
+    loop {
+        match reader.read_event().expect("the JUnit report parses") {
+            Event::Eof => return names,
+            Event::Start(e) | Event::Empty(e) if e.name().as_ref() == b"testcase" => {
+                let name = e.try_get_attribute("name").unwrap().expect("a test case has a name");
+                names.push(String::from_utf8(name.value.to_vec()).unwrap());
+            }
+            _ => {}
+        }
+    }
+}
