@@ -46,27 +46,38 @@ fn main() {
     for _ in 0..10 {
         m.succeed("true", None).unwrap();
     }
-    let (mut trips, mut floor) = (Vec::new(), Vec::new());
+    let (mut trips, mut floor, mut nixos) = (Vec::new(), Vec::new(), Vec::new());
     // The line of a command without the occasional bulk removal of output files.
     let line = attest_shell::command_line("true", None, 1, false);
+    // What the NixOS driver sends for the same command.
+    let nixos_line = "bash -c 'set -euo pipefail; true' | (base64 -w 0; echo)";
     let per_block = 20;
+    let in_guest = |line: &str| {
+        let script = format!(
+            "for i in $(seq {per_block}); do s=${{EPOCHREALTIME/./}}; {{ {}; }} >/dev/null; e=${{EPOCHREALTIME/./}}; echo $((e - s)); done",
+            line.trim_end()
+        );
+        let out = m.succeed(&script, None).unwrap();
+        out.lines().map(|us| Duration::from_micros(us.parse().unwrap())).collect::<Vec<_>>()
+    };
     for _ in 0..calls.div_ceil(per_block) {
         for _ in 0..per_block {
             let t = Instant::now();
             m.succeed("true", None).unwrap();
             trips.push(t.elapsed());
         }
-        let script = format!(
-            "for i in $(seq {per_block}); do s=${{EPOCHREALTIME/./}}; {} >/dev/null; e=${{EPOCHREALTIME/./}}; echo $((e - s)); done",
-            line.trim_end()
-        );
-        let out = m.succeed(&script, None).unwrap();
-        floor.extend(out.lines().map(|us| Duration::from_micros(us.parse().unwrap())));
+        floor.extend(in_guest(&line));
+        nixos.extend(in_guest(nixos_line));
     }
-    let (trip, local) = (median(&mut trips), median(&mut floor));
+    let (trip, local, theirs) = (median(&mut trips), median(&mut floor), median(&mut nixos));
     println!("succeed(\"true\") round trip, median of {}: {:.1} ms", trips.len(), ms(trip));
     println!("floor, the same command line run in the guest, median of {}: {:.1} ms", floor.len(), ms(local));
     println!("ratio round trip / floor: {:.2}", trip.as_secs_f64() / local.as_secs_f64());
+    println!(
+        "for comparison, NixOS's command line run in the guest: {:.1} ms (ours / NixOS's: {:.2})",
+        ms(theirs),
+        local.as_secs_f64() / theirs.as_secs_f64()
+    );
 
     for (what, setup, event, wait) in waits() {
         let mut latencies = Vec::new();
