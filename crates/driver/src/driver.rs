@@ -220,9 +220,9 @@ impl Drop for Driver {
             }
         });
         // Keep each machine's console log with the test's output.
-        for (index, machine) in self.machines.iter().enumerate() {
-            let log = self.state.path().join(format!("{index:02}-{}", machine.name())).join("console.log");
-            std::fs::copy(&log, self.shared.out_dir.join(format!("{}-console.log", machine.name()))).ok();
+        for machine in &self.machines {
+            let copy = self.shared.out_dir.join(format!("{}-console.log", machine.name()));
+            std::fs::copy(machine.console_log_path(), copy).ok();
         }
     }
 }

@@ -144,7 +144,12 @@ fn one_boot_many_checks() {
             let asked = Instant::now();
             let crash = std::thread::spawn(move || {
                 std::thread::sleep(Duration::from_secs(1));
-                crasher.crash()
+                // Neither waits for the running command.
+                let asked = Instant::now();
+                assert!(crasher.is_up());
+                crasher.crash()?;
+                assert!(asked.elapsed() < Duration::from_secs(5), "{:?}", asked.elapsed());
+                Ok::<(), attest_driver::DriverError>(())
             });
             let err = m.succeed("sleep 60", None).unwrap_err();
             crash.join().unwrap()?;
@@ -162,6 +167,11 @@ fn one_boot_many_checks() {
     driver
         .subtest("shutdown", || {
             m.shutdown()?;
+            assert!(!m.is_up());
+            // The monitor of a machine that is down is an error; it does not boot the machine.
+            let err = m.send_monitor_command("info status").unwrap_err();
+            assert!(err.to_string().contains("it is not running"), "{err}");
+            m.crash()?;
             assert!(!m.is_up());
             Ok(())
         })
@@ -198,6 +208,10 @@ fn machines_boot_in_parallel_and_reboot() {
     second.reboot().unwrap();
     assert_ne!(boot_id(second), before, "a new boot, on the same channel");
     assert!(second.is_up());
+    // Without allow_reboot, a reboot ends the VMM (-no-reboot); the next command boots afresh.
+    first.reboot().unwrap();
+    first.wait_for_shutdown().unwrap();
+    assert_eq!(first.succeed("echo fresh", None).unwrap(), "fresh\n");
     first.shutdown().unwrap();
     assert!(second.is_up());
 
@@ -237,6 +251,10 @@ fn the_global_timeout_stops_everything_within_seconds() {
     let m = driver.machine("slow").unwrap();
     m.succeed("true", None).unwrap();
     let err = m.succeed("sleep 600", None).unwrap_err();
+    assert!(matches!(err, DriverError::GlobalTimeout(_)), "{err}");
+    assert!(!m.is_up());
+    // Nothing starts again after the global timeout.
+    let err = m.succeed("true", None).unwrap_err();
     assert!(matches!(err, DriverError::GlobalTimeout(_)), "{err}");
     assert!(!m.is_up());
 }

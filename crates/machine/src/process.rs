@@ -49,6 +49,8 @@ pub struct ManagedChild {
     child: Child,
     exited: Receiver<ExitStatus>,
     status: Option<ExitStatus>,
+    /// Once reaped, its pid (and process group id) may belong to someone else.
+    reaped: bool,
 }
 
 impl ManagedChild {
@@ -104,7 +106,7 @@ impl ManagedChild {
             tx.send(status).ok();
             on_exit(status);
         })?;
-        Ok(ManagedChild { name, child, exited, status: None })
+        Ok(ManagedChild { name, child, exited, status: None, reaped: false })
     }
 
     pub fn name(&self) -> &str {
@@ -124,12 +126,15 @@ impl ManagedChild {
         self.status
     }
 
-    /// SIGKILL (if still running) and reap.
+    /// SIGKILL to its whole process group (it leads its own), so what it started goes too (a NixOS
+    /// start script's helpers), then reap.
     pub fn kill(&mut self) {
-        if self.status.is_none() {
-            self.child.kill().ok();
+        if !self.reaped {
+            // Not reaped: the zombie keeps the pid and group id ours.
+            nix::sys::signal::killpg(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL).ok();
         }
         if let Ok(status) = self.child.wait() {
+            self.reaped = true;
             use std::os::unix::process::ExitStatusExt;
             let status = match (status.code(), status.signal()) {
                 (Some(code), _) => ExitStatus::Code(code),

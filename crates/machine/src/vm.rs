@@ -14,7 +14,6 @@ use crate::console::{Console, Echo};
 use crate::error::{MachineError, Result};
 use crate::events::{EventSink, MachineEvent, MachineEventSink, VmEvent};
 use crate::process::ManagedChild;
-use crate::qmp::Qmp;
 use crate::spec::MachineSpec;
 use crate::state_dir::MachineDir;
 use crate::transport::Transport;
@@ -129,16 +128,24 @@ impl Vm {
 
     /// The VMM's control channel (QMP for QEMU), connected on first use, at most until `deadline`.
     pub fn control(&mut self, deadline: Instant) -> Result<Control> {
-        if let ControlState::Pending(PendingControl::Qmp(socket)) = &mut self.control {
-            let stream = socket
-                .connect(deadline, Some(self.exit_fd.as_fd()))
-                .map_err(MachineError::io("waiting for QEMU's QMP connection"))?;
-            let qmp = Qmp::handshake(stream, deadline)?;
-            self.control = ControlState::Connected(Control::Qmp(Arc::new(qmp)));
+        if let Some(pending) = self.take_control() {
+            self.control = ControlState::Connected(pending.connect(deadline, Some(self.exit_fd.as_fd()))?);
         }
         match &self.control {
             ControlState::Connected(control) => Ok(control.clone()),
             _ => Err(MachineError::NoControl { machine: self.name.clone() }),
+        }
+    }
+
+    /// The control channel before it is connected, to connect (with [`Vm::exit_watch`]) outside
+    /// any lock on the `Vm`; `None` once taken or connected.
+    pub fn take_control(&mut self) -> Option<PendingControl> {
+        match std::mem::replace(&mut self.control, ControlState::None) {
+            ControlState::Pending(pending) => Some(pending),
+            other => {
+                self.control = other;
+                None
+            }
         }
     }
 

@@ -29,6 +29,10 @@ pub enum ShellError {
     OutOfStep,
     #[error("the guest shell sent {got:?} where {what} was expected")]
     Garbled { what: &'static str, got: String },
+    #[error(
+        "the guest could not write the command's output to a file under $TMPDIR (else /tmp): is it full or read-only?"
+    )]
+    NoOutputFile,
     #[error("guest shell channel: {0}")]
     Io(#[from] io::Error),
 }
@@ -67,9 +71,10 @@ impl BackdoorShell {
         };
         let started = Instant::now();
         loop {
-            if let Some(at) = find(&shell.buffered, MARKER) {
-                let mut end = at + MARKER.len();
-                end += shell.buffered[end..].iter().take_while(|&&b| b == b'\r' || b == b'\n').count();
+            // The whole marker line: its newline may come in a later read.
+            let line_end = find(&shell.buffered, MARKER)
+                .and_then(|at| shell.buffered[at..].iter().position(|&b| b == b'\n').map(|n| (at, at + n + 1)));
+            if let Some((at, end)) = line_end {
                 let before = shell.buffered[..at].to_vec();
                 shell.buffered.drain(..end);
                 return Ok((shell, before));
@@ -99,6 +104,13 @@ impl BackdoorShell {
         self.out_of_step = true;
         let started = Instant::now();
         let encoded = self.read_line(deadline, started, "finish the command")?;
+        if encoded == NO_OUTPUT_FILE.as_bytes() {
+            // The reply is complete: the shell stays in step.
+            self.send(b"echo ${PIPESTATUS[0]}\n")?;
+            self.read_line(deadline, started, "report the exit status")?;
+            self.out_of_step = false;
+            return Err(ShellError::NoOutputFile);
+        }
         let output = base64::engine::general_purpose::STANDARD.decode(&encoded).map_err(|_| ShellError::Garbled {
             what: "base64 output",
             got: String::from_utf8_lossy(&encoded[..encoded.len().min(200)]).into_owned(),
@@ -174,6 +186,10 @@ impl BackdoorShell {
     }
 }
 
+/// What the guest prints instead of base64 when the command's output file could not be read
+/// (a full or read-only `$TMPDIR`): not base64, so it cannot be taken for output.
+const NO_OUTPUT_FILE: &str = "!";
+
 /// The line the backdoor shell is sent for `command`, command number `serial`: NixOS's
 /// `timeout N bash -c '<set -euo pipefail; CMD>' | (base64 -w 0; echo)`, except that the command's
 /// stdout is a file, which `base64` reads once `bash -c` has exited. So no process the command
@@ -188,7 +204,7 @@ pub fn command_line(command: &str, timeout: Option<Duration>, serial: u64, clean
     let cleanup = if cleanup { format!("rm -f {DIR}/.attest-out-*; ") } else { String::new() };
     let script = quote(&format!("set -euo pipefail; {{ {command}\n}} 3>&-"));
     let file = format!("{DIR}/.attest-out-{serial}");
-    format!("{cleanup}{limit}bash -c {script} 3>&1 >{file} | (read -r _ || :; base64 -w 0 {file}; echo)\n")
+    format!("{cleanup}{limit}bash -c {script} 3>&1 >{file} | (read -r _ || :; base64 -w 0 {file} || printf '{NO_OUTPUT_FILE}'; echo)\n")
 }
 
 /// Quotes `text` for a POSIX shell exactly as Python's `shlex.quote` does, which the NixOS driver
@@ -274,6 +290,18 @@ mod tests {
         assert!(matches!(stuck, Err(ShellError::Timeout { .. })), "{stuck:?}");
         assert!(started.elapsed() < Duration::from_secs(5));
         assert!(matches!(shell.execute("true", None, soon()), Err(ShellError::OutOfStep)));
+        kill_guest(&mut child);
+    }
+
+    #[test]
+    fn an_output_file_that_cannot_be_written_is_an_error_not_a_silent_failure() {
+        let (mut shell, _, mut child) = guest();
+        // The backdoor shell's own TMPDIR decides where output files go.
+        shell.write_raw(b"export TMPDIR=/nonexistent\n").unwrap();
+        let err = shell.execute("echo never runs", None, soon()).unwrap_err();
+        assert!(matches!(err, ShellError::NoOutputFile), "{err:?}");
+        shell.write_raw(b"export TMPDIR=/tmp\n").unwrap();
+        assert_eq!(shell.execute("echo in step", None, soon()).unwrap(), (0, b"in step\n".to_vec()));
         kill_guest(&mut child);
     }
 

@@ -37,7 +37,8 @@ impl Machine {
             if status != 0 {
                 self.shared.log.info(Some(&self.name), &format!("output: {output}"));
                 let message = format!("command `{}` failed (exit code {status}){}", brief(command), shown(&output));
-                return Err(self.assertion(at, message, status == 124));
+                // The guest's stderr is on the serial console: the tail shows why.
+                return Err(self.assertion(at, message, true));
             }
             Ok(output)
         })
@@ -120,17 +121,19 @@ impl Machine {
         command: &str,
         timeout: Option<Duration>,
     ) -> Result<(i32, Vec<u8>)> {
-        self.run_limited(at, command, timeout, timeout)
+        self.run_limited(at, &format!("running `{}`", brief(command)), command, timeout, timeout)
     }
 
-    /// Runs a [`guest_poll_loop`], which keeps its own time in the guest.
+    /// Runs a [`guest_poll_loop`], which keeps its own time in the guest; `what` names the wait in
+    /// errors.
     pub(super) fn run_loop(
         &self,
         at: &'static Location<'static>,
+        what: &str,
         script: &str,
         timeout: Duration,
     ) -> Result<(i32, Vec<u8>)> {
-        self.run_limited(at, script, None, Some(timeout))
+        self.run_limited(at, what, script, None, Some(timeout))
     }
 
     /// Runs `command` with the guest's `timeout` when `guest_limit` is given, and a host deadline of
@@ -138,6 +141,7 @@ impl Machine {
     fn run_limited(
         &self,
         at: &'static Location<'static>,
+        what: &str,
         command: &str,
         guest_limit: Option<Duration>,
         host_limit: Option<Duration>,
@@ -149,7 +153,7 @@ impl Machine {
         };
         shell.get().execute(command, guest_limit, deadline).map_err(|e| {
             drop(shell);
-            self.shell_failed(at, &format!("running `{}`", brief(command)), e)
+            self.shell_failed(at, what, e)
         })
     }
 }
@@ -160,11 +164,12 @@ const GUEST_POLL: &str = "0.05";
 /// A script that runs `body` every [`GUEST_POLL`] until `body` exits the script itself, and exits
 /// 124 (as `timeout` would) after `timeout`. Between checks it uses only bash builtins: no `sleep`
 /// (an exec costs ~35 ms under TCG) and no `timeout` process (busybox's lingers up to a second).
-/// The pause is a `read -t` on a pipe nobody writes to (opened read-write, so it never ends).
+/// The pause is a `read -t` on a pipe nobody writes to (opened read-write, so it never ends). The
+/// clock is `$EPOCHREALTIME` with every non-digit removed (its decimal point follows the locale).
 pub(super) fn guest_poll_loop(body: &str, timeout: Duration) -> String {
     format!(
-        "__end=$(( ${{EPOCHREALTIME/./}} + {micros} )); exec 9<> <(:); \
-         while true; do {body}\n[ ${{EPOCHREALTIME/./}} -lt $__end ] || exit 124; read -t {GUEST_POLL} -u 9 || :; done",
+        "__end=$(( ${{EPOCHREALTIME//[!0-9]/}} + {micros} )); exec 9<> <(:); \
+         while true; do {body}\n[ ${{EPOCHREALTIME//[!0-9]/}} -lt $__end ] || exit 124; read -t {GUEST_POLL} -u 9 || :; done",
         micros = timeout.as_micros()
     )
 }

@@ -60,11 +60,20 @@ impl Machine {
         })
     }
 
+    /// NixOS's older name of [`Machine::copy_from_machine`].
+    #[track_caller]
+    pub fn copy_from_vm(&self, source: &str, target_dir: &str) -> Result<PathBuf> {
+        self.copy_out(Location::caller(), source, target_dir)
+    }
+
     /// Copies the guest file or directory `source` to `<output directory>/<target_dir>/<name>`
     /// and returns that path.
     #[track_caller]
-    pub fn copy_from_vm(&self, source: &str, target_dir: &str) -> Result<PathBuf> {
-        let at = Location::caller();
+    pub fn copy_from_machine(&self, source: &str, target_dir: &str) -> Result<PathBuf> {
+        self.copy_out(Location::caller(), source, target_dir)
+    }
+
+    fn copy_out(&self, at: &'static Location<'static>, source: &str, target_dir: &str) -> Result<PathBuf> {
         let name = Path::new(source).file_name().map(|n| n.to_os_string()).unwrap_or_else(|| "root".into());
         let destination = self.out_dir().join(target_dir);
         std::fs::create_dir_all(&destination)

@@ -1,12 +1,15 @@
-//! A test's machine and its lifecycle, with the NixOS driver's names: `start` (returns at once;
-//! the first command waits for the backdoor shell), `shutdown`, `reboot`, `crash`,
-//! `wait_for_shutdown`, `is_up`. Commands, waits, files and the screen are in the sibling modules.
+//! A test's machine: its state, its locks, and the channels every part of the machine API goes
+//! through: the backdoor shell (connected on the first command of each start), QMP (connected on
+//! first use) and the console, plus how failures are reported. The API itself is in the sibling
+//! modules: lifecycle, commands, units, waits, files, screen.
 //!
-//! Locks are held briefly, except the shell's for the length of one command: another thread can
-//! always crash, kill or inspect a machine whose command is running.
+//! Lock order: `shell`, then `qmp`, then `vm`. `vm` is only ever held briefly, never across a wait
+//! on the guest: another thread (or the global-timeout watchdog) can always crash, kill or inspect
+//! a machine whose command or boot is in progress.
 
 mod commands;
 mod files;
+mod lifecycle;
 mod screen;
 mod units;
 mod waits;
@@ -21,7 +24,6 @@ use std::time::{Duration, Instant};
 
 use attest_machine::backend::Control;
 use attest_machine::qmp::Qmp;
-use attest_machine::transport::listening::wait_readable;
 use attest_machine::Console;
 use attest_shell::{BackdoorShell, ShellError};
 
@@ -31,8 +33,8 @@ use crate::error::{DriverError, Failure, Result};
 
 pub use screen::key_for_char;
 
-/// How long a graceful stop may take before the VMM is killed.
-const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long the VMM may take to connect its QMP monitor.
+const QMP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Console lines shown with an error.
 const TAIL_LINES: usize = 25;
 
@@ -40,16 +42,19 @@ pub struct Machine {
     name: String,
     config: MachineConfig,
     shared: Arc<Shared>,
-    /// Lock order: `shell` before `vm`; `vm` is only ever held briefly.
     vm: Mutex<attest_machine::Machine>,
     shell: Mutex<Option<Shell>>,
-    /// The channel of a rebooting guest, kept until its new shell announces itself.
-    rebooting: Mutex<Option<UnixStream>>,
-    /// Counts starts: a shell belongs to the start it connected in.
+    /// QMP of the start it was connected in.
+    qmp: Mutex<Option<(u64, Arc<Qmp>)>>,
+    /// The channel of a rebooting guest, and its start: kept until its new shell announces itself.
+    rebooting: Mutex<Option<(u64, UnixStream)>>,
+    /// Counts starts (0: never started); a shell or QMP connection belongs to one start.
     generation: AtomicU64,
+    /// The start whose shell is connected (0: none), readable while a command holds the shell.
+    connected: AtomicU64,
     /// The console of the latest start; it outlives the VMM, for errors and `get_console_log`.
     console: Mutex<Option<Console>>,
-    /// When the latest start happened, for the boot deadline.
+    /// When the latest start (or reboot) happened, for the boot deadline.
     started: Mutex<Option<Instant>>,
 }
 
@@ -67,8 +72,10 @@ impl Machine {
             shared,
             vm: Mutex::new(machine),
             shell: Mutex::new(None),
+            qmp: Mutex::new(None),
             rebooting: Mutex::new(None),
             generation: AtomicU64::new(0),
+            connected: AtomicU64::new(0),
             console: Mutex::new(None),
             started: Mutex::new(None),
         }
@@ -82,124 +89,30 @@ impl Machine {
         &self.config
     }
 
-    /// Boots the machine unless it runs already, and returns without waiting for the guest: the
-    /// first command does. So `start` on every machine boots them all in parallel.
-    #[track_caller]
-    pub fn start(&self) -> Result<()> {
-        self.start_at(Location::caller())
-    }
-
+    /// Starts the VMM unless it runs already. Never after the global timeout: the watchdog has
+    /// stopped everything then (checked under the machine's lock, which the watchdog's kill takes).
     fn start_at(&self, at: &'static Location<'static>) -> Result<()> {
-        let mut vm = lock(&self.vm);
-        if vm.is_running() {
-            return Ok(());
-        }
-        self.shared.log.info(Some(&self.name), "starting vm");
-        let running = vm.start().map_err(|e| self.broken(at, format!("could not start: {e}")))?;
-        *lock(&self.console) = Some(running.console().clone());
+        let started = {
+            let mut vm = lock(&self.vm);
+            if let Some(timeout) = self.shared.timed_out() {
+                return Err(timeout);
+            }
+            if vm.is_running() {
+                return Ok(());
+            }
+            self.shared.log.info(Some(&self.name), "starting vm");
+            vm.start().map(|running| running.console().clone())
+        };
+        // Reported without the lock: a report reads the console tail, which takes it.
+        let console = started.map_err(|e| self.broken(at, format!("could not start: {e}")))?;
+        *lock(&self.console) = Some(console);
         *lock(&self.started) = Some(Instant::now());
         self.generation.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 
-    /// Whether the machine runs and its backdoor shell is connected.
-    pub fn is_up(&self) -> bool {
-        let generation = self.generation.load(Ordering::SeqCst);
-        let connected = lock(&self.shell).as_ref().is_some_and(|s| s.generation == generation);
-        connected && lock(&self.vm).is_running()
-    }
-
-    /// Powers the guest off (`poweroff` through its shell, as NixOS does) and waits until it is down.
-    #[track_caller]
-    pub fn shutdown(&self) -> Result<()> {
-        let at = Location::caller();
-        if !lock(&self.vm).is_running() {
-            return Ok(());
-        }
-        self.shared.log.nested(Some(&self.name), "shutting down", || {
-            let mut shell = self.shell(at)?;
-            let sent = shell.get().write_raw(b"poweroff\n");
-            *shell.0 = None;
-            drop(shell);
-            sent.map_err(|e| self.broken(at, format!("sending poweroff: {e}")))?;
-            self.wait_down(at)
-        })
-    }
-
-    /// Reboots the guest with ctrl-alt-delete. The machine must allow reboots (otherwise the VMM
-    /// ends, as with NixOS's `-no-reboot`); the next command waits for the shell again.
-    #[track_caller]
-    pub fn reboot(&self) -> Result<()> {
-        let at = Location::caller();
-        let mut shell = lock(&self.shell);
-        self.send_key_at(at, "ctrl-alt-delete")?;
-        if let Some(Shell { shell, .. }) = shell.take() {
-            // The VMM keeps its end of the channel across the guest's reboot: reuse the stream.
-            *lock(&self.rebooting) = Some(shell.into_stream());
-        }
-        // The boot deadline counts from here.
-        *lock(&self.started) = Some(Instant::now());
-        Ok(())
-    }
-
-    /// Stops the machine at once, as pulling the plug would (QMP `quit`).
-    #[track_caller]
-    pub fn crash(&self) -> Result<()> {
-        let at = Location::caller();
-        self.shared.log.info(Some(&self.name), "forced crash");
-        if let Ok(qmp) = self.qmp(at) {
-            qmp.execute("quit", None, Instant::now() + Duration::from_secs(5)).ok();
-        }
-        lock(&self.vm).kill();
-        Ok(())
-    }
-
-    /// Waits until the VMM has exited by itself (the guest powered off), within the global timeout.
-    #[track_caller]
-    pub fn wait_for_shutdown(&self) -> Result<()> {
-        let at = Location::caller();
-        self.shared.log.nested(Some(&self.name), "waiting for the VM to power off", || self.wait_down(at))
-    }
-
-    fn wait_down(&self, at: &'static Location<'static>) -> Result<()> {
-        let exit =
-            lock(&self.vm).vm().map(|vm| vm.exit_watch()).transpose().map_err(|e| self.broken(at, e.to_string()))?;
-        if let Some(exit) = exit {
-            // Not under the machine's lock: the wait can last until the global timeout.
-            wait_readable(&exit, None, self.shared.deadline).ok();
-        }
-        if lock(&self.vm).wait_exited(Instant::now() + Duration::from_secs(5)) {
-            return Ok(());
-        }
-        let message = "expected the machine to power off, but it was still running at the global timeout";
-        Err(self.assertion(at, message.into(), true))
-    }
-
-    /// Stops the machine for teardown: a `sync` if the shell is free, QMP `quit`, then a kill if
-    /// it has not exited within the grace period.
-    pub(crate) fn stop(&self) {
-        if !lock(&self.vm).is_running() {
-            return;
-        }
-        let grace = Instant::now() + STOP_GRACE;
-        if let Ok(mut shell) = self.shell.try_lock() {
-            if let Some(Shell { shell, .. }) = shell.as_mut() {
-                shell.execute("sync", None, grace).ok();
-            }
-        }
-        let control = lock(&self.vm).vm().and_then(|vm| vm.control(grace).ok());
-        if let Some(Control::Qmp(qmp)) = control {
-            qmp.execute("quit", None, grace).ok();
-        }
-        let mut vm = lock(&self.vm);
-        if !vm.wait_exited(grace) {
-            vm.kill();
-        }
-    }
-
-    /// Kills the VMM at once (the global timeout).
-    pub(crate) fn kill(&self) {
-        lock(&self.vm).kill();
+    fn is_running(&self) -> bool {
+        lock(&self.vm).is_running()
     }
 
     /// The connected backdoor shell, booting the machine and connecting first if needed (as
@@ -211,6 +124,7 @@ impl Machine {
         if shell.as_ref().is_none_or(|s| s.generation != generation) {
             *shell = None;
             *shell = Some(Shell { generation, shell: self.connect(at, generation)? });
+            self.connected.store(generation, Ordering::SeqCst);
         }
         Ok(ShellGuard(shell))
     }
@@ -220,15 +134,14 @@ impl Machine {
         let started = lock(&self.started).unwrap_or_else(Instant::now);
         let deadline = self.shared.deadline.min(started + self.config.boot_timeout);
         self.shared.log.nested(Some(&self.name), "waiting for the VM to finish booting", || {
-            let rebooted =
-                lock(&self.rebooting).take().filter(|_| generation == self.generation.load(Ordering::SeqCst));
+            let rebooted = lock(&self.rebooting).take().filter(|(of, _)| *of == generation).map(|(_, stream)| stream);
             let stream = match rebooted {
                 Some(stream) => stream,
                 None => {
                     // Waited on without the machine's lock, so other threads can crash or inspect it.
                     let (channel, exit) = {
                         let mut vm = lock(&self.vm);
-                        let vm = vm.vm().expect("started");
+                        let vm = vm.vm().expect("started before");
                         (vm.take_agent(), vm.exit_watch())
                     };
                     let no_channel =
@@ -261,21 +174,45 @@ impl Machine {
         )
     }
 
-    /// The machine's QMP connection.
+    /// The QMP connection of the running VM; connected on first use, outside the machine's lock.
+    /// A machine that is down is not started for it (NixOS does not either).
     fn qmp(&self, at: &'static Location<'static>) -> Result<Arc<Qmp>> {
-        self.start_at(at)?;
-        let deadline = self.shared.deadline.min(Instant::now() + Duration::from_secs(30));
-        let control = lock(&self.vm).vm().expect("started").control(deadline);
-        match control {
-            Ok(Control::Qmp(qmp)) => Ok(qmp),
+        let mut cached = lock(&self.qmp);
+        let generation = self.generation.load(Ordering::SeqCst);
+        match &*cached {
+            Some((of, qmp)) if *of == generation && self.is_running() => return Ok(qmp.clone()),
+            _ => *cached = None,
+        }
+        let (pending, exit) = {
+            let mut vm = lock(&self.vm);
+            if !vm.is_running() {
+                (None, None)
+            } else {
+                let vm = vm.vm().expect("running");
+                (vm.take_control(), Some(vm.exit_watch()))
+            }
+        };
+        let exit = exit.ok_or_else(|| self.broken(at, "it is not running".into()))?;
+        let exit = exit.map_err(|e| self.broken(at, e.to_string()))?;
+        let pending = pending.ok_or_else(|| self.broken(at, "its QMP connection was lost".into()))?;
+        let deadline = self.shared.deadline.min(Instant::now() + QMP_TIMEOUT);
+        match pending.connect(deadline, Some(exit.as_fd())) {
+            Ok(Control::Qmp(qmp)) => {
+                *cached = Some((generation, qmp.clone()));
+                Ok(qmp)
+            }
             Err(e) => Err(self.broken(at, format!("its QMP monitor is unusable: {e}"))),
         }
     }
 
-    /// Everything the console printed in the latest start (NixOS's `get_console_log`).
+    /// Everything the console printed, every start of the machine (NixOS's `get_console_log`).
     pub fn get_console_log(&self) -> String {
-        let log = lock(&self.vm).dir().path().join("console.log");
-        String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned()
+        String::from_utf8_lossy(&std::fs::read(self.console_log_path()).unwrap_or_default()).into_owned()
+    }
+
+    /// The machine's console log file, in its state directory.
+    pub(crate) fn console_log_path(&self) -> PathBuf {
+        lock(&self.vm).dir().path().join("console.log")
     }
 
     fn console(&self) -> Option<Console> {
@@ -284,7 +221,7 @@ impl Machine {
 
     fn console_tail(&self) -> Vec<String> {
         let Some(console) = self.console() else { return Vec::new() };
-        if !lock(&self.vm).is_running() {
+        if !self.is_running() {
             // The VMM's last words (a panic, QEMU's error) arrive just after it exits.
             console.wait_closed(Duration::from_secs(2));
         }
@@ -305,13 +242,19 @@ impl Machine {
         if let Some(timeout) = self.shared.timed_out() {
             return timeout;
         }
-        let console_tail = self.console_tail();
+        let mut console_tail = self.console_tail();
+        // A long backtrace pushes the panic line itself out of the tail.
+        if let Some(panic) = self.console().and_then(|c| c.kernel_panic()) {
+            if !console_tail.contains(&panic) {
+                console_tail.insert(0, panic);
+            }
+        }
         DriverError::Broken(Box::new(Failure { machine: self.name.clone(), message, location: at, console_tail }))
     }
 
     /// A shell error while `what`, as the driver reports it: a guest that died says so.
     fn shell_failed(&self, at: &'static Location<'static>, what: &str, error: ShellError) -> DriverError {
-        let dead = !lock(&self.vm).is_running();
+        let dead = !self.is_running();
         let message = match (&error, dead) {
             (ShellError::Closed { .. }, true) => format!("{what}: the machine stopped while the command ran"),
             _ => format!("{what}: {error}"),

@@ -89,13 +89,13 @@ impl Machine {
         let script = guest_poll_loop(
             &format!(
                 "case \"$({state})\" in active) exit 0;; failed) exit 3;; \
-                 inactive) if {jobs} 2>&1 | grep -q 'No jobs'; then exit 4; fi;; esac"
+                 inactive) if {jobs} 2>&1 | grep -q 'No jobs' && [ \"$({state})\" = inactive ]; then exit 4; fi;; esac"
             ),
             timeout,
         );
         let who = user.map(|u| format!(" (user {u})")).unwrap_or_default();
         self.shared.log.nested(Some(&self.name), &format!("waiting for unit {unit}{who}"), || {
-            let (status, _) = self.run_loop(at, &script, timeout)?;
+            let (status, _) = self.run_loop(at, &format!("waiting for unit {unit}"), &script, timeout)?;
             let message = match status {
                 0 => return Ok(()),
                 3 => format!("unit {unit:?} reached state \"failed\""),

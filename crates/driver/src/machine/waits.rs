@@ -70,7 +70,7 @@ impl Machine {
         self.shared.log.nested(Some(&self.name), &format!("waiting for {what}"), || {
             // Quiet while it waits: a check that fails every 50 ms would flood the console.
             let script = guest_poll_loop(&format!("if {{ {check}; }} 2>/dev/null; then exit 0; fi"), timeout);
-            match self.run_loop(at, &script, timeout)? {
+            match self.run_loop(at, &format!("waiting for {what}"), &script, timeout)? {
                 (0, _) => Ok(()),
                 (124, _) => {
                     // What the check says, once, to show why it never passed.
@@ -98,14 +98,15 @@ impl Machine {
     }
 }
 
-/// Whether something accepts TCP connections at `addr:port`, with bash's own `/dev/tcp` (a fork,
-/// no exec; every backdoor guest has bash) where NixOS runs `nc -z`. A static bash cannot resolve
-/// names, so localhost is tried as both of its addresses; other names go to `nc -z`.
+/// Whether something accepts TCP connections at `addr:port`. On loopback, with bash's own
+/// `/dev/tcp` (a fork, no exec; every backdoor guest has bash; a static bash cannot resolve names,
+/// so localhost is tried as both of its addresses). Elsewhere with NixOS's `nc -z`, bounded to a
+/// second, since a peer that drops packets would hold a connect for minutes.
 fn port_open(addr: &str, port: u16) -> String {
     let connect = |host: &str| format!("(exec 3<>{})", quote(&format!("/dev/tcp/{host}/{port}")));
-    match addr {
-        "localhost" => format!("{} || {}", connect("127.0.0.1"), connect("::1")),
-        numeric if numeric.parse::<std::net::IpAddr>().is_ok() => connect(numeric),
-        name => format!("nc -z {} {port}", quote(name)),
+    match addr.parse::<std::net::IpAddr>() {
+        _ if addr == "localhost" => format!("{} || {}", connect("127.0.0.1"), connect("::1")),
+        Ok(ip) if ip.is_loopback() => connect(addr),
+        _ => format!("nc -z -w 1 {} {port}", quote(addr)),
     }
 }

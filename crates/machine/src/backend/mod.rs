@@ -8,7 +8,9 @@
 
 pub mod qemu;
 
+use std::os::fd::BorrowedFd;
 use std::process::Command;
+use std::time::Instant;
 
 use crate::error::{MachineError, Result};
 
@@ -86,6 +88,20 @@ pub type AfterSpawn = Box<dyn FnOnce(u32) -> Result<()> + Send>;
 pub enum PendingControl {
     /// QEMU's QMP: QEMU connects to this socket as a client.
     Qmp(ListeningSocket),
+}
+
+impl PendingControl {
+    /// Waits, at most until `deadline`, for the VMM to connect and completes the handshake; gives up
+    /// at once when `unless` (the VMM's exit watch) fires.
+    pub fn connect(self, deadline: Instant, unless: Option<BorrowedFd<'_>>) -> Result<Control> {
+        match self {
+            PendingControl::Qmp(mut socket) => {
+                let stream =
+                    socket.connect(deadline, unless).map_err(MachineError::io("waiting for QEMU's QMP connection"))?;
+                Ok(Control::Qmp(std::sync::Arc::new(Qmp::handshake(stream, deadline)?)))
+            }
+        }
+    }
 }
 
 /// How attest drives a running VMM beyond its process: QEMU's QMP today; the REST APIs of

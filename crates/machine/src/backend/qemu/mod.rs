@@ -109,6 +109,10 @@ impl Backend for Qemu {
                 push(&["-vga", "std"]);
             }
         }
+        if script.is_some() {
+            // NixOS adds `-nographic` without a display: no window, whatever the script chose.
+            push(&["-display", "none"]);
+        }
         if let Boot::Kernel(boot) = &spec.boot {
             push(&["-kernel", path_str(&boot.kernel)?, "-append", &boot.cmdline]);
             if let Some(initrd) = &boot.initrd {
