@@ -21,6 +21,7 @@ mod doctor;
 mod exec;
 mod exit_code;
 mod image;
+mod run;
 
 use clap::{Parser, Subcommand};
 
@@ -43,6 +44,10 @@ struct Cli {
 enum Command {
     /// Run PROGRAM as root in a fresh VM that sees the host's files; exit with its status.
     Exec(exec::ExecArgs),
+    /// Run a system test: its machines (TOML) and its NixOS Python testScript.
+    Run(run::RunArgs),
+    /// The NixOS test driver's command line (start scripts, testScript), run on attest's driver.
+    Driver(run::DriverArgs),
     /// Check every prerequisite and say how to fix what is missing.
     Doctor(doctor::DoctorArgs),
     /// Build guest images for system tests (cached) and print their paths.
@@ -57,6 +62,8 @@ fn main() {
     init_logging(cli.verbose);
     let code = match cli.command {
         Command::Exec(args) => exec::run(args, cli.verbose > 0),
+        Command::Run(args) => run::run(args),
+        Command::Driver(args) => run::driver(args),
         Command::Doctor(args) => doctor::run(args),
         Command::Image(args) => image::run(args),
         Command::BenchFloorInitramfs => bench_floor_initramfs(),

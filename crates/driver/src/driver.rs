@@ -179,18 +179,42 @@ impl Driver {
     /// Runs `body` as a named subtest: logged as a block, and recorded (with its error, if any)
     /// for the JUnit report.
     pub fn subtest<T>(&self, name: &str, body: impl FnOnce() -> Result<T>) -> Result<T> {
-        let started = Instant::now();
-        let result = self.shared.log.nested(None, &format!("subtest: {name}"), body);
-        if let Err(e) = &result {
-            self.shared.log.info(None, &format!("!!! Test \"{name}\" failed with error: {e}"));
-        }
-        let failure = result.as_ref().err().map(|e| e.to_string());
-        self.shared.log.record_subtest(SubtestRecord { name: name.into(), duration: started.elapsed(), failure });
+        let started = self.begin_subtest(name);
+        let result = body();
+        self.end_subtest(name, started, result.as_ref().err().map(|e| e.to_string()));
         result
+    }
+
+    /// Opens a subtest on this thread, for callers that cannot pass a closure (a script's
+    /// `with subtest(…)`); [`Driver::end_subtest`] closes and records it.
+    pub fn begin_subtest(&self, name: &str) -> Instant {
+        self.shared.log.begin(None, &format!("subtest: {name}"))
+    }
+
+    pub fn end_subtest(&self, name: &str, started: Instant, failure: Option<String>) {
+        self.shared.log.end(&format!("subtest: {name}"), started);
+        if let Some(failure) = &failure {
+            self.shared.log.info(None, &format!("!!! Test \"{name}\" failed with error: {failure}"));
+        }
+        self.shared.log.record_subtest(SubtestRecord { name: name.into(), duration: started.elapsed(), failure });
     }
 
     pub fn log(&self) -> &Log {
         &self.shared.log
+    }
+
+    /// When the global timeout expires.
+    pub fn global_deadline(&self) -> Instant {
+        self.shared.deadline
+    }
+
+    pub fn global_timeout(&self) -> Duration {
+        self.shared.global_timeout
+    }
+
+    /// Whether the global timeout has expired (and every machine was stopped).
+    pub fn timed_out(&self) -> bool {
+        self.shared.timed_out().is_some()
     }
 
     /// Where screenshots and copied files go.
@@ -211,19 +235,27 @@ impl Driver {
     }
 }
 
-impl Drop for Driver {
-    /// Stops every machine in parallel, gracefully then by force, whatever happened.
-    fn drop(&mut self) {
+impl Driver {
+    /// Stops every machine in parallel, gracefully then by force, and keeps their console logs
+    /// with the test's output. Dropping the driver does this too; a script runner calls it as soon
+    /// as the script ends, so that calls still running on other threads end with it.
+    pub fn stop_all(&self) {
         std::thread::scope(|scope| {
             for machine in &self.machines {
                 scope.spawn(|| machine.stop());
             }
         });
-        // Keep each machine's console log with the test's output.
         for machine in &self.machines {
             let copy = self.shared.out_dir.join(format!("{}-console.log", machine.name()));
             std::fs::copy(machine.console_log_path(), copy).ok();
         }
+    }
+}
+
+impl Drop for Driver {
+    /// Whatever happened, no machine outlives the driver.
+    fn drop(&mut self) {
+        self.stop_all();
     }
 }
 

@@ -44,16 +44,28 @@ pub struct Failure {
     pub console_tail: Vec<String>,
 }
 
-impl fmt::Display for Failure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {} (at {})", self.machine, self.message, self.location)?;
+impl Failure {
+    /// The failure as text, with the caller's location or without it (when the caller is not the
+    /// test's own code, e.g. a Python script's bridge, whose traceback gives the line).
+    pub fn describe(&self, with_location: bool) -> String {
+        let mut text = format!("{}: {}", self.machine, self.message);
+        if with_location {
+            text.push_str(&format!(" (at {})", self.location));
+        }
         if !self.console_tail.is_empty() {
-            write!(f, "\n--- last lines of {}'s console ---", self.machine)?;
+            text.push_str(&format!("\n--- last lines of {}'s console ---", self.machine));
             for line in &self.console_tail {
-                write!(f, "\n{}", line)?;
+                text.push('\n');
+                text.push_str(line);
             }
         }
-        Ok(())
+        text
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.describe(true))
     }
 }
 

@@ -64,13 +64,23 @@ impl Log {
 
     /// Runs `body` in a nested block: a header, then `(finished: …, in N seconds)`.
     pub fn nested<T>(&self, machine: Option<&str>, message: &str, body: impl FnOnce() -> T) -> T {
-        self.info(machine, message);
-        let started = Instant::now();
-        DEPTH.set(DEPTH.get() + 1);
+        let started = self.begin(machine, message);
         let result = body();
-        DEPTH.set(DEPTH.get() - 1);
-        self.info(None, &format!("(finished: {message}, in {:.2} seconds)", started.elapsed().as_secs_f64()));
+        self.end(message, started);
         result
+    }
+
+    /// Opens a block on this thread (for callers that cannot pass a closure, such as a script's
+    /// `with log.nested(…)`); [`Log::end`] closes it.
+    pub fn begin(&self, machine: Option<&str>, message: &str) -> Instant {
+        self.info(machine, message);
+        DEPTH.set(DEPTH.get() + 1);
+        Instant::now()
+    }
+
+    pub fn end(&self, message: &str, started: Instant) {
+        DEPTH.set(DEPTH.get().saturating_sub(1));
+        self.info(None, &format!("(finished: {message}, in {:.2} seconds)", started.elapsed().as_secs_f64()));
     }
 
     /// A line from a machine's console.

@@ -41,6 +41,11 @@ impl Machine {
         &self.spec
     }
 
+    /// The definition, to change before the next start.
+    pub fn spec_mut(&mut self) -> &mut MachineSpec {
+        &mut self.spec
+    }
+
     pub fn dir(&self) -> &MachineDir {
         &self.dir
     }

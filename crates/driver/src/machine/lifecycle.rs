@@ -23,6 +23,27 @@ impl Machine {
         self.start_at(Location::caller())
     }
 
+    /// [`Machine::start`], with NixOS's `allow_reboot`: a reboot restarts the guest instead of
+    /// ending the VMM. Takes effect at the next start of the VMM.
+    #[track_caller]
+    pub fn start_allowing_reboot(&self, allow_reboot: bool) -> Result<()> {
+        if allow_reboot {
+            lock(&self.vm).spec_mut().allow_reboot = true;
+        }
+        self.start_at(Location::caller())
+    }
+
+    /// Starts the machine if needed and waits for its backdoor shell (NixOS's `connect`).
+    #[track_caller]
+    pub fn connect(&self) -> Result<()> {
+        self.shell(Location::caller()).map(drop)
+    }
+
+    /// A message in the test log, about this machine.
+    pub fn log(&self, message: &str) {
+        self.shared.log.info(Some(&self.name), message);
+    }
+
     /// Whether the machine runs and its backdoor shell is connected. Never waits, even while a
     /// command runs.
     pub fn is_up(&self) -> bool {

@@ -123,14 +123,14 @@ impl Machine {
         let generation = self.generation.load(Ordering::SeqCst);
         if shell.as_ref().is_none_or(|s| s.generation != generation) {
             *shell = None;
-            *shell = Some(Shell { generation, shell: self.connect(at, generation)? });
+            *shell = Some(Shell { generation, shell: self.connect_shell(at, generation)? });
             self.connected.store(generation, Ordering::SeqCst);
         }
         Ok(ShellGuard(shell))
     }
 
     /// Waits for the guest's backdoor shell: the channel, then the marker line.
-    fn connect(&self, at: &'static Location<'static>, generation: u64) -> Result<BackdoorShell> {
+    fn connect_shell(&self, at: &'static Location<'static>, generation: u64) -> Result<BackdoorShell> {
         let started = lock(&self.started).unwrap_or_else(Instant::now);
         let deadline = self.shared.deadline.min(started + self.config.boot_timeout);
         self.shared.log.nested(Some(&self.name), "waiting for the VM to finish booting", || {

@@ -1,0 +1,158 @@
+//! `attest run TEST.toml` and `attest driver` (the NixOS test driver's command line, environment
+//! fallbacks included, so the Nix side can swap the Python driver for attest): a test's machines
+//! and its Python testScript, run on attest's driver.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use attest_driver::{Driver, DriverOptions, MachineConfig, TestConfig};
+use attest_script::{run_script, ScriptOptions};
+
+use crate::exit_code;
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// The test: its machines, `global_timeout` and `script` (TOML; see README).
+    test: PathBuf,
+    /// Keep the machines' state directories.
+    #[arg(short = 'K', long, alias = "keep-machine-state")]
+    keep_vm_state: bool,
+    /// Where screenshots, copied files and console logs go.
+    #[arg(short = 'o', long, value_name = "DIR")]
+    output_directory: Option<PathBuf>,
+    /// Write a JUnit report here: one case per subtest.
+    #[arg(long, value_name = "PATH")]
+    junit_xml: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct DriverArgs {
+    /// NixOS start scripts (`run-NAME-vm`), one machine each.
+    #[arg(long, num_args = 0.., value_delimiter = ' ', env = "startScripts", value_name = "SCRIPT")]
+    start_scripts: Vec<PathBuf>,
+    /// VLAN numbers (virtual networks come in a later attest; accepted and reported).
+    #[arg(long, num_args = 0.., value_delimiter = ' ', env = "vlans", value_name = "N")]
+    vlans: Vec<u32>,
+    /// Seconds before everything is stopped.
+    #[arg(long, env = "globalTimeout", default_value_t = 3600, value_name = "SECS")]
+    global_timeout: u64,
+    /// Keep the machines' state directories.
+    #[arg(short = 'K', long, alias = "keep-machine-state")]
+    keep_vm_state: bool,
+    /// Where screenshots, copied files and console logs go.
+    #[arg(short = 'o', long, env = "out", default_value = ".", value_name = "DIR")]
+    output_directory: PathBuf,
+    /// Write a JUnit report here: one case per subtest.
+    #[arg(long, value_name = "PATH")]
+    junit_xml: Option<PathBuf>,
+    /// The test as JSON (NixOS HEAD): vms, vlans, global_timeout, test_script.
+    #[arg(long, value_name = "JSON")]
+    config: Option<PathBuf>,
+    /// The test script.
+    #[arg(env = "testScript", value_name = "SCRIPT")]
+    test_script: Option<PathBuf>,
+}
+
+pub fn run(args: RunArgs) -> i32 {
+    let config = match TestConfig::from_toml_file(&args.test) {
+        Ok(config) => config,
+        Err(e) => return exit_code::setup_error(&e),
+    };
+    let script = match script_of(&config, &args.test) {
+        Ok(script) => script,
+        Err(e) => return exit_code::setup_error(&e),
+    };
+    let options =
+        DriverOptions { keep_vm_state: args.keep_vm_state, out_dir: args.output_directory, ..Default::default() };
+    run_test(config, options, script, args.junit_xml)
+}
+
+/// A test as the NixOS driver is given it, by flags, environment or `--config`.
+struct NixosTest {
+    start_scripts: Vec<PathBuf>,
+    vlans: Vec<u32>,
+    global_timeout: u64,
+    test_script: Option<PathBuf>,
+}
+
+pub fn driver(args: DriverArgs) -> i32 {
+    let test = match &args.config {
+        Some(path) => match json_config(path) {
+            Ok(test) => test,
+            Err(e) => return exit_code::setup_error(&e),
+        },
+        None => NixosTest {
+            start_scripts: args.start_scripts.clone(),
+            vlans: args.vlans.clone(),
+            global_timeout: args.global_timeout,
+            test_script: args.test_script.clone(),
+        },
+    };
+    let NixosTest { start_scripts: machines, vlans, global_timeout, test_script: script } = test;
+    let Some(script) = script else {
+        return exit_code::setup_error(&"no test script: pass it as the argument, or set testScript");
+    };
+    if !vlans.is_empty() {
+        say!("attest: warning: VLANs {vlans:?} are not supported yet: the machines get no VLAN network");
+    }
+    let machines: Result<Vec<MachineConfig>, _> = machines.iter().map(MachineConfig::start_script).collect();
+    let mut config = match machines {
+        Ok(machines) if !machines.is_empty() => TestConfig::new(machines),
+        Ok(_) => return exit_code::setup_error(&"no machines: pass --start-scripts or set startScripts"),
+        Err(e) => return exit_code::setup_error(&e),
+    };
+    config.global_timeout = Duration::from_secs(global_timeout);
+    let options =
+        DriverOptions { keep_vm_state: args.keep_vm_state, out_dir: Some(args.output_directory), ..Default::default() };
+    run_test(config, options, script, args.junit_xml)
+}
+
+fn run_test(config: TestConfig, options: DriverOptions, script: PathBuf, junit_xml: Option<PathBuf>) -> i32 {
+    if !script.is_file() {
+        return exit_code::setup_error(&format!("the test script {} cannot be read", script.display()));
+    }
+    let driver = match Driver::new(config, options) {
+        Ok(driver) => driver,
+        Err(e) => return exit_code::setup_error(&e),
+    };
+    match run_script(driver, &ScriptOptions { script, junit_xml }) {
+        Ok(code) => code,
+        Err(e) => exit_code::setup_error(&e),
+    }
+}
+
+/// The `script` key of a TOML test, relative to the file; and no key attest does not know.
+fn script_of(config: &TestConfig, test: &Path) -> Result<PathBuf, String> {
+    let at = test.display();
+    if let Some(key) = config.extra.keys().find(|k| !["script", "vlans"].contains(&k.as_str())) {
+        return Err(format!("{at}: unknown key `{key}` (expected machines, global_timeout, script, vlans)"));
+    }
+    let script = config.extra.get("script").ok_or_else(|| format!("{at}: no `script = \"test.py\"`"))?;
+    let script = script.as_str().ok_or_else(|| format!("{at}: `script` must be a path"))?;
+    Ok(test.parent().unwrap_or(Path::new(".")).join(script))
+}
+
+/// NixOS HEAD's `--config` JSON: start scripts, VLANs, the global timeout and the script.
+fn json_config(path: &Path) -> Result<NixosTest, String> {
+    #[derive(serde::Deserialize)]
+    struct Config {
+        #[serde(default)]
+        vms: Vec<Vm>,
+        #[serde(default)]
+        vlans: Vec<u32>,
+        global_timeout: Option<u64>,
+        test_script: Option<PathBuf>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Vm {
+        start_command: PathBuf,
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let config: Config = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(NixosTest {
+        start_scripts: config.vms.into_iter().map(|vm| vm.start_command).collect(),
+        vlans: config.vlans,
+        global_timeout: config.global_timeout.unwrap_or(3600),
+        test_script: config.test_script,
+    })
+}

@@ -1,0 +1,101 @@
+//! Running a test script: the Python module written beside the run's state, the driver's socket,
+//! `python3 -m attest_driver SCRIPT` as a child that dies with attest, Ctrl-C and SIGTERM passed on
+//! to it, the global timeout enforced on it too, and every machine stopped when it ends.
+
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use attest_driver::Driver;
+use attest_machine::process::ManagedChild;
+use attest_protocol::ExitStatus;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+
+use crate::{server, ScriptError, PYTHON_MODULE};
+
+/// How long a script may take to end after the global timeout stopped its machines.
+const TIMEOUT_GRACE: Duration = Duration::from_secs(10);
+
+pub struct ScriptOptions {
+    pub script: PathBuf,
+    /// Where to write the JUnit report.
+    pub junit_xml: Option<PathBuf>,
+}
+
+/// Runs `options.script` against `driver`'s machines and returns the exit status attest should
+/// exit with: the script's (0, 1 on an error, 130 after Ctrl-C), or 124 if the global timeout
+/// ended it.
+pub fn run_script(driver: Driver, options: &ScriptOptions) -> Result<i32, ScriptError> {
+    let driver = Arc::new(driver);
+    let module_dir = driver.state_dir().join("python");
+    std::fs::create_dir_all(&module_dir).map_err(ScriptError::io(format!("creating {}", module_dir.display())))?;
+    let module = module_dir.join("attest_driver.py");
+    std::fs::write(&module, PYTHON_MODULE).map_err(ScriptError::io(format!("writing {}", module.display())))?;
+    let socket = driver.state_dir().join("driver.sock");
+    let listener = UnixListener::bind(&socket).map_err(ScriptError::io(format!("binding {}", socket.display())))?;
+    server::serve(Arc::downgrade(&driver), listener);
+
+    let mut command = std::process::Command::new(python()?);
+    command
+        .args(["-m", "attest_driver"])
+        .arg(&options.script)
+        .env("PYTHONPATH", &module_dir)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("PYTHONUNBUFFERED", "1")
+        .env("ATTEST_DRIVER_SOCKET", &socket);
+    let mut python = ManagedChild::spawn("python3", &mut command, |_| {})
+        .map_err(ScriptError::io("starting python3 for the test script"))?;
+    let forwarding = forward_signals(python.id())?;
+
+    let deadline = driver.global_deadline() + TIMEOUT_GRACE;
+    let status = python.wait_until(deadline);
+    forwarding.close();
+    let timed_out = driver.timed_out();
+    if status.is_none() {
+        driver.log().info(None, "!!! the test script did not end after the global timeout: killing it");
+        python.kill();
+    }
+    driver.stop_all();
+    if let Some(path) = &options.junit_xml {
+        let failure = timed_out.then(|| attest_driver::DriverError::GlobalTimeout(driver.global_timeout()));
+        driver.write_junit(path, "NixOS integration test", failure.as_ref())?;
+    }
+    Ok(match status {
+        _ if timed_out => 124,
+        Some(ExitStatus::Code(code)) => code,
+        Some(ExitStatus::Signal(signal)) => 128 + signal,
+        None => 124,
+    })
+}
+
+/// `$ATTEST_PYTHON`, else `python3` on PATH.
+fn python() -> Result<PathBuf, ScriptError> {
+    if let Some(path) = std::env::var_os("ATTEST_PYTHON") {
+        return Ok(PathBuf::from(path));
+    }
+    which(Path::new("python3")).ok_or(ScriptError::NoPython)
+}
+
+fn which(program: &Path) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|dir| dir.join(program)).find(|p| p.is_file())
+}
+
+/// Passes SIGINT, SIGTERM and SIGHUP on to the script's process group (it has its own, so a
+/// terminal's Ctrl-C reaches attest alone and attest decides): Python turns SIGINT into a
+/// KeyboardInterrupt at the script's current line.
+fn forward_signals(pid: u32) -> Result<signal_hook::iterator::Handle, ScriptError> {
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .map_err(ScriptError::io("installing signal handlers"))?;
+    let handle = signals.handle();
+    std::thread::spawn(move || {
+        for signal in signals.forever() {
+            let Ok(signal) = Signal::try_from(signal) else { continue };
+            killpg(Pid::from_raw(pid as i32), signal).ok();
+        }
+    });
+    Ok(handle)
+}
