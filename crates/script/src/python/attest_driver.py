@@ -275,6 +275,34 @@ class Machine:
     def forward_port(self, host_port: int = 8080, guest_port: int = 80) -> None:
         self._call("forward_port", host_port=host_port, guest_port=guest_port)
 
+    # Interactive.
+    def shell_interact(self, address: Optional[str] = None) -> None:
+        """Connects the terminal to the machine's root shell: each line read runs as a command."""
+        if address is not None:
+            raise MachineError("shell_interact(address=...) is not supported: attest connects the terminal itself")
+        print(f"{self.name}: root shell; each line runs as a command, Ctrl-D ends", file=sys.stderr)
+        while True:
+            try:
+                command = input(f"{self.name}# ")
+            except EOFError:
+                print(file=sys.stderr)
+                return
+            if command.strip():
+                status, output = self.execute(command, timeout=None)
+                sys.stdout.write(output)
+                if status != 0:
+                    print(f"(exit code {status})", file=sys.stderr)
+
+    def console_interact(self) -> None:
+        """Types each line read from the terminal into the serial console; its output is logged."""
+        print(f"{self.name}: serial console; each line is typed into it, Ctrl-D ends", file=sys.stderr)
+        while True:
+            try:
+                line = input()
+            except EOFError:
+                return
+            self.send_console(line + "\n")
+
     # Logging.
     def log(self, msg: str) -> None:
         _call(self.name, "log", message=msg)
