@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use attest_driver::{Driver, DriverOptions, MachineConfig, TestConfig};
-use attest_script::{run_script, ScriptOptions};
+use attest_script::{check_script, run_script, ScriptOptions};
 
 use crate::exit_code;
 
@@ -23,6 +23,9 @@ pub struct RunArgs {
     /// Write a JUnit report here: one case per subtest.
     #[arg(long, value_name = "PATH")]
     junit_xml: Option<PathBuf>,
+    /// Only type-check the script (mypy, as NixOS does), booting nothing.
+    #[arg(long)]
+    check: bool,
 }
 
 #[derive(clap::Args)]
@@ -45,6 +48,9 @@ pub struct DriverArgs {
     /// Write a JUnit report here: one case per subtest.
     #[arg(long, value_name = "PATH")]
     junit_xml: Option<PathBuf>,
+    /// Only type-check the script (mypy, as NixOS does), booting nothing.
+    #[arg(long)]
+    check: bool,
     /// The test as JSON (NixOS HEAD): vms, vlans, global_timeout, test_script.
     #[arg(long, value_name = "JSON")]
     config: Option<PathBuf>,
@@ -62,6 +68,9 @@ pub fn run(args: RunArgs) -> i32 {
         Ok(script) => script,
         Err(e) => return exit_code::setup_error(&e),
     };
+    if args.check {
+        return check(&config, &script);
+    }
     let options =
         DriverOptions { keep_vm_state: args.keep_vm_state, out_dir: args.output_directory, ..Default::default() };
     run_test(config, options, script, args.junit_xml)
@@ -102,6 +111,9 @@ pub fn driver(args: DriverArgs) -> i32 {
         Err(e) => return exit_code::setup_error(&e),
     };
     config.global_timeout = Duration::from_secs(global_timeout);
+    if args.check {
+        return check(&config, &script);
+    }
     let options =
         DriverOptions { keep_vm_state: args.keep_vm_state, out_dir: Some(args.output_directory), ..Default::default() };
     run_test(config, options, script, args.junit_xml)
@@ -117,6 +129,26 @@ fn run_test(config: TestConfig, options: DriverOptions, script: PathBuf, junit_x
     };
     match run_script(driver, &ScriptOptions { script, junit_xml }) {
         Ok(code) => code,
+        Err(e) => exit_code::setup_error(&e),
+    }
+}
+
+/// Type-checks `script` against the globals `config` gives it: exit 0 when clean, 1 with mypy's
+/// findings at the script's lines.
+fn check(config: &TestConfig, script: &Path) -> i32 {
+    let names: Vec<String> = config.machines.iter().map(|m| m.name.clone()).collect();
+    let scratch = match tempfile::tempdir() {
+        Ok(dir) => dir,
+        Err(e) => return exit_code::setup_error(&format!("creating a scratch directory: {e}")),
+    };
+    match check_script(script, &names, scratch.path()) {
+        Ok(report) if report.findings.is_empty() => 0,
+        Ok(report) => {
+            for finding in &report.findings {
+                say!("{finding}");
+            }
+            1
+        }
         Err(e) => exit_code::setup_error(&e),
     }
 }

@@ -4,10 +4,12 @@
 //! process ([`server`]), which runs it on the driver ([`dispatch`]). [`runner`] starts `python3`,
 //! forwards Ctrl-C to it, bounds it by the global timeout and tears the machines down after it.
 
+pub mod check;
 pub mod dispatch;
 pub mod runner;
 pub mod server;
 
+pub use check::{check_script, CheckReport};
 pub use runner::{run_script, ScriptOptions};
 
 /// The Python module a script runs under.
@@ -21,6 +23,8 @@ pub enum ScriptError {
     Io { what: String, source: std::io::Error },
     #[error("python3 is needed to run test scripts, but was not found: install Debian's python3 (scripts/setup does) or set ATTEST_PYTHON")]
     NoPython,
+    #[error("mypy is needed to check test scripts, but was not found: install Debian's mypy (scripts/setup does) or set ATTEST_MYPY")]
+    NoMypy,
 }
 
 impl ScriptError {

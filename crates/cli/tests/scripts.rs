@@ -1,0 +1,237 @@
+//! NixOS-style Python testScripts run by `attest run` and `attest driver` on real VMs (QEMU, TCG
+//! here), with attest's minimal guest: the call forms nixpkgs tests use, two machines, failures
+//! that point at the script's line, Ctrl-C, the global timeout, and the NixOS entry point.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{attest_bin, run_command, Run};
+
+/// Why this host cannot run the scripts' VMs, if it cannot.
+fn missing_prerequisite() -> Option<String> {
+    if attest_machine::Qemu::find_binary().is_none() {
+        return Some("qemu-system-x86_64 not found".into());
+    }
+    if attest_image::kernel::locate(None, &common::cache_dir()).is_err() {
+        return Some("no guest kernel (scripts/setup fetches one)".into());
+    }
+    if which::which("python3").is_err() {
+        return Some("python3 not found".into());
+    }
+    attest_image::find_busybox().err().map(|e| e.to_string())
+}
+
+/// A test directory with `test.toml` (minimal-guest machines named `machines`) and `test.py`.
+fn test_dir(machines: &[&str], extra: &str, script: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let mut toml = format!("script = \"test.py\"\n{extra}\n");
+    for name in machines {
+        toml.push_str(&format!("[machines.{name}]\nimage = \"minimal\"\nmemory = 256\n"));
+    }
+    std::fs::write(dir.path().join("test.toml"), toml).unwrap();
+    std::fs::write(dir.path().join("test.py"), script).unwrap();
+    dir
+}
+
+fn attest_run(dir: &Path, extra_args: &[&str]) -> Run {
+    let mut command = Command::new(attest_bin());
+    command.arg("run").arg(dir.join("test.toml")).args(extra_args).stdin(Stdio::null());
+    run_command(&mut command)
+}
+
+const NIXOS_STYLE: &str = r#"
+start_all()
+
+@polling_condition(seconds_interval=0.5)
+def server_answers():
+    "the server answers"
+    server.succeed("true")
+
+with subtest("commands on both machines"):
+    t.assertIn("a\nb", server.succeed("echo a", "echo b"))
+    client.succeed("echo hi > /tmp/x")
+    t.assertEqual(client.succeed("cat /tmp/x"), "hi\n")
+    status, output = server.execute("echo out; exit 3", timeout=10)
+    assert (status, output) == (3, "out\n"), (status, output)
+    client.fail("false")
+
+with subtest("waits and retry"):
+    server.succeed("(sleep 1; touch /tmp/later) >/dev/null 2>&1 &")
+    server.wait_for_file("/tmp/later", timeout=30)
+    retry(lambda last: server.execute("test -e /tmp/later")[0] == 0)
+    server.succeed("echo from-the-script > /dev/ttyS0")
+    server.wait_for_console_text("from-the-script", timeout=30)
+    server.wait_until_fails("false", timeout=10)
+
+with subtest("polling condition and screenshot"):
+    with server_answers:
+        client.succeed("true")
+    server_answers.wait(timeout=30)
+    server.screenshot("shot")
+    machines[0].log("machines holds every machine")
+"#;
+
+#[test]
+fn a_nixos_style_script_drives_two_machines() {
+    if let Some(why) = missing_prerequisite() {
+        return eprintln!("SKIP: {why}");
+    }
+    let dir = test_dir(&["server", "client"], "", NIXOS_STYLE);
+    let out = dir.path().join("out");
+    let junit = dir.path().join("junit.xml");
+    let run = attest_run(dir.path(), &["-o", out.to_str().unwrap(), "--junit-xml", junit.to_str().unwrap()]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(image::open(out.join("shot.png")).is_ok(), "a PNG screenshot in the output directory");
+    assert!(out.join("server-console.log").is_file() && out.join("client-console.log").is_file());
+    let xml = std::fs::read_to_string(junit).unwrap();
+    for case in ["commands on both machines", "waits and retry", "polling condition and screenshot"] {
+        assert!(xml.contains(&format!("<testcase name=\"{case}\"")), "{xml}");
+    }
+    assert!(xml.contains("failures=\"0\""), "{xml}");
+}
+
+#[test]
+fn a_failing_assertion_points_at_the_script_line() {
+    if let Some(why) = missing_prerequisite() {
+        return eprintln!("SKIP: {why}");
+    }
+    let script = "machine.succeed(\"true\")\n\nt.assertEqual(machine.succeed(\"echo 1\"), \"2\\n\")\n";
+    let dir = test_dir(&["machine"], "", script);
+    let run = attest_run(dir.path(), &[]);
+    assert_eq!(run.code, 1, "{run:?}");
+    let script_path = dir.path().join("test.py");
+    assert!(run.stderr.contains(&format!("File \"{}\", line 3, in <module>", script_path.display())), "{run:?}");
+    assert!(run.stderr.contains("t.assertEqual(machine.succeed(\"echo 1\"), \"2\\n\")"), "{run:?}");
+    assert!(run.stderr.contains("!!! RequestedAssertionFailed: '1\\n' != '2\\n'"), "{run:?}");
+
+    // A failed command reports the machine, the command and its status.
+    std::fs::write(&script_path, "machine.succeed(\"echo oops; exit 4\")\n").unwrap();
+    let run = attest_run(dir.path(), &[]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stderr.contains("line 1, in <module>"), "{run:?}");
+    assert!(
+        run.stderr.contains("!!! RequestedAssertionFailed: machine: command `echo oops; exit 4` failed (exit code 4)"),
+        "{run:?}"
+    );
+}
+
+#[test]
+fn bad_scripts_name_their_line_and_leave_nothing_running() {
+    if let Some(why) = missing_prerequisite() {
+        return eprintln!("SKIP: {why}");
+    }
+    for (script, line, message) in [
+        ("start_all()\nif True\n", 2, "!!! SyntaxError"),
+        ("machine.no_such_method()\n", 1, "!!! AttributeError: 'Machine' object has no attribute 'no_such_method'"),
+        ("x = 1\nraise ValueError(f'boom {x}')\n", 2, "!!! ValueError: boom 1"),
+    ] {
+        let dir = test_dir(&["machine"], "", script);
+        let run = attest_run(dir.path(), &[]);
+        assert_eq!(run.code, 1, "{script}: {run:?}");
+        assert!(run.stderr.contains(&format!("line {line}")), "{script}: {run:?}");
+        assert!(run.stderr.contains(message), "{script}: {run:?}");
+    }
+    // A script that ends with its machines running: they are stopped, and that is no failure.
+    let dir = test_dir(&["machine"], "", "start_all()\nmachine.succeed('true')\n");
+    let run = attest_run(dir.path(), &[]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stderr.contains("must succeed: true"), "{run:?}");
+}
+
+#[test]
+fn ctrl_c_in_the_middle_of_a_command_ends_the_script_at_its_line() {
+    if let Some(why) = missing_prerequisite() {
+        return eprintln!("SKIP: {why}");
+    }
+    let dir = test_dir(&["interrupted"], "", "interrupted.succeed('true')\ninterrupted.succeed('sleep 60')\n");
+    let mut child = Command::new(attest_bin())
+        .arg("run")
+        .arg(dir.path().join("test.toml"))
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    let started = Instant::now();
+    while !seen.contains("must succeed: sleep 60") {
+        assert!(started.elapsed() < Duration::from_secs(120), "the command never started: {seen}");
+        stderr.read_line(&mut seen).unwrap();
+    }
+    let interrupted = Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGINT).unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert!(interrupted.elapsed() < Duration::from_secs(20), "{:?}", interrupted.elapsed());
+    assert_eq!(status.code(), Some(130), "{seen}{rest}");
+    assert!(rest.contains("line 2, in <module>") && rest.contains("!!! KeyboardInterrupt"), "{rest}");
+    let left: Vec<u32> =
+        common::live_pids().into_iter().filter(|&p| common::cmdline(p).contains("-name interrupted")).collect();
+    assert!(left.is_empty(), "no VM left: {left:?}");
+}
+
+#[test]
+fn the_global_timeout_ends_a_hanging_script() {
+    if let Some(why) = missing_prerequisite() {
+        return eprintln!("SKIP: {why}");
+    }
+    let dir = test_dir(&["machine"], "global_timeout = 20", "machine.succeed('true')\nmachine.succeed('sleep 600')\n");
+    let run = attest_run(dir.path(), &[]);
+    assert_eq!(run.code, 124, "{run:?}");
+    assert!(run.elapsed < Duration::from_secs(60), "{run:?}");
+    assert!(run.stderr.contains("global timeout"), "{run:?}");
+}
+
+#[test]
+fn the_nixos_entry_point_runs_start_scripts_and_a_script_file() {
+    if let Some(why) = missing_prerequisite() {
+        return eprintln!("SKIP: {why}");
+    }
+    // A NixOS-like start script booting the minimal guest (see crates/driver/tests for the contract).
+    let cache = common::cache_dir();
+    let kernel = attest_image::kernel::locate(None, &cache).unwrap();
+    let modules = kernel.module_tree().unwrap().resolve(&["virtio_pci", "virtio_console", "virtio_rng"]).unwrap().load;
+    let initrd = attest_image::backdoor::backdoor_initramfs(
+        &attest_image::find_busybox().unwrap(),
+        &attest_image::backdoor::find_static_bash().unwrap(),
+        &modules,
+    )
+    .unwrap()
+    .write_cached(&cache.join("initramfs"))
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let start_script = dir.path().join("run-webserver-vm");
+    std::fs::write(
+        &start_script,
+        format!(
+            "#!/bin/sh\nexec qemu-system-x86_64 -machine q35,accel=tcg -cpu max -m 256 -nodefaults -kernel {} -initrd {} \
+             -append \"console=ttyS0 panic=-1 quiet rdinit=/init\" $QEMU_OPTS \"$@\"\n",
+            kernel.path.display(),
+            initrd.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&start_script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let script = dir.path().join("test-script");
+    std::fs::write(&script, "start_all()\nwebserver.succeed('echo up')\nmachine.succeed('true')\n").unwrap();
+
+    // Flags, as the Nix wrapper passes them.
+    let out = dir.path().join("out");
+    let mut command = Command::new(attest_bin());
+    command.arg("driver").arg("--start-scripts").arg(&start_script).arg("--global-timeout").arg("120");
+    command.arg("-o").arg(&out).arg(&script).stdin(Stdio::null());
+    let run = run_command(&mut command);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(out.join("webserver-console.log").is_file(), "{run:?}");
+
+    // The environment fallbacks.
+    let mut command = Command::new(attest_bin());
+    command.arg("driver").env("startScripts", &start_script).env("testScript", &script).env("out", &out);
+    let run = run_command(command.stdin(Stdio::null()));
+    assert_eq!(run.code, 0, "{run:?}");
+}
