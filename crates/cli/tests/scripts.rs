@@ -235,3 +235,44 @@ fn the_nixos_entry_point_runs_start_scripts_and_a_script_file() {
     let run = run_command(command.stdin(Stdio::null()));
     assert_eq!(run.code, 0, "{run:?}");
 }
+
+#[test]
+fn the_shipped_example_passes() {
+    if let Some(why) = missing_prerequisite() {
+        return eprintln!("SKIP: {why}");
+    }
+    if which::which("debootstrap").is_err() {
+        return eprintln!("SKIP: debootstrap not found (scripts/setup installs it and builds the Debian guest)");
+    }
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/web-server/test.toml");
+    let mut command = Command::new(attest_bin());
+    command.arg("run").arg(&example).stdin(Stdio::null());
+    let run = run_command(&mut command);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stderr.contains("(finished: subtest: it serves its page"), "{run:?}");
+}
+
+#[test]
+fn check_finds_a_misspelt_method_and_a_wrong_argument_type_without_booting() {
+    if which::which("mypy").is_err() {
+        return eprintln!("SKIP: mypy not found (scripts/setup installs it)");
+    }
+    let script =
+        "start_all()\nserver.succed('true')\nserver.wait_for_open_port('80')\nserver.succeed('a', 'b', timeout=10)\n";
+    let dir = test_dir(&["server"], "", script);
+    let run = attest_run(dir.path(), &["--check"]);
+    assert_eq!(run.code, 1, "{run:?}");
+    let script_path = dir.path().join("test.py");
+    let at = |line: u32| format!("{}:{line}:", script_path.display());
+    assert!(run.stderr.contains(&at(2)) && run.stderr.contains("\"Machine\" has no attribute \"succed\""), "{run:?}");
+    assert!(
+        run.stderr.contains(&at(3)) && run.stderr.contains("incompatible type \"str\"; expected \"int\""),
+        "{run:?}"
+    );
+    assert!(!run.stderr.contains(&at(4)), "the NixOS call forms check clean: {run:?}");
+    assert!(run.elapsed < Duration::from_secs(30), "nothing booted: {run:?}");
+
+    std::fs::write(&script_path, NIXOS_STYLE.replace("client.", "server.")).unwrap();
+    let run = attest_run(dir.path(), &["--check"]);
+    assert_eq!(run.code, 0, "the NixOS-style script checks clean: {run:?}");
+}

@@ -17,7 +17,8 @@ fn main() {
     let image = match args.next().as_deref() {
         Some("debian") => BuiltinImage::Debian,
         Some("minimal") | None => BuiltinImage::Minimal,
-        Some(other) => panic!("unknown guest {other}: minimal or debian"),
+        Some("overhead") => return call_overhead(),
+        Some(other) => panic!("unknown guest {other}: minimal, debian or overhead"),
     };
     let calls: usize = args.next().map(|n| n.parse().expect("CALLS is a number")).unwrap_or(200);
     let options = DriverOptions { log: Log::to(Box::new(std::io::sink())), ..DriverOptions::default() };
@@ -97,6 +98,22 @@ fn main() {
             100.0 + ms(trip)
         );
     }
+}
+
+/// The floor of a script's per-call overhead: the same call (`is_up`, no VM work) made from Rust.
+fn call_overhead() {
+    let options = DriverOptions { log: Log::to(Box::new(std::io::sink())), ..DriverOptions::default() };
+    let machine = MachineConfig::image("machine", BuiltinImage::Minimal);
+    let driver = Driver::new(TestConfig::new(vec![machine]), options).expect("driver");
+    let m = driver.machine("machine").unwrap();
+    let mut samples: Vec<Duration> = (0..1000)
+        .map(|_| {
+            let started = Instant::now();
+            std::hint::black_box(m.is_up());
+            started.elapsed()
+        })
+        .collect();
+    println!("rust: machine.is_up(), median of 1000: {:.1} us", median(&mut samples).as_secs_f64() * 1e6);
 }
 
 type Wait = fn(&Machine, usize);
