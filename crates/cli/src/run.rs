@@ -26,6 +26,9 @@ pub struct RunArgs {
     /// Only type-check the script (mypy, as NixOS does), booting nothing.
     #[arg(long)]
     check: bool,
+    /// A Python REPL with the script's globals (`test_script()` runs the script) instead.
+    #[arg(short = 'I', long)]
+    interactive: bool,
 }
 
 #[derive(clap::Args)]
@@ -51,6 +54,9 @@ pub struct DriverArgs {
     /// Only type-check the script (mypy, as NixOS does), booting nothing.
     #[arg(long)]
     check: bool,
+    /// A Python REPL with the script's globals (`test_script()` runs the script) instead.
+    #[arg(short = 'I', long)]
+    interactive: bool,
     /// The test as JSON (NixOS HEAD): vms, vlans, global_timeout, test_script.
     #[arg(long, value_name = "JSON")]
     config: Option<PathBuf>,
@@ -73,7 +79,7 @@ pub fn run(args: RunArgs) -> i32 {
     }
     let options =
         DriverOptions { keep_vm_state: args.keep_vm_state, out_dir: args.output_directory, ..Default::default() };
-    run_test(config, options, script, args.junit_xml)
+    run_test(config, options, ScriptOptions { script, junit_xml: args.junit_xml, interactive: args.interactive })
 }
 
 /// A test as the NixOS driver is given it, by flags, environment or `--config`.
@@ -116,18 +122,18 @@ pub fn driver(args: DriverArgs) -> i32 {
     }
     let options =
         DriverOptions { keep_vm_state: args.keep_vm_state, out_dir: Some(args.output_directory), ..Default::default() };
-    run_test(config, options, script, args.junit_xml)
+    run_test(config, options, ScriptOptions { script, junit_xml: args.junit_xml, interactive: args.interactive })
 }
 
-fn run_test(config: TestConfig, options: DriverOptions, script: PathBuf, junit_xml: Option<PathBuf>) -> i32 {
-    if !script.is_file() {
-        return exit_code::setup_error(&format!("the test script {} cannot be read", script.display()));
+fn run_test(config: TestConfig, options: DriverOptions, script: ScriptOptions) -> i32 {
+    if !script.script.is_file() {
+        return exit_code::setup_error(&format!("the test script {} cannot be read", script.script.display()));
     }
     let driver = match Driver::new(config, options) {
         Ok(driver) => driver,
         Err(e) => return exit_code::setup_error(&e),
     };
-    match run_script(driver, &ScriptOptions { script, junit_xml }) {
+    match run_script(driver, &script) {
         Ok(code) => code,
         Err(e) => exit_code::setup_error(&e),
     }

@@ -276,3 +276,25 @@ fn check_finds_a_misspelt_method_and_a_wrong_argument_type_without_booting() {
     let run = attest_run(dir.path(), &["--check"]);
     assert_eq!(run.code, 0, "the NixOS-style script checks clean: {run:?}");
 }
+
+#[test]
+fn interactive_mode_is_a_repl_with_the_scripts_globals() {
+    use expectrl::{Eof, Expect, Session};
+    if let Some(why) = missing_prerequisite() {
+        return eprintln!("SKIP: {why}");
+    }
+    let dir = test_dir(&["machine"], "", "machine.succeed('echo from-the-script > /tmp/ran')\n");
+    let mut command = Command::new(attest_bin());
+    command.arg("run").arg("-I").arg(dir.path().join("test.toml")).current_dir(dir.path());
+    let mut session = Session::spawn(command).expect("spawning attest on a pty");
+    session.set_expect_timeout(Some(Duration::from_secs(90)));
+    session.expect(">>> ").expect("a Python prompt");
+    session.send_line("machine.succeed('echo $((6 * 7))')").unwrap();
+    session.expect("'42\\n'").expect("a machine call's result");
+    session.send_line("test_script(); machine.succeed('cat /tmp/ran')").unwrap();
+    session.expect("'from-the-script\\n'").expect("test_script() runs the script");
+    session.send_line("exit()").unwrap();
+    session.expect(Eof).expect("attest ends with the REPL");
+    let history = std::fs::read_to_string(dir.path().join(".nixos-test-history")).unwrap_or_default();
+    assert!(history.contains("machine.succeed('echo $((6 * 7))')"), "history is kept: {history:?}");
+}

@@ -23,6 +23,8 @@ pub struct ScriptOptions {
     pub script: PathBuf,
     /// Where to write the JUnit report.
     pub junit_xml: Option<PathBuf>,
+    /// A Python REPL with the script's globals instead of running it (NixOS's `-I`).
+    pub interactive: bool,
 }
 
 /// Runs `options.script` against `driver`'s machines and returns the exit status attest should
@@ -42,6 +44,7 @@ pub fn run_script(driver: Driver, options: &ScriptOptions) -> Result<i32, Script
     command
         .args(["-m", "attest_driver"])
         .arg(&options.script)
+        .args(options.interactive.then_some("--interactive"))
         .env("PYTHONPATH", &module_dir)
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .env("PYTHONUNBUFFERED", "1")
@@ -49,9 +52,12 @@ pub fn run_script(driver: Driver, options: &ScriptOptions) -> Result<i32, Script
     let mut python = ManagedChild::spawn("python3", &mut command, |_| {})
         .map_err(ScriptError::io("starting python3 for the test script"))?;
     let forwarding = forward_signals(python.id())?;
+    // A REPL reads the terminal: its process group must be the terminal's foreground one.
+    let terminal = options.interactive.then(|| terminal::Foreground::give(python.id())).flatten();
 
     let deadline = driver.global_deadline() + TIMEOUT_GRACE;
     let status = python.wait_until(deadline);
+    drop(terminal);
     forwarding.close();
     let timed_out = driver.timed_out();
     if status.is_none() {
@@ -69,6 +75,51 @@ pub fn run_script(driver: Driver, options: &ScriptOptions) -> Result<i32, Script
         Some(ExitStatus::Signal(signal)) => 128 + signal,
         None => 124,
     })
+}
+
+mod terminal {
+    //! Lending the terminal to the script's process group (interactive mode) and taking it back.
+
+    use std::os::fd::{AsFd, BorrowedFd};
+
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    use nix::unistd::{getpgrp, tcsetpgrp, Pid};
+
+    /// The terminal on stdin, in the foreground for the script until dropped.
+    pub struct Foreground {
+        ours: Pid,
+    }
+
+    impl Foreground {
+        /// `None` when stdin is not a terminal (a REPL on a pipe needs no foreground).
+        pub fn give(pid: u32) -> Option<Foreground> {
+            let stdin = std::io::stdin();
+            if !std::io::IsTerminal::is_terminal(&stdin) {
+                return None;
+            }
+            let ours = getpgrp();
+            set_foreground(stdin.as_fd(), Pid::from_raw(pid as i32));
+            Some(Foreground { ours })
+        }
+    }
+
+    impl Drop for Foreground {
+        fn drop(&mut self) {
+            set_foreground(std::io::stdin().as_fd(), self.ours);
+        }
+    }
+
+    /// `tcsetpgrp` from what may be a background process group, which the kernel answers with
+    /// SIGTTOU unless it is ignored.
+    fn set_foreground(tty: BorrowedFd<'_>, group: Pid) {
+        // SAFETY: SIG_IGN installs no handler code; the previous disposition is restored at once.
+        let previous = unsafe { signal(Signal::SIGTTOU, SigHandler::SigIgn) };
+        tcsetpgrp(tty, group).ok();
+        if let Ok(previous) = previous {
+            // SAFETY: restoring the disposition that was in place before, whatever it was.
+            unsafe { signal(Signal::SIGTTOU, previous) }.ok();
+        }
+    }
 }
 
 /// `$ATTEST_PYTHON`, else `python3` on PATH.

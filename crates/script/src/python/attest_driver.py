@@ -513,13 +513,12 @@ def report(error: BaseException, script: str) -> None:
     print(f"!!! {type(error).__name__}: {error}", file=sys.stderr)
 
 
-def main() -> int:
-    script = sys.argv[1]
+def run_script(script: str, symbols: Dict[str, Any]) -> int:
+    """Runs the script with `symbols` as its globals; reports a failure as NixOS does."""
     with open(script) as f:
         source = f.read()
     try:
-        code = compile(source, script, "exec")
-        exec(code, test_symbols())
+        exec(compile(source, script, "exec"), symbols)
     except KeyboardInterrupt as e:
         report(e, script)
         return 130
@@ -527,6 +526,40 @@ def main() -> int:
         report(e, script)
         return 1
     return 0
+
+
+def interact(script: str, symbols: Dict[str, Any]) -> int:
+    """NixOS's interactive mode: a Python REPL with the script's globals, `test_script()` to run
+    the script, and history kept in `.nixos-test-history`."""
+    import code
+
+    symbols["test_script"] = lambda: run_script(script, symbols)
+    try:
+        import readline
+
+        history = os.path.abspath(".nixos-test-history")
+        with contextlib.suppress(OSError):
+            readline.read_history_file(history)
+        readline.parse_and_bind("tab: complete")
+    except ImportError:
+        history = None
+    banner = "attest interactive test driver: the test's globals are here; test_script() runs the script"
+    try:
+        code.interact(banner=banner, local=symbols, exitmsg="")
+    except SystemExit:
+        pass  # exit() in the REPL
+    finally:
+        if history is not None:
+            with contextlib.suppress(OSError):
+                readline.write_history_file(history)
+    return 0
+
+
+def main() -> int:
+    interactive = "--interactive" in sys.argv[1:]
+    script = [arg for arg in sys.argv[1:] if arg != "--interactive"][0]
+    symbols = test_symbols()
+    return interact(script, symbols) if interactive else run_script(script, symbols)
 
 
 if __name__ == "__main__":
