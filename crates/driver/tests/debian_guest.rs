@@ -26,6 +26,7 @@ fn a_systemd_guest_one_boot_many_checks() {
         .subtest("boots to multi-user.target", || {
             m.wait_for_unit("multi-user.target", None, None)?;
             assert_eq!(m.succeed("hostname", None)?, "server\n");
+            assert!(m.succeed("getent hosts localhost", None)?.contains("localhost"), "localhost resolves");
             assert_eq!(m.get_unit_property("multi-user.target", "ActiveState", None)?, "active");
             Ok(())
         })

@@ -41,6 +41,7 @@ fn one_boot_many_checks() {
         .subtest("a background process does not hold the command", || {
             let asked = Instant::now();
             assert_eq!(m.succeed("sleep 100 & echo started", None)?, "started\n");
+            assert_eq!(m.succeed("(sleep 100; echo late) & echo subshell", None)?, "subshell\n");
             assert!(asked.elapsed() < Duration::from_secs(10), "{:?}", asked.elapsed());
             Ok(())
         })

@@ -190,21 +190,21 @@ impl BackdoorShell {
 /// (a full or read-only `$TMPDIR`): not base64, so it cannot be taken for output.
 const NO_OUTPUT_FILE: &str = "!";
 
-/// The line the backdoor shell is sent for `command`, command number `serial`: NixOS's
-/// `timeout N bash -c '<set -euo pipefail; CMD>' | (base64 -w 0; echo)`, except that the command's
-/// stdout is a file, which `base64` reads once `bash -c` has exited. So no process the command
-/// leaves running can hold the pipe open, and output written before the guest's `timeout` struck
-/// is kept. `bash -c` holds the pipe (as fd 3, closed for the command itself) until it exits; the
-/// reader waits for that with the `read` builtin. Processes per command are those of NixOS's line.
-/// With `cleanup`, earlier output files are removed first. The newline before `}` ends a trailing
-/// comment or here-document in the command.
+/// The line the backdoor shell is sent for `command`, command number `serial`. NixOS sends
+/// `timeout N bash -c '<set -euo pipefail; CMD>' | (base64 -w 0; echo)`, which waits for every
+/// process holding the pipe, so a command that leaves one running (`sleep 100 &`, NixOS #144875)
+/// hangs the call. Here the command's stdout is a file instead, and `base64` reads it once `bash -c`
+/// has exited: nothing the command leaves running can hold anything, and output written before
+/// the guest's `timeout` struck is kept. The status still comes from `echo ${PIPESTATUS[0]}`: the
+/// last pipeline starts with `(exit $?)`, which carries `bash -c`'s status. The guest runs no
+/// program NixOS's line does not. With `cleanup`, earlier output files are removed first.
 pub fn command_line(command: &str, timeout: Option<Duration>, serial: u64, cleanup: bool) -> String {
     const DIR: &str = "\"${TMPDIR:-/tmp}\"";
     let limit = timeout.map(|t| format!("timeout {} ", t.as_secs().max(1))).unwrap_or_default();
     let cleanup = if cleanup { format!("rm -f {DIR}/.attest-out-*; ") } else { String::new() };
-    let script = quote(&format!("set -euo pipefail; {{ {command}\n}} 3>&-"));
+    let script = quote(&format!("set -euo pipefail; {command}"));
     let file = format!("{DIR}/.attest-out-{serial}");
-    format!("{cleanup}{limit}bash -c {script} 3>&1 >{file} | (read -r _ || :; base64 -w 0 {file} || printf '{NO_OUTPUT_FILE}'; echo)\n")
+    format!("{cleanup}{limit}bash -c {script} >{file}; (exit $?) | (base64 -w 0 {file} || printf '{NO_OUTPUT_FILE}'; echo)\n")
 }
 
 /// Quotes `text` for a POSIX shell exactly as Python's `shlex.quote` does, which the NixOS driver
@@ -312,6 +312,9 @@ mod tests {
         let started = Instant::now();
         let (status, out) = shell.execute("echo before; sleep 30 & echo after", None, soon()).unwrap();
         assert_eq!((status, out.as_slice()), (0, &b"before\nafter\n"[..]));
+        // A background subshell (which does not exec, so keeps every fd it inherited) too.
+        let (status, out) = shell.execute("(sleep 30; echo late) & echo now", None, soon()).unwrap();
+        assert_eq!((status, out.as_slice()), (0, &b"now\n"[..]));
         assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
         let (status, out) = shell.execute("echo x # a trailing comment", None, soon()).unwrap();
         assert_eq!((status, out.as_slice()), (0, &b"x\n"[..]));

@@ -103,6 +103,8 @@ impl Recipe {
             file("etc/fstab", "/dev/vda / ext4 rw,relatime 0 0\n", 0o644),
             // The driver names each machine with `systemd.hostname=` on the kernel command line.
             file("etc/hostname", "debian\n", 0o644),
+            // debootstrap writes none: without it `localhost` does not resolve (`nc -z localhost`).
+            file("etc/hosts", "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n", 0o644),
             // Not the build host's resolver; a test that wants DNS configures it.
             file("etc/resolv.conf", "", 0o644),
             // A fixed id, so no boot is a "first boot"; the driver passes `systemd.machine_id=`
