@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use attest_driver::{Driver, DriverOptions, MachineConfig, TestConfig};
-use attest_script::{check_script, run_script, ScriptOptions};
+use attest_script::{check_script, run_script, write_stubs, ScriptOptions};
 
 use crate::exit_code;
 
@@ -29,6 +29,9 @@ pub struct RunArgs {
     /// A Python REPL with the script's globals (`test_script()` runs the script) instead.
     #[arg(short = 'I', long)]
     interactive: bool,
+    /// Only write type stubs for editors into DIR (attest_driver.pyi, __builtins__.pyi), booting nothing.
+    #[arg(long, value_name = "DIR")]
+    stubs: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -57,6 +60,9 @@ pub struct DriverArgs {
     /// A Python REPL with the script's globals (`test_script()` runs the script) instead.
     #[arg(short = 'I', long)]
     interactive: bool,
+    /// Only write type stubs for editors into DIR (attest_driver.pyi, __builtins__.pyi), booting nothing.
+    #[arg(long, value_name = "DIR")]
+    stubs: Option<PathBuf>,
     /// The test as JSON (NixOS HEAD): vms, vlans, global_timeout, test_script.
     #[arg(long, value_name = "JSON")]
     config: Option<PathBuf>,
@@ -74,6 +80,9 @@ pub fn run(args: RunArgs) -> i32 {
         Ok(script) => script,
         Err(e) => return exit_code::setup_error(&e),
     };
+    if let Some(dir) = &args.stubs {
+        return stubs(&config, dir);
+    }
     if args.check {
         return check(&config, &script);
     }
@@ -117,6 +126,9 @@ pub fn driver(args: DriverArgs) -> i32 {
         Err(e) => return exit_code::setup_error(&e),
     };
     config.global_timeout = Duration::from_secs(global_timeout);
+    if let Some(dir) = &args.stubs {
+        return stubs(&config, dir);
+    }
     if args.check {
         return check(&config, &script);
     }
@@ -155,6 +167,18 @@ fn check(config: &TestConfig, script: &Path) -> i32 {
             }
             1
         }
+        Err(e) => exit_code::setup_error(&e),
+    }
+}
+
+/// Writes the type stubs of `config`'s scripts into `dir`.
+fn stubs(config: &TestConfig, dir: &Path) -> i32 {
+    let names: Vec<String> = config.machines.iter().map(|m| m.name.clone()).collect();
+    let written = tempfile::tempdir()
+        .map_err(|e| attest_script::ScriptError::Io { what: "creating a scratch directory".into(), source: e })
+        .and_then(|scratch| write_stubs(dir, &names, scratch.path()));
+    match written {
+        Ok(()) => 0,
         Err(e) => exit_code::setup_error(&e),
     }
 }

@@ -298,3 +298,23 @@ fn interactive_mode_is_a_repl_with_the_scripts_globals() {
     let history = std::fs::read_to_string(dir.path().join(".nixos-test-history")).unwrap_or_default();
     assert!(history.contains("machine.succeed('echo $((6 * 7))')"), "history is kept: {history:?}");
 }
+
+#[test]
+fn stubs_for_editors_declare_the_api_and_the_scripts_globals() {
+    if which::which("stubgen").is_err() {
+        return eprintln!("SKIP: stubgen not found (Debian's mypy has it; scripts/setup installs it)");
+    }
+    let dir = test_dir(&["server", "web-client"], "", "start_all()\n");
+    let stubs = dir.path().join("stubs");
+    let run = attest_run(dir.path(), &["--stubs", stubs.to_str().unwrap()]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let api = std::fs::read_to_string(stubs.join("attest_driver.pyi")).unwrap();
+    assert!(
+        api.contains("def wait_for_unit(self, unit: str, user: Optional[str] = ..., timeout: int = ...) -> None"),
+        "{api}"
+    );
+    assert!(api.contains("def succeed(self, *commands: str, timeout: Optional[int] = ...) -> str"), "{api}");
+    let globals = std::fs::read_to_string(stubs.join("__builtins__.pyi")).unwrap();
+    assert!(globals.contains("server: Machine\n") && globals.contains("web_client: Machine\n"), "{globals}");
+    assert!(!globals.contains("\nmachine: Machine"), "`machine` only for a single machine: {globals}");
+}

@@ -41,6 +41,28 @@ pub fn check_script(script: &Path, machines: &[String], scratch: &Path) -> Resul
     Ok(CheckReport { findings })
 }
 
+/// Writes type stubs for editors and type checkers into `dir`: `attest_driver.pyi` (the module's
+/// API, made by mypy's `stubgen` from its annotations, so it cannot drift from the module) and
+/// `__builtins__.pyi` (a script's globals: its machines, `start_all`, `t`…, which pyright and
+/// editors built on it read from a project's root).
+pub fn write_stubs(dir: &Path, machines: &[String], scratch: &Path) -> Result<(), ScriptError> {
+    let stubgen = std::env::var_os("ATTEST_STUBGEN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("stubgen"));
+    let module = scratch.join("attest_driver.py");
+    std::fs::write(&module, PYTHON_MODULE).map_err(ScriptError::io(format!("writing {}", module.display())))?;
+    std::fs::create_dir_all(dir).map_err(ScriptError::io(format!("creating {}", dir.display())))?;
+    let output =
+        Command::new(&stubgen).arg("--quiet").arg(&module).arg("-o").arg(dir).output().map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => ScriptError::NoMypy,
+            _ => ScriptError::Io { what: "running stubgen".into(), source: e },
+        })?;
+    if !output.status.success() {
+        let why = std::io::Error::other(String::from_utf8_lossy(&output.stderr).trim().to_string());
+        return Err(ScriptError::Io { what: "stubgen failed".into(), source: why });
+    }
+    let builtins = dir.join("__builtins__.pyi");
+    std::fs::write(&builtins, prelude(machines)).map_err(ScriptError::io(format!("writing {}", builtins.display())))
+}
+
 /// The globals a script has, for mypy.
 fn prelude(machines: &[String]) -> String {
     let mut text = String::from(

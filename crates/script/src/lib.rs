@@ -9,7 +9,7 @@ pub mod dispatch;
 pub mod runner;
 pub mod server;
 
-pub use check::{check_script, CheckReport};
+pub use check::{check_script, write_stubs, CheckReport};
 pub use runner::{run_script, ScriptOptions};
 
 /// The Python module a script runs under.
