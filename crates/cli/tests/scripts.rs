@@ -229,11 +229,18 @@ fn the_nixos_entry_point_runs_start_scripts_and_a_script_file() {
     assert_eq!(run.code, 0, "{run:?}");
     assert!(out.join("webserver-console.log").is_file(), "{run:?}");
 
-    // The environment fallbacks.
+    // The environment fallbacks, and a machine the script creates itself.
+    let created = format!(
+        "extra = create_machine({:?}, name='extra')\nassert extra.succeed('echo made') == 'made\\n'\n\
+         assert [m.name for m in machines] == ['webserver', 'extra'], machines\n",
+        start_script.to_str().unwrap()
+    );
+    std::fs::write(&script, created).unwrap();
     let mut command = Command::new(attest_bin());
     command.arg("driver").env("startScripts", &start_script).env("testScript", &script).env("out", &out);
     let run = run_command(command.stdin(Stdio::null()));
     assert_eq!(run.code, 0, "{run:?}");
+    assert!(out.join("extra-console.log").is_file(), "{run:?}");
 }
 
 #[test]

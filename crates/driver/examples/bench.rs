@@ -84,10 +84,10 @@ fn main() {
         let mut latencies = Vec::new();
         for i in 0..10 {
             m.succeed(&setup.replace("{i}", &i.to_string()), None).unwrap();
-            let offset = clock_offset(m);
+            let offset = clock_offset(&m);
             m.succeed(&format!("(sleep 0.5; {}) >/dev/null 2>&1 &", event.replace("{i}", &i.to_string())), None)
                 .unwrap();
-            wait(m, i);
+            wait(&m, i);
             let returned = now();
             let at: f64 = m.succeed("cat /tmp/bench-event-time", None).unwrap().trim().parse().unwrap();
             latencies.push(Duration::from_secs_f64((returned - (at - offset)).max(0.0)));

@@ -6,14 +6,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use attest_machine::accel::AccelRequest;
 use attest_machine::backend::qemu::kvm_probe;
-use attest_machine::{Backend, Echo, MachineEventSink, Qemu, StateDir};
+use attest_machine::{Accel, Backend, Echo, MachineEventSink, Qemu, StateDir};
 
-use crate::config::{BackendKind, TestConfig};
+use crate::config::{BackendKind, MachineConfig, TestConfig};
 use crate::error::{DriverError, Result};
 use crate::log::{Log, SubtestRecord};
 use crate::machine::Machine;
@@ -59,8 +59,11 @@ impl Shared {
 }
 
 pub struct Driver {
-    machines: Vec<Arc<Machine>>,
+    /// Shared with the global-timeout watchdog; a script may add machines while the test runs.
+    machines: Arc<RwLock<Vec<Arc<Machine>>>>,
     shared: Arc<Shared>,
+    accel: Accel,
+    cache: PathBuf,
     /// Dropping it stops the watchdog.
     _watchdog: mpsc::Sender<()>,
     /// Kept until every machine is gone.
@@ -76,12 +79,7 @@ impl Driver {
             if names.contains(&machine.name.as_str()) {
                 return Err(DriverError::Config(format!("two machines are named {:?}", machine.name)));
             }
-            if machine.backend != BackendKind::Qemu {
-                return Err(DriverError::Config(format!(
-                    "machine {}: the {:?} backend is not available yet; use backend = \"qemu\"",
-                    machine.name, machine.backend
-                )));
-            }
+            check_backend(machine)?;
             names.push(&machine.name);
         }
         let qemu_binary = Qemu::find_binary().ok_or_else(|| {
@@ -131,48 +129,65 @@ impl Driver {
             backend: backend.clone(),
         });
 
+        let machines = Arc::new(RwLock::new(Vec::new()));
+        let watchdog = spawn_watchdog(shared.clone(), machines.clone());
+        let driver =
+            Driver { machines, shared, accel: accel.accel, cache, _watchdog: watchdog, _out_dir: owned_out_dir, state };
+        for machine in config.machines {
+            driver.add_machine(machine)?;
+        }
+        Ok(driver)
+    }
+
+    /// Prepares one more machine (NixOS's `create_machine`); it starts when asked to, as any other.
+    pub fn add_machine(&self, config: MachineConfig) -> Result<Arc<Machine>> {
+        check_backend(&config)?;
+        let mut machines = self.machines.write().unwrap_or_else(|p| p.into_inner());
+        if machines.iter().any(|m| m.name() == config.name) {
+            return Err(DriverError::Config(format!("two machines are named {:?}", config.name)));
+        }
+        let backend = self.shared.backend.clone();
         let cx = prepare::Context {
             backend: backend.as_ref(),
-            accel: accel.accel,
-            cache: &cache,
-            shared_dir: &shared_dir,
-            log: &options.log,
+            accel: self.accel,
+            cache: &self.cache,
+            shared_dir: &self.shared.shared_dir,
+            log: &self.shared.log,
         };
-        let mut machines = Vec::new();
-        for (index, config) in config.machines.into_iter().enumerate() {
-            let dir = state.machine_dir(index, &config.name)?;
-            let spec = prepare::spec(&config, &cx, &dir)?;
-            let (log, name) = (options.log.clone(), config.name.clone());
-            let echo = Echo::Lines(Arc::new(move |line: &str| log.serial(&name, line)));
-            let events: MachineEventSink = Arc::new(|event| tracing::debug!(?event, "machine event"));
-            let machine = attest_machine::Machine::new(spec, backend.clone(), dir, events, echo);
-            machines.push(Arc::new(Machine::new(config, machine, shared.clone())));
-        }
-        let watchdog = spawn_watchdog(shared.clone(), machines.clone());
-        Ok(Driver { machines, shared, _watchdog: watchdog, _out_dir: owned_out_dir, state })
+        let dir = self.state.machine_dir(machines.len(), &config.name)?;
+        let spec = prepare::spec(&config, &cx, &dir)?;
+        let (log, name) = (self.shared.log.clone(), config.name.clone());
+        let echo = Echo::Lines(Arc::new(move |line: &str| log.serial(&name, line)));
+        let events: MachineEventSink = Arc::new(|event| tracing::debug!(?event, "machine event"));
+        let machine = attest_machine::Machine::new(spec, backend, dir, events, echo);
+        let machine = Arc::new(Machine::new(config, machine, self.shared.clone()));
+        machines.push(machine.clone());
+        Ok(machine)
     }
 
     /// The machine named `name`.
-    pub fn machine(&self, name: &str) -> Result<&Arc<Machine>> {
-        self.machines.iter().find(|m| m.name() == name).ok_or_else(|| DriverError::NoSuchMachine {
+    pub fn machine(&self, name: &str) -> Result<Arc<Machine>> {
+        let machines = self.machines();
+        machines.iter().find(|m| m.name() == name).cloned().ok_or_else(|| DriverError::NoSuchMachine {
             name: name.into(),
-            known: self.machines.iter().map(|m| m.name()).collect::<Vec<_>>().join(", "),
+            known: machines.iter().map(|m| m.name()).collect::<Vec<_>>().join(", "),
         })
     }
 
-    pub fn machines(&self) -> &[Arc<Machine>] {
-        &self.machines
+    /// The machines, in the order they were defined.
+    pub fn machines(&self) -> Vec<Arc<Machine>> {
+        self.machines.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Starts every machine; they boot in parallel (each start returns before its guest is up).
     pub fn start_all(&self) -> Result<()> {
-        self.shared.log.nested(None, "starting all VMs", || self.machines.iter().try_for_each(|m| m.start()))
+        self.shared.log.nested(None, "starting all VMs", || self.machines().iter().try_for_each(|m| m.start()))
     }
 
     /// Waits until every machine has powered off.
     pub fn join_all(&self) -> Result<()> {
         self.shared.log.nested(None, "waiting for all VMs to finish", || {
-            self.machines.iter().try_for_each(|m| m.wait_for_shutdown())
+            self.machines().iter().try_for_each(|m| m.wait_for_shutdown())
         })
     }
 
@@ -240,12 +255,13 @@ impl Driver {
     /// with the test's output. Dropping the driver does this too; a script runner calls it as soon
     /// as the script ends, so that calls still running on other threads end with it.
     pub fn stop_all(&self) {
+        let machines = self.machines();
         std::thread::scope(|scope| {
-            for machine in &self.machines {
+            for machine in &machines {
                 scope.spawn(|| machine.stop());
             }
         });
-        for machine in &self.machines {
+        for machine in &machines {
             let copy = self.shared.out_dir.join(format!("{}-console.log", machine.name()));
             std::fs::copy(machine.console_log_path(), copy).ok();
         }
@@ -259,8 +275,19 @@ impl Drop for Driver {
     }
 }
 
+/// Only QEMU runs machines today.
+fn check_backend(machine: &MachineConfig) -> Result<()> {
+    if machine.backend != BackendKind::Qemu {
+        return Err(DriverError::Config(format!(
+            "machine {}: the {:?} backend is not available yet; use backend = \"qemu\"",
+            machine.name, machine.backend
+        )));
+    }
+    Ok(())
+}
+
 /// Kills every machine when the global timeout expires, so whatever waits on one ends now.
-fn spawn_watchdog(shared: Arc<Shared>, machines: Vec<Arc<Machine>>) -> mpsc::Sender<()> {
+fn spawn_watchdog(shared: Arc<Shared>, machines: Arc<RwLock<Vec<Arc<Machine>>>>) -> mpsc::Sender<()> {
     let (stop, stopped) = mpsc::channel::<()>();
     std::thread::spawn(move || {
         let left = shared.deadline.saturating_duration_since(Instant::now());
@@ -270,7 +297,7 @@ fn spawn_watchdog(shared: Arc<Shared>, machines: Vec<Arc<Machine>>) -> mpsc::Sen
                 None,
                 &format!("!!! the global timeout of {:?} expired: stopping every machine", shared.global_timeout),
             );
-            machines.iter().for_each(|m| m.kill());
+            machines.read().unwrap_or_else(|p| p.into_inner()).iter().for_each(|m| m.kill());
         }
     });
     stop

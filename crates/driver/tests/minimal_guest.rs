@@ -205,9 +205,9 @@ fn machines_boot_in_parallel_and_reboot() {
     assert!(both < one * 2, "one boot {one:?}, both {both:?}");
 
     let boot_id = |m: &attest_driver::Machine| m.succeed("cat /proc/sys/kernel/random/boot_id", None).unwrap();
-    let before = boot_id(second);
+    let before = boot_id(&second);
     second.reboot().unwrap();
-    assert_ne!(boot_id(second), before, "a new boot, on the same channel");
+    assert_ne!(boot_id(&second), before, "a new boot, on the same channel");
     assert!(second.is_up());
     // Without allow_reboot, a reboot ends the VMM (-no-reboot); the next command boots afresh.
     first.reboot().unwrap();

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use attest_driver::{Driver, DriverError, Machine};
+use attest_driver::{BootConfig, Driver, DriverError, Machine, MachineConfig};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
@@ -41,7 +41,7 @@ impl<'a> Session<'a> {
         let result = match &request.machine {
             None => self.driver_call(&request.call, &args),
             Some(name) => match self.driver.machine(name) {
-                Ok(machine) => machine_call(machine, &request.call, &args),
+                Ok(machine) => machine_call(&machine, &request.call, &args),
                 Err(e) => Err(e.into()),
             },
         };
@@ -57,6 +57,18 @@ impl<'a> Session<'a> {
         match call {
             "machines" => Ok(json!(self.driver.machines().iter().map(|m| m.name()).collect::<Vec<_>>())),
             "start_all" => Ok(json!(self.driver.start_all()?)),
+            "create_machine" => {
+                // NixOS's start command is a `run-NAME-vm` script; `name` overrides the file's.
+                let path = std::path::PathBuf::from(args.str("start_command")?);
+                let config = match args.opt_str("name")? {
+                    Some(name) => {
+                        let boot = BootConfig::StartScript { path, qemu_opts: None, kernel_params: None };
+                        MachineConfig::new(name, boot)
+                    }
+                    None => MachineConfig::start_script(path)?,
+                };
+                Ok(json!(self.driver.add_machine(config)?.name()))
+            }
             "join_all" => Ok(json!(self.driver.join_all()?)),
             "log" => Ok(json!(log.info(None, args.str("message")?))),
             "serial_stdout" => Ok(json!(log.set_serial(args.bool("on")?))),
