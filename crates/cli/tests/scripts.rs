@@ -57,6 +57,7 @@ with subtest("commands on both machines"):
     t.assertEqual(client.succeed("cat /tmp/x"), "hi\n")
     status, output = server.execute("echo out; exit 3", timeout=10)
     assert (status, output) == (3, "out\n"), (status, output)
+    assert server.execute("echo unbounded", timeout=None) == (0, "unbounded\n")
     client.fail("false")
 
 with subtest("waits and retry"):

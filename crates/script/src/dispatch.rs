@@ -113,7 +113,11 @@ impl Drop for Session<'_> {
 
 fn machine_call(m: &Machine, call: &str, a: &Args) -> Result<Value, CallError> {
     let value = match call {
-        "execute" => json!(m.execute(a.str("command")?, a.secs("timeout")?)?),
+        // The module always sends `timeout` (NixOS's default is 900): null is an explicit None.
+        "execute" => match a.secs("timeout")? {
+            Some(timeout) => json!(m.execute(a.str("command")?, Some(timeout))?),
+            None => json!(m.execute_without_timeout(a.str("command")?)?),
+        },
         "succeed" => json!(m.succeed(a.str("command")?, a.secs("timeout")?)?),
         "fail" => json!(m.fail(a.str("command")?, a.secs("timeout")?)?),
         "wait_until_succeeds" => json!(m.wait_until_succeeds(a.str("command")?, a.secs("timeout")?)?),

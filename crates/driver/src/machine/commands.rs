@@ -26,6 +26,13 @@ impl Machine {
         Ok((status, String::from_utf8_lossy(&output).into_owned()))
     }
 
+    /// NixOS's `execute(command, timeout=None)`: no guest-side timeout; the global one still applies.
+    #[track_caller]
+    pub fn execute_without_timeout(&self, command: &str) -> Result<(i32, String)> {
+        let (status, output) = self.run(Location::caller(), command, None)?;
+        Ok((status, String::from_utf8_lossy(&output).into_owned()))
+    }
+
     /// Runs `command`, which must exit 0, and returns its output. No timeout by default, as in
     /// NixOS; the global timeout still ends it.
     #[track_caller]
