@@ -52,9 +52,11 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// The global-timeout error, once it has expired.
+    /// The global-timeout error, once it has expired: the watchdog has fired, or is about to (a
+    /// wait bounded by the same deadline may end first).
     pub fn timed_out(&self) -> Option<DriverError> {
-        self.timed_out.load(Ordering::SeqCst).then_some(DriverError::GlobalTimeout(self.global_timeout))
+        let expired = self.timed_out.load(Ordering::SeqCst) || Instant::now() >= self.deadline;
+        expired.then_some(DriverError::GlobalTimeout(self.global_timeout))
     }
 }
 
