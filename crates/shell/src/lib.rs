@@ -55,6 +55,8 @@ pub struct BackdoorShell {
 /// dynamically linked program takes ~35 ms under TCG).
 const CLEANUP_FILES: u64 = 32;
 const CLEANUP_BYTES: u64 = 16 << 20;
+/// How long a write outside a command (`poweroff`) may wait for the guest to read.
+const RAW_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl BackdoorShell {
     /// Waits, at most until `deadline`, for the guest to announce its shell. Whatever the guest
@@ -100,13 +102,13 @@ impl BackdoorShell {
             (self.leftover_files, self.leftover_bytes) = (0, 0);
         }
         self.sent += 1;
-        self.send(command_line(command, timeout, self.sent, cleanup).as_bytes())?;
+        self.send(command_line(command, timeout, self.sent, cleanup).as_bytes(), deadline)?;
         self.out_of_step = true;
         let started = Instant::now();
         let encoded = self.read_line(deadline, started, "finish the command")?;
         if encoded == NO_OUTPUT_FILE.as_bytes() {
             // The reply is complete: the shell stays in step.
-            self.send(b"echo ${PIPESTATUS[0]}\n")?;
+            self.send(b"echo ${PIPESTATUS[0]}\n", deadline)?;
             self.read_line(deadline, started, "report the exit status")?;
             self.out_of_step = false;
             return Err(ShellError::NoOutputFile);
@@ -115,7 +117,7 @@ impl BackdoorShell {
             what: "base64 output",
             got: String::from_utf8_lossy(&encoded[..encoded.len().min(200)]).into_owned(),
         })?;
-        self.send(b"echo ${PIPESTATUS[0]}\n")?;
+        self.send(b"echo ${PIPESTATUS[0]}\n", deadline)?;
         let status = self.read_line(deadline, started, "report the exit status")?;
         let status = std::str::from_utf8(&status).ok().and_then(|s| s.trim().parse().ok()).ok_or_else(|| {
             ShellError::Garbled { what: "an exit status", got: String::from_utf8_lossy(&status).into_owned() }
@@ -129,7 +131,7 @@ impl BackdoorShell {
     /// Writes `bytes` to the shell as they are, outside the command protocol: NixOS's `shutdown`
     /// sends a bare `poweroff` line this way, whose reply never comes.
     pub fn write_raw(&mut self, bytes: &[u8]) -> Result<(), ShellError> {
-        self.send(bytes)
+        self.send(bytes, Instant::now() + RAW_WRITE_TIMEOUT)
     }
 
     /// The channel, for connecting again after the guest rebooted (the VMM keeps it open).
@@ -137,10 +139,19 @@ impl BackdoorShell {
         self.stream
     }
 
-    fn send(&mut self, bytes: &[u8]) -> Result<(), ShellError> {
+    /// Writes `bytes`, at most until `deadline`: a guest that stops reading its channel cannot
+    /// hold the caller past it.
+    fn send(&mut self, bytes: &[u8], deadline: Instant) -> Result<(), ShellError> {
+        let started = Instant::now();
+        // A zero timeout means none to the socket: at least a millisecond.
+        let left = deadline.saturating_duration_since(started).max(Duration::from_millis(1));
+        self.stream.set_write_timeout(Some(left))?;
         self.stream.write_all(bytes).map_err(|e| match e.kind() {
             io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => {
                 ShellError::Closed { what: "take a command".into() }
+            }
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                ShellError::Timeout { what: "take the command".into(), waited: started.elapsed() }
             }
             _ => ShellError::Io(e),
         })
@@ -328,6 +339,25 @@ mod tests {
         let files: u64 = String::from_utf8(files).unwrap().trim().parse().unwrap();
         assert!((1..=CLEANUP_FILES + 1).contains(&files), "{files} output files");
         kill_guest(&mut child);
+    }
+
+    #[test]
+    fn a_guest_that_stops_reading_cannot_hold_a_write_past_the_deadline() {
+        let (host, _guest) = UnixStream::pair().unwrap();
+        // Nobody reads the guest's end: the socket buffer fills and the write would block.
+        let mut shell = BackdoorShell {
+            stream: host,
+            buffered: Vec::new(),
+            out_of_step: false,
+            sent: 0,
+            leftover_files: 0,
+            leftover_bytes: 0,
+        };
+        let started = Instant::now();
+        let huge = "x".repeat(4 << 20);
+        let err = shell.execute(&format!("echo {huge}"), None, Instant::now() + Duration::from_millis(500));
+        assert!(matches!(err, Err(ShellError::Timeout { .. })), "{err:?}");
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
     }
 
     #[test]
