@@ -14,12 +14,19 @@ use crate::exit_code;
 pub struct RunArgs {
     /// The test: its machines, `global_timeout` and `script` (TOML; see README).
     test: PathBuf,
-    /// Keep the machines' state directories.
-    #[arg(short = 'K', long, alias = "keep-machine-state")]
-    keep_vm_state: bool,
     /// Where screenshots, copied files and console logs go.
     #[arg(short = 'o', long, value_name = "DIR")]
     output_directory: Option<PathBuf>,
+    #[command(flatten)]
+    script: ScriptArgs,
+}
+
+/// What `attest run` and `attest driver` share: what to do with the script, and how.
+#[derive(clap::Args)]
+struct ScriptArgs {
+    /// Keep the machines' state directories.
+    #[arg(short = 'K', long, alias = "keep-machine-state")]
+    keep_vm_state: bool,
     /// Write a JUnit report here: one case per subtest.
     #[arg(long, value_name = "PATH")]
     junit_xml: Option<PathBuf>,
@@ -45,24 +52,11 @@ pub struct DriverArgs {
     /// Seconds before everything is stopped.
     #[arg(long, env = "globalTimeout", default_value_t = 3600, value_name = "SECS")]
     global_timeout: u64,
-    /// Keep the machines' state directories.
-    #[arg(short = 'K', long, alias = "keep-machine-state")]
-    keep_vm_state: bool,
     /// Where screenshots, copied files and console logs go.
     #[arg(short = 'o', long, env = "out", default_value = ".", value_name = "DIR")]
     output_directory: PathBuf,
-    /// Write a JUnit report here: one case per subtest.
-    #[arg(long, value_name = "PATH")]
-    junit_xml: Option<PathBuf>,
-    /// Only type-check the script (mypy, as NixOS does), booting nothing.
-    #[arg(long)]
-    check: bool,
-    /// A Python REPL with the script's globals (`test_script()` runs the script) instead.
-    #[arg(short = 'I', long)]
-    interactive: bool,
-    /// Only write type stubs for editors into DIR (attest_driver.pyi, __builtins__.pyi), booting nothing.
-    #[arg(long, value_name = "DIR")]
-    stubs: Option<PathBuf>,
+    #[command(flatten)]
+    script: ScriptArgs,
     /// The test as JSON (NixOS HEAD): vms, vlans, global_timeout, test_script.
     #[arg(long, value_name = "JSON")]
     config: Option<PathBuf>,
@@ -80,15 +74,7 @@ pub fn run(args: RunArgs) -> i32 {
         Ok(script) => script,
         Err(e) => return exit_code::setup_error(&e),
     };
-    if let Some(dir) = &args.stubs {
-        return stubs(&config, dir);
-    }
-    if args.check {
-        return check(&config, &script);
-    }
-    let options =
-        DriverOptions { keep_vm_state: args.keep_vm_state, out_dir: args.output_directory, ..Default::default() };
-    run_test(config, options, ScriptOptions { script, junit_xml: args.junit_xml, interactive: args.interactive })
+    run_test(config, script, args.output_directory, args.script)
 }
 
 /// A test as the NixOS driver is given it, by flags, environment or `--config`.
@@ -126,21 +112,22 @@ pub fn driver(args: DriverArgs) -> i32 {
         Err(e) => return exit_code::setup_error(&e),
     };
     config.global_timeout = Duration::from_secs(global_timeout);
+    run_test(config, script, Some(args.output_directory), args.script)
+}
+
+/// Writes the stubs, checks the script, or runs the test, as `args` asks.
+fn run_test(config: TestConfig, script: PathBuf, out_dir: Option<PathBuf>, args: ScriptArgs) -> i32 {
     if let Some(dir) = &args.stubs {
         return stubs(&config, dir);
     }
     if args.check {
         return check(&config, &script);
     }
-    let options =
-        DriverOptions { keep_vm_state: args.keep_vm_state, out_dir: Some(args.output_directory), ..Default::default() };
-    run_test(config, options, ScriptOptions { script, junit_xml: args.junit_xml, interactive: args.interactive })
-}
-
-fn run_test(config: TestConfig, options: DriverOptions, script: ScriptOptions) -> i32 {
-    if !script.script.is_file() {
-        return exit_code::setup_error(&format!("the test script {} cannot be read", script.script.display()));
+    if !script.is_file() {
+        return exit_code::setup_error(&format!("the test script {} cannot be read", script.display()));
     }
+    let options = DriverOptions { keep_vm_state: args.keep_vm_state, out_dir, ..Default::default() };
+    let script = ScriptOptions { script, junit_xml: args.junit_xml, interactive: args.interactive };
     let driver = match Driver::new(config, options) {
         Ok(driver) => driver,
         Err(e) => return exit_code::setup_error(&e),

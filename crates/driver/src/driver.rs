@@ -76,14 +76,6 @@ pub struct Driver {
 impl Driver {
     pub fn new(config: TestConfig, options: DriverOptions) -> Result<Driver> {
         let started = Instant::now();
-        let mut names: Vec<&str> = Vec::new();
-        for machine in &config.machines {
-            if names.contains(&machine.name.as_str()) {
-                return Err(DriverError::Config(format!("two machines are named {:?}", machine.name)));
-            }
-            check_backend(machine)?;
-            names.push(&machine.name);
-        }
         let qemu_binary = Qemu::find_binary().ok_or_else(|| {
             DriverError::Config(
                 "qemu-system-x86_64 not found: install Debian's qemu-system-x86 (or set ATTEST_QEMU)".into(),

@@ -3,7 +3,7 @@
 //! to it, the global timeout enforced on it too, and every machine stopped when it ends.
 
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -127,12 +127,7 @@ fn python() -> Result<PathBuf, ScriptError> {
     if let Some(path) = std::env::var_os("ATTEST_PYTHON") {
         return Ok(PathBuf::from(path));
     }
-    which(Path::new("python3")).ok_or(ScriptError::NoPython)
-}
-
-fn which(program: &Path) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|dir| dir.join(program)).find(|p| p.is_file())
+    which::which("python3").map_err(|_| ScriptError::NoPython)
 }
 
 /// Passes SIGINT, SIGTERM and SIGHUP on to the script's process group (it has its own, so a

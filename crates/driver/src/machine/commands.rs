@@ -39,16 +39,26 @@ impl Machine {
     pub fn succeed(&self, command: &str, timeout: Option<Duration>) -> Result<String> {
         let at = Location::caller();
         self.shared.log.nested(Some(&self.name), &format!("must succeed: {}", brief(command)), || {
-            let (status, output) = self.run(at, command, timeout)?;
-            let output = String::from_utf8_lossy(&output).into_owned();
-            if status != 0 {
-                self.shared.log.info(Some(&self.name), &format!("output: {output}"));
-                let message = format!("command `{}` failed (exit code {status}){}", brief(command), shown(&output));
-                // The guest's stderr is on the serial console: the tail shows why.
-                return Err(self.assertion(at, message, true));
-            }
-            Ok(output)
+            self.succeed_at(at, command, timeout)
         })
+    }
+
+    /// [`Machine::succeed`] without its log block, for the API's own commands (copying files).
+    pub(super) fn succeed_at(
+        &self,
+        at: &'static Location<'static>,
+        command: &str,
+        timeout: Option<Duration>,
+    ) -> Result<String> {
+        let (status, output) = self.run(at, command, timeout)?;
+        let output = String::from_utf8_lossy(&output).into_owned();
+        if status != 0 {
+            self.shared.log.info(Some(&self.name), &format!("output: {output}"));
+            let message = format!("command `{}` failed (exit code {status}){}", brief(command), shown(&output));
+            // The guest's stderr is on the serial console: the tail shows why.
+            return Err(self.assertion(at, message, true));
+        }
+        Ok(output)
     }
 
     /// Runs `command`, which must fail, and returns its output.

@@ -10,7 +10,7 @@ use attest_shell::quote;
 use base64::Engine;
 
 use super::commands::DEFAULT_TIMEOUT;
-use super::{brief, Machine};
+use super::Machine;
 use crate::config::BootConfig;
 use crate::error::{DriverError, Result};
 
@@ -38,7 +38,7 @@ impl Machine {
         let guest_dir = format!("/tmp/shared/{}", exchange.path().file_name().unwrap_or_default().to_string_lossy());
         let guest_copy = format!("{guest_dir}/{}", name.to_string_lossy());
         let command = format!("mkdir -p {} && cp -r {} {}", quote(&parent(target)), quote(&guest_copy), quote(target));
-        self.succeed_at(at, &command)
+        self.succeed_at(at, &command, Some(DEFAULT_TIMEOUT)).map(drop)
     }
 
     /// Copies the host file `source` to `target` through the shell (no shared directory needed).
@@ -51,10 +51,10 @@ impl Machine {
         let bytes = std::fs::read(source).map_err(DriverError::io(format!("reading {}", source.display())))?;
         self.shared.log.nested(Some(&self.name), &format!("copying {} to {target}", source.display()), || {
             let target = quote(target);
-            self.succeed_at(at, &format!("mkdir -p \"$(dirname {target})\" && : > {target}"))?;
+            self.succeed_at(at, &format!("mkdir -p \"$(dirname {target})\" && : > {target}"), Some(DEFAULT_TIMEOUT))?;
             for chunk in bytes.chunks(CHUNK) {
                 let encoded = base64::engine::general_purpose::STANDARD.encode(chunk);
-                self.succeed_at(at, &format!("printf %s {encoded} | base64 -d >> {target}"))?;
+                self.succeed_at(at, &format!("printf %s {encoded} | base64 -d >> {target}"), Some(DEFAULT_TIMEOUT))?;
             }
             Ok(())
         })
@@ -102,21 +102,6 @@ impl Machine {
             written.map_err(DriverError::io(format!("writing {}", target.display())))?;
             Ok(target.clone())
         })
-    }
-
-    fn succeed_at(&self, at: &'static Location<'static>, command: &str) -> Result<()> {
-        match self.run(at, command, Some(DEFAULT_TIMEOUT))? {
-            (0, _) => Ok(()),
-            (status, output) => Err(self.assertion(
-                at,
-                format!(
-                    "command `{}` failed (exit code {status}): {}",
-                    brief(command),
-                    String::from_utf8_lossy(&output)
-                ),
-                false,
-            )),
-        }
     }
 }
 
