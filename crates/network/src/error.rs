@@ -1,0 +1,34 @@
+//! The network crate's errors: each says what was expected, what happened, and the fix.
+
+use std::io;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error(
+        "VLAN {vlan} is out of range: VLAN numbers are 1 to {max} (they are a byte of the MAC and of 192.168.V.N)"
+    )]
+    VlanOutOfRange { vlan: u32, max: u8 },
+    #[error("machine {machine} joins VLAN {vlan}, which the test does not declare (declared: {declared}); add it to the test's `vlans`")]
+    UndeclaredVlan { machine: String, vlan: u32, declared: String },
+    #[error("machine {machine} lists VLAN {vlan} twice")]
+    DuplicateVlan { machine: String, vlan: u32 },
+    #[error("the test has {count} machines on VLANs, but a VLAN has room for node numbers 1 to 254 only")]
+    TooManyNodes { count: usize },
+    #[error("{program} not found, needed {purpose}: {fix}")]
+    MissingProgram { program: &'static str, purpose: String, fix: &'static str },
+    #[error("the switch for VLAN {vlan} did not start: {reason}")]
+    SwitchStart { vlan: u8, reason: String },
+    #[error("TAP networking needs an unprivileged user and network namespace, which this host refused ({source}); allow them with `sysctl -w kernel.unprivileged_userns_clone=1` and `sysctl -w user.max_user_namespaces=15000`, or use the switch network")]
+    NoNamespaces { source: io::Error },
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+}
+
+impl NetworkError {
+    pub fn io(what: impl Into<String>) -> impl FnOnce(io::Error) -> NetworkError {
+        let what = what.into();
+        move |source| NetworkError::Io { what, source }
+    }
+}
+
+pub type Result<T, E = NetworkError> = std::result::Result<T, E>;

@@ -1,0 +1,1 @@
+//! Configuring attest's own guests for their networks (being written).

@@ -1,0 +1,1 @@
+//! One vde_switch per VLAN (being written).
