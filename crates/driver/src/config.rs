@@ -4,6 +4,8 @@
 //!
 //! ```toml
 //! global_timeout = 1800          # seconds; default 3600, as NixOS
+//! vlans = [1, 2]                 # the test's VLANs (1 to 255)
+//! network = "switch"             # or "tap": how VLANs are carried
 //!
 //! [machines.server]
 //! image = "debian"               # or: kernel/initrd/cmdline, disk, iso, start_script
@@ -11,6 +13,7 @@
 //! cpus = 1
 //! qemu_args = ["-device", "virtio-balloon"]
 //! blank_disks = [{ size = "2G", format = "qcow2" }]
+//! vlans = [1, 2]                 # default: [1] if the test has VLAN 1, as NixOS
 //! ```
 
 use std::collections::BTreeMap;
@@ -18,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use attest_machine::{DiskBus, DiskFormat, StartScript};
+pub use attest_network::Mode as NetworkMode;
 use serde::Deserialize;
 
 use crate::error::{DriverError, Result};
@@ -91,6 +95,9 @@ pub struct MachineConfig {
     pub allow_reboot: bool,
     /// How long the machine may take from start to its backdoor shell.
     pub boot_timeout: Duration,
+    /// The VLANs it joins; `None`: VLAN 1 if the test has it (NixOS's default). A start script's
+    /// machine has the VLANs its script was built with.
+    pub vlans: Option<Vec<u32>>,
 }
 
 impl MachineConfig {
@@ -105,6 +112,17 @@ impl MachineConfig {
             blank_disks: Vec::new(),
             allow_reboot: false,
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
+            vlans: None,
+        }
+    }
+
+    /// The VLANs the machine joins in a test with `test_vlans`.
+    pub fn joins(&self, test_vlans: &[u32]) -> Vec<u32> {
+        match (&self.vlans, &self.boot) {
+            (_, BootConfig::StartScript { .. }) => Vec::new(),
+            (Some(vlans), _) => vlans.clone(),
+            (None, _) if test_vlans.contains(&1) => vec![1],
+            (None, _) => Vec::new(),
         }
     }
 
@@ -174,6 +192,11 @@ impl MachineConfig {
         self.backend = backend;
         self
     }
+
+    pub fn vlans(mut self, vlans: impl IntoIterator<Item = u32>) -> Self {
+        self.vlans = Some(vlans.into_iter().collect());
+        self
+    }
 }
 
 /// A whole test's machines and limits.
@@ -181,13 +204,32 @@ impl MachineConfig {
 pub struct TestConfig {
     pub machines: Vec<MachineConfig>,
     pub global_timeout: Duration,
-    /// Further keys of the file (e.g. `script`, `vlans`), for the commands that use them.
+    /// The test's VLANs.
+    pub vlans: Vec<u32>,
+    pub network: NetworkMode,
+    /// Further keys of the file (e.g. `script`), for the commands that use them.
     pub extra: BTreeMap<String, toml::Value>,
 }
 
 impl TestConfig {
     pub fn new(machines: Vec<MachineConfig>) -> TestConfig {
-        TestConfig { machines, global_timeout: DEFAULT_GLOBAL_TIMEOUT, extra: BTreeMap::new() }
+        TestConfig {
+            machines,
+            global_timeout: DEFAULT_GLOBAL_TIMEOUT,
+            vlans: Vec::new(),
+            network: NetworkMode::default(),
+            extra: BTreeMap::new(),
+        }
+    }
+
+    pub fn vlans(mut self, vlans: impl IntoIterator<Item = u32>) -> Self {
+        self.vlans = vlans.into_iter().collect();
+        self
+    }
+
+    pub fn network(mut self, mode: NetworkMode) -> Self {
+        self.network = mode;
+        self
     }
 
     pub fn from_toml_file(path: &Path) -> Result<TestConfig> {
@@ -216,7 +258,7 @@ impl TestConfig {
             return Err(DriverError::Config("1: the test defines no machines: add a [machines.NAME] table".into()));
         }
         let global_timeout = raw.global_timeout.map(Duration::from_secs).unwrap_or(DEFAULT_GLOBAL_TIMEOUT);
-        Ok(TestConfig { machines, global_timeout, extra: raw.extra })
+        Ok(TestConfig { machines, global_timeout, vlans: raw.vlans, network: raw.network, extra: raw.extra })
     }
 }
 
@@ -227,6 +269,10 @@ fn line_of(text: &str, offset: usize) -> usize {
 #[derive(Deserialize)]
 struct RawTest {
     global_timeout: Option<u64>,
+    #[serde(default)]
+    vlans: Vec<u32>,
+    #[serde(default)]
+    network: NetworkMode,
     #[serde(default)]
     machines: BTreeMap<String, toml::Spanned<RawMachine>>,
     #[serde(flatten)]
@@ -257,6 +303,7 @@ struct RawMachine {
     allow_reboot: bool,
     /// Seconds.
     boot_timeout: Option<u64>,
+    vlans: Option<Vec<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -363,6 +410,11 @@ impl RawMachine {
                 BootConfig::StartScript { path, qemu_opts: self.qemu_opts, kernel_params: self.kernel_params }
             }
         };
+        if matches!(boot, BootConfig::StartScript { .. }) && self.vlans.is_some() {
+            return Err(format!(
+                "machine {name}: a start script joins the VLANs it was built with; drop `vlans` (the test's `vlans` starts their switches)"
+            ));
+        }
         if !matches!(boot, BootConfig::StartScript { .. }) && script_only {
             return Err(format!(
                 "machine {name}: qemu_opts and kernel_params are for start scripts; use qemu_args or cmdline"
@@ -383,6 +435,7 @@ impl RawMachine {
             blank_disks,
             allow_reboot: self.allow_reboot,
             boot_timeout: self.boot_timeout.map(Duration::from_secs).unwrap_or(DEFAULT_BOOT_TIMEOUT),
+            vlans: self.vlans,
             ..defaults
         })
     }
@@ -447,6 +500,18 @@ boot_timeout = 90
     }
 
     #[test]
+    fn vlans_default_to_nixos_vlan_one() {
+        let test = parse(
+            "vlans = [1, 2]\nnetwork = \"tap\"\n[machines.a]\nimage = \"minimal\"\n[machines.b]\nimage = \"minimal\"\nvlans = [2]\n",
+        )
+        .unwrap();
+        assert_eq!((test.vlans.as_slice(), test.network), (&[1, 2][..], NetworkMode::Tap));
+        let joins: Vec<Vec<u32>> = test.machines.iter().map(|m| m.joins(&test.vlans)).collect();
+        assert_eq!(joins, [vec![1], vec![2]]);
+        assert!(MachineConfig::image("c", BuiltinImage::Minimal).joins(&[2]).is_empty());
+    }
+
+    #[test]
     fn start_scripts_iso_and_disk_boot_sources() {
         let test = parse(
             r#"
@@ -505,6 +570,8 @@ disk = "/images/old.raw"
         );
         assert!(error("[machines.a]\nimage = \"debian\"\nblank_disks = [{ size = \"2Q\" }]\n").contains("unit must be"));
         assert!(error("global_timeout = 5\n").contains("defines no machines"));
+        assert!(error("network = \"bridge\"\n[machines.a]\nimage = \"minimal\"\n").contains("unknown variant `bridge`"));
+        assert!(error("[machines.a]\nstart_script = \"/bin/run-a-vm\"\nvlans = [1]\n").contains("drop `vlans`"));
         assert!(error("[machines.a\n").starts_with("1: "), "{}", error("[machines.a\n"));
     }
 }

@@ -6,14 +6,16 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use attest_machine::accel::AccelRequest;
 use attest_machine::backend::qemu::kvm_probe;
 use attest_machine::{Accel, Backend, Echo, MachineEventSink, Qemu, StateDir};
 
-use crate::config::{BackendKind, MachineConfig, TestConfig};
+use attest_network::{Networks, Plan};
+
+use crate::config::{BackendKind, MachineConfig, NetworkMode, TestConfig};
 use crate::error::{DriverError, Result};
 use crate::log::{Log, SubtestRecord};
 use crate::machine::Machine;
@@ -43,6 +45,8 @@ pub(crate) struct Shared {
     pub deadline: Instant,
     pub global_timeout: Duration,
     timed_out: AtomicBool,
+    /// Why a network failed while the test ran, if one did.
+    network_failure: Mutex<Option<String>>,
     pub out_dir: PathBuf,
     /// `SHARED_DIR` of NixOS start scripts.
     pub shared_dir: PathBuf,
@@ -58,6 +62,13 @@ impl Shared {
         let expired = self.timed_out.load(Ordering::SeqCst) || Instant::now() >= self.deadline;
         expired.then_some(DriverError::GlobalTimeout(self.global_timeout))
     }
+
+    /// Why every machine was stopped under the test, if they were: the global timeout, or a
+    /// network that died.
+    pub fn halted(&self) -> Option<DriverError> {
+        let failure = self.network_failure.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        self.timed_out().or(failure.map(DriverError::NetworkFailed))
+    }
 }
 
 pub struct Driver {
@@ -68,6 +79,8 @@ pub struct Driver {
     cache: PathBuf,
     /// Dropping it stops the watchdog.
     _watchdog: mpsc::Sender<()>,
+    /// The VLANs' switches or TAP namespace; dropped after every machine has stopped.
+    networks: Mutex<Networks>,
     /// Kept until every machine is gone.
     _out_dir: Option<tempfile::TempDir>,
     state: StateDir,
@@ -117,6 +130,7 @@ impl Driver {
             deadline,
             global_timeout: config.global_timeout,
             timed_out: AtomicBool::new(false),
+            network_failure: Mutex::new(None),
             out_dir,
             shared_dir: shared_dir.clone(),
             scratch,
@@ -124,9 +138,18 @@ impl Driver {
         });
 
         let machines = Arc::new(RwLock::new(Vec::new()));
+        let networks = start_networks(&config, state.path(), &shared, &machines)?;
         let watchdog = spawn_watchdog(shared.clone(), machines.clone());
-        let driver =
-            Driver { machines, shared, accel: accel.accel, cache, _watchdog: watchdog, _out_dir: owned_out_dir, state };
+        let driver = Driver {
+            machines,
+            shared,
+            accel: accel.accel,
+            cache,
+            _watchdog: watchdog,
+            networks: Mutex::new(networks),
+            _out_dir: owned_out_dir,
+            state,
+        };
         for machine in config.machines {
             driver.add_machine(machine)?;
         }
@@ -141,20 +164,29 @@ impl Driver {
             return Err(DriverError::Config(format!("two machines are named {:?}", config.name)));
         }
         let backend = self.shared.backend.clone();
+        let mut networks = lock(&self.networks);
+        if networks.plan().machine(&config.name).is_none() {
+            let vlans: Vec<u32> = networks.plan().vlans.iter().map(|v| u32::from(*v)).collect();
+            networks.add_machine(&config.name, &config.joins(&vlans))?;
+        }
         let cx = prepare::Context {
             backend: backend.as_ref(),
             accel: self.accel,
             cache: &self.cache,
             shared_dir: &self.shared.shared_dir,
             log: &self.shared.log,
+            networks: &networks,
         };
         let dir = self.state.machine_dir(machines.len(), &config.name)?;
         let spec = prepare::spec(&config, &cx, &dir)?;
+        let guest_network = prepare::guest_network(&config, &networks);
+        drop(networks);
         let (log, name) = (self.shared.log.clone(), config.name.clone());
         let echo = Echo::Lines(Arc::new(move |line: &str| log.serial(&name, line)));
         let events: MachineEventSink = Arc::new(|event| tracing::debug!(?event, "machine event"));
         let machine = attest_machine::Machine::new(spec, backend, dir, events, echo);
-        let machine = Arc::new(Machine::new(config, machine, self.shared.clone()));
+        let shared = self.shared.clone();
+        let machine = Arc::new_cyclic(|me| Machine::new(config, machine, shared, guest_network, me.clone()));
         machines.push(machine.clone());
         Ok(machine)
     }
@@ -226,6 +258,16 @@ impl Driver {
         self.shared.timed_out().is_some()
     }
 
+    /// The test's VLANs and every machine's place on them.
+    pub fn network_plan(&self) -> Plan {
+        lock(&self.networks).plan().clone()
+    }
+
+    /// How the VLANs are carried, and their switches' sockets (switch mode) or namespace (tap mode).
+    pub fn with_networks<T>(&self, look: impl FnOnce(&Networks) -> T) -> T {
+        look(&lock(&self.networks))
+    }
+
     /// Where screenshots and copied files go.
     pub fn out_dir(&self) -> &Path {
         &self.shared.out_dir
@@ -280,6 +322,33 @@ fn check_backend(machine: &MachineConfig) -> Result<()> {
     Ok(())
 }
 
+/// Plans the test's VLANs and starts what carries them. A switch that dies later stops every
+/// machine, so that whatever waits on one ends with the switch's exit instead of its own timeout.
+fn start_networks(
+    config: &TestConfig,
+    dir: &Path,
+    shared: &Arc<Shared>,
+    machines: &Arc<RwLock<Vec<Arc<Machine>>>>,
+) -> Result<Networks> {
+    let joins: Vec<(String, Vec<u32>)> = config.machines.iter().map(|m| (m.name.clone(), m.joins(&config.vlans))).collect();
+    let plan = Plan::new(&config.vlans, joins.iter().map(|(name, vlans)| (name.as_str(), vlans.as_slice())))?;
+    if !config.vlans.is_empty() {
+        let how = match config.network {
+            NetworkMode::Switch => "a vde_switch each",
+            NetworkMode::Tap => "bridges and TAP devices in a user+net namespace",
+        };
+        shared.log.info(None, &format!("VLANs {:?}: {how}", plan.vlans));
+    }
+    let (shared, machines) = (Arc::downgrade(shared), Arc::downgrade(machines));
+    let on_failure = move |why: String| {
+        let (Some(shared), Some(machines)) = (shared.upgrade(), machines.upgrade()) else { return };
+        shared.log.info(None, &format!("!!! {why}: stopping every machine"));
+        *shared.network_failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+        machines.read().unwrap_or_else(|p| p.into_inner()).iter().for_each(|m| m.kill());
+    };
+    Ok(Networks::start(plan, config.network, dir, on_failure)?)
+}
+
 /// Kills every machine when the global timeout expires, so whatever waits on one ends now.
 fn spawn_watchdog(shared: Arc<Shared>, machines: Arc<RwLock<Vec<Arc<Machine>>>>) -> mpsc::Sender<()> {
     let (stop, stopped) = mpsc::channel::<()>();
@@ -295,4 +364,8 @@ fn spawn_watchdog(shared: Arc<Shared>, machines: Arc<RwLock<Vec<Arc<Machine>>>>)
         }
     });
     stop
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -27,6 +27,12 @@ pub enum DriverError {
     Broken(Box<Failure>),
     #[error("the test's global timeout of {0:?} expired; every machine was stopped")]
     GlobalTimeout(Duration),
+    /// A declared network is wrong or cannot be set up on this host.
+    #[error(transparent)]
+    Network(#[from] attest_network::NetworkError),
+    /// A network died while the test ran (a switch exited); every machine was stopped.
+    #[error("{0}; every machine was stopped")]
+    NetworkFailed(String),
     #[error("no machine named {name:?} (the test has: {known})")]
     NoSuchMachine { name: String, known: String },
     #[error("{what}: {source}")]

@@ -21,7 +21,7 @@ pub mod log;
 pub mod machine;
 mod prepare;
 
-pub use config::{BackendKind, BootConfig, BuiltinImage, MachineConfig, TestConfig};
+pub use config::{BackendKind, BootConfig, BuiltinImage, MachineConfig, NetworkMode, TestConfig};
 pub use driver::{Driver, DriverOptions};
 pub use error::{DriverError, Failure, Result};
 pub use log::Log;

@@ -1,13 +1,17 @@
 //! Turning a [`MachineConfig`] into what a backend boots: the built-in guests built or taken from
 //! the cache, disk images behind copy-on-write overlays and blank disks created in the machine's
-//! directory, and the devices every test machine has (the backdoor's virtconsole, a display, an rng).
+//! directory, the devices every test machine has (the backdoor's virtconsole, a display, an rng,
+//! a user-mode network card), and its cards on the test's VLANs.
 
 use std::path::{Path, PathBuf};
 
 use attest_image::backdoor::{backdoor_initramfs, find_static_bash};
+use attest_machine::network::user_mode;
 use attest_machine::{
     disk, Accel, Backend, Boot, Disk, DiskFormat, GuestChannel, MachineDir, MachineSpec, Media, StartScript,
 };
+use attest_network::guest::{configure_script, GuestNic};
+use attest_network::Networks;
 
 use crate::config::{BootConfig, BuiltinImage, MachineConfig};
 use crate::error::{DriverError, Result};
@@ -21,6 +25,7 @@ pub struct Context<'a> {
     /// `SHARED_DIR` for start scripts.
     pub shared_dir: &'a Path,
     pub log: &'a Log,
+    pub networks: &'a Networks,
 }
 
 /// Kernel parameters of attest's own guests: the serial console for the log and tty0 for typing
@@ -37,6 +42,7 @@ pub fn spec(config: &MachineConfig, cx: &Context, dir: &MachineDir) -> Result<Ma
                 shared_dir: cx.shared_dir.to_path_buf(),
                 qemu_opts: qemu_opts.clone(),
                 kernel_params: kernel_params.clone(),
+                vde_sockets: cx.networks.vde_sockets(),
             })
         }
         BootConfig::Kernel { kernel, initrd, cmdline, .. } => {
@@ -61,6 +67,11 @@ pub fn spec(config: &MachineConfig, cx: &Context, dir: &MachineDir) -> Result<Ma
         extra_args: config.qemu_args.clone(),
         ..MachineSpec::new(config.name.clone(), boot)
     };
+    if !matches!(config.boot, BootConfig::StartScript { .. }) {
+        // eth0 for guest-to-host traffic, as in NixOS; then the VLANs, in order.
+        spec.nics.push(user_mode::nic());
+        spec.nics.extend(cx.networks.nics(&config.name));
+    }
     let root_image = match &config.boot {
         BootConfig::Kernel { disk: Some(image), .. } | BootConfig::Disk(image) => Some(image.clone()),
         _ => None,
@@ -118,6 +129,23 @@ fn builtin(image: BuiltinImage, spec: &mut MachineSpec, cx: &Context, dir: &Mach
         }
     }
     Ok(())
+}
+
+/// The commands that give one of attest's guests (or a kernel + initrd machine, which speaks the
+/// backdoor protocol too) its addresses; other machines configure their own networks.
+pub fn guest_network(config: &MachineConfig, networks: &Networks) -> Option<String> {
+    if !matches!(config.boot, BootConfig::Image(_) | BootConfig::Kernel { .. }) {
+        return None;
+    }
+    let user = user_mode::guest_interface();
+    let mut nics = vec![GuestNic {
+        mac: user.mac,
+        name: "eth0".into(),
+        addresses: user.addresses.iter().map(|a| (a.addr, a.len)).collect(),
+    }];
+    let plan = networks.plan();
+    nics.extend(plan.machine(&config.name).map(GuestNic::vlans).unwrap_or_default());
+    Some(configure_script(&nics, &plan.hosts_for(&config.name)))
 }
 
 fn must_exist(path: &Path, what: &str) -> Result<PathBuf> {

@@ -73,6 +73,7 @@ const APPLETS: &[&str] = &[
     "mkdir",
     "mv",
     "nc",
+    "ping",
     "printf",
     "ps",
     "sed",

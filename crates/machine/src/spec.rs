@@ -95,6 +95,8 @@ pub struct StartScript {
     pub qemu_opts: Option<String>,
     /// `QEMU_KERNEL_PARAMS`, added by the script to the kernel command line.
     pub kernel_params: Option<String>,
+    /// `QEMU_VDE_SOCKET_<vlan>`: the switches the script's VLAN cards join.
+    pub vde_sockets: Vec<(u8, PathBuf)>,
 }
 
 impl StartScript {

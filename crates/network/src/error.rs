@@ -20,6 +20,8 @@ pub enum NetworkError {
     SwitchStart { vlan: u8, reason: String },
     #[error("TAP networking needs an unprivileged user and network namespace, which this host refused ({source}); allow them with `sysctl -w kernel.unprivileged_userns_clone=1` and `sysctl -w user.max_user_namespaces=15000`, or use the switch network")]
     NoNamespaces { source: io::Error },
+    #[error("machine {machine} joins a VLAN after the test started, which TAP mode cannot add; declare it in the test or use network = \"switch\"")]
+    LateTapMachine { machine: String },
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
 }

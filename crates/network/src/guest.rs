@@ -53,8 +53,11 @@ pub fn configure_script(nics: &[GuestNic], hosts: &[(IpAddr, String)]) -> String
     }
     for nic in nics {
         let (mac, name) = (mac_text(&nic.mac), &nic.name);
-        writeln!(script, "d=$(attest_link {mac}); if [ \"$d\" != {name} ]; then ip link set dev \"$d\" name {name}; fi")
-            .unwrap();
+        writeln!(
+            script,
+            "d=$(attest_link {mac}); if [ \"$d\" != {name} ]; then ip link set dev \"$d\" name {name}; fi"
+        )
+        .unwrap();
         // Without duplicate address detection an IPv6 address is usable at once, not after ~2 s.
         let dad = format!("/proc/sys/net/ipv6/conf/{name}/accept_dad");
         writeln!(script, "if [ -e {dad} ]; then echo 0 > {dad}; fi").unwrap();

@@ -17,3 +17,6 @@ pub mod tap;
 
 pub use error::{NetworkError, Result};
 pub use plan::{MachinePlan, Plan, VlanNic};
+mod networks;
+
+pub use networks::{Mode, Networks};

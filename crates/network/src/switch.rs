@@ -56,7 +56,8 @@ impl VdeSwitch {
     ) -> Result<VdeSwitch> {
         let socket = dir.join(format!("vde{vlan}.ctl"));
         let log_path = dir.join(format!("vde{vlan}.log"));
-        let log = std::fs::File::create(&log_path).map_err(NetworkError::io(format!("creating {}", log_path.display())))?;
+        let log =
+            std::fs::File::create(&log_path).map_err(NetworkError::io(format!("creating {}", log_path.display())))?;
         let mut command = Command::new(binary);
         command.arg("--sock").arg(&socket).args(["--dirmode", "0700", "--hub"]);
         command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(log);
@@ -75,7 +76,8 @@ impl VdeSwitch {
         let (Some(mut stdin), Some(mut stdout)) = (child.take_stdin(), child.take_stdout()) else {
             unreachable!("spawned with piped stdin and stdout")
         };
-        let answered = stdin.write_all(b"showinfo\n").and_then(|_| await_ready(&mut stdout, Instant::now() + START_TIMEOUT));
+        let answered =
+            stdin.write_all(b"showinfo\n").and_then(|_| await_ready(&mut stdout, Instant::now() + START_TIMEOUT));
         if let Err(reason) = answered {
             stopping.store(true, Ordering::SeqCst);
             let tail = log_tail(&dir.join(format!("vde{vlan}.log")));

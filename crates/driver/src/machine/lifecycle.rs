@@ -84,6 +84,8 @@ impl Machine {
         self.connected.store(0, Ordering::SeqCst);
         // The boot deadline counts from here.
         *lock(&self.started) = Some(Instant::now());
+        drop(shell);
+        self.connect_in_background();
         Ok(())
     }
 

@@ -10,6 +10,7 @@
 mod commands;
 mod files;
 mod lifecycle;
+mod network;
 mod screen;
 mod units;
 mod waits;
@@ -19,7 +20,7 @@ use std::os::unix::net::UnixStream;
 use std::panic::Location;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use attest_machine::backend::Control;
@@ -35,6 +36,8 @@ pub use screen::key_for_char;
 
 /// How long the VMM may take to connect its QMP monitor.
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long giving a guest its addresses may take.
+const NETWORK_SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Console lines shown with an error.
 const TAIL_LINES: usize = 25;
 
@@ -56,6 +59,12 @@ pub struct Machine {
     console: Mutex<Option<Console>>,
     /// When the latest start (or reboot) happened, for the boot deadline.
     started: Mutex<Option<Instant>>,
+    /// Commands that give an attest guest its network addresses, run on each new shell.
+    guest_network: Option<String>,
+    /// Why connecting to the shell of a start failed, when a background connect found out.
+    connect_failure: Mutex<Option<(u64, String)>>,
+    /// This machine, for the thread that connects to a new start's shell.
+    me: Weak<Machine>,
 }
 
 /// A connected backdoor shell and the start it belongs to.
@@ -65,7 +74,13 @@ struct Shell {
 }
 
 impl Machine {
-    pub(crate) fn new(config: MachineConfig, machine: attest_machine::Machine, shared: Arc<Shared>) -> Machine {
+    pub(crate) fn new(
+        config: MachineConfig,
+        machine: attest_machine::Machine,
+        shared: Arc<Shared>,
+        guest_network: Option<String>,
+        me: Weak<Machine>,
+    ) -> Machine {
         Machine {
             name: config.name.clone(),
             config,
@@ -78,6 +93,9 @@ impl Machine {
             connected: AtomicU64::new(0),
             console: Mutex::new(None),
             started: Mutex::new(None),
+            guest_network,
+            connect_failure: Mutex::new(None),
+            me,
         }
     }
 
@@ -94,7 +112,7 @@ impl Machine {
     fn start_at(&self, at: &'static Location<'static>) -> Result<()> {
         let started = {
             let mut vm = lock(&self.vm);
-            if let Some(timeout) = self.shared.timed_out() {
+            if let Some(timeout) = self.shared.halted() {
                 return Err(timeout);
             }
             if vm.is_running() {
@@ -108,7 +126,19 @@ impl Machine {
         *lock(&self.console) = Some(console);
         *lock(&self.started) = Some(Instant::now());
         self.generation.fetch_add(1, Ordering::SeqCst);
+        self.connect_in_background();
         Ok(())
+    }
+
+    /// An attest guest's network is configured through its shell; connecting as soon as the guest
+    /// is up, instead of at the first command, makes its addresses there when the boot ends, as a
+    /// guest that configures itself would have them. A failure is kept for the next command.
+    fn connect_in_background(&self) {
+        if self.guest_network.is_none() {
+            return;
+        }
+        let me = self.me.clone();
+        std::thread::spawn(move || me.upgrade().map(|machine| machine.shell(Location::caller()).map(drop)));
     }
 
     fn is_running(&self) -> bool {
@@ -123,7 +153,21 @@ impl Machine {
         let generation = self.generation.load(Ordering::SeqCst);
         if shell.as_ref().is_none_or(|s| s.generation != generation) {
             *shell = None;
-            *shell = Some(Shell { generation, shell: self.connect_shell(at, generation)? });
+            if let Some((_, why)) = lock(&self.connect_failure).as_ref().filter(|(of, _)| *of == generation) {
+                return Err(self.broken(at, why.clone()));
+            }
+            let connected = self.connect_shell(at, generation).and_then(|mut connected| {
+                self.configure_network(at, &mut connected)?;
+                Ok(connected)
+            });
+            let connected = connected.inspect_err(|e| {
+                let why = match e {
+                    DriverError::Broken(failure) | DriverError::Assertion(failure) => failure.message.clone(),
+                    other => other.to_string(),
+                };
+                *lock(&self.connect_failure) = Some((generation, why));
+            })?;
+            *shell = Some(Shell { generation, shell: connected });
             self.connected.store(generation, Ordering::SeqCst);
         }
         Ok(ShellGuard(shell))
@@ -160,6 +204,23 @@ impl Machine {
             );
             Ok(shell)
         })
+    }
+
+    /// Gives an attest guest its addresses and host names, before any command of the test runs.
+    fn configure_network(&self, at: &'static Location<'static>, shell: &mut BackdoorShell) -> Result<()> {
+        let Some(script) = &self.guest_network else { return Ok(()) };
+        let deadline = self.shared.deadline.min(Instant::now() + NETWORK_SETUP_TIMEOUT);
+        match shell.execute(&format!("exec 2>&1\n{script}"), Some(NETWORK_SETUP_TIMEOUT), deadline) {
+            Ok((0, _)) => Ok(()),
+            Ok((status, output)) => Err(self.broken(
+                at,
+                format!(
+                    "configuring its network cards failed (exit code {status}): {}",
+                    String::from_utf8_lossy(&output).trim()
+                ),
+            )),
+            Err(e) => Err(self.shell_failed(at, "configuring its network cards", e)),
+        }
     }
 
     fn boot_failed(&self, at: &'static Location<'static>, started: Instant, what: &str) -> DriverError {
@@ -230,7 +291,7 @@ impl Machine {
 
     /// The test's expectation failed; `with_console` adds the console tail.
     fn assertion(&self, at: &'static Location<'static>, message: String, with_console: bool) -> DriverError {
-        if let Some(timeout) = self.shared.timed_out() {
+        if let Some(timeout) = self.shared.halted() {
             return timeout;
         }
         let console_tail = if with_console { self.console_tail() } else { Vec::new() };
@@ -239,7 +300,7 @@ impl Machine {
 
     /// The machine failed under the test.
     fn broken(&self, at: &'static Location<'static>, message: String) -> DriverError {
-        if let Some(timeout) = self.shared.timed_out() {
+        if let Some(timeout) = self.shared.halted() {
             return timeout;
         }
         let mut console_tail = self.console_tail();

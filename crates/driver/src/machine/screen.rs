@@ -87,7 +87,7 @@ impl Machine {
         self.monitor(Location::caller(), command)
     }
 
-    fn monitor(&self, at: &'static Location<'static>, command: &str) -> Result<String> {
+    pub(super) fn monitor(&self, at: &'static Location<'static>, command: &str) -> Result<String> {
         let qmp = self.qmp(at)?;
         qmp.human_monitor_command(command, self.monitor_deadline())
             .map_err(|e| self.broken(at, format!("monitor command {command:?} failed: {e}")))
@@ -145,7 +145,7 @@ impl Machine {
         require(self.shared.backend.as_ref(), capability).map_err(|e| self.broken(at, e.to_string()))
     }
 
-    fn monitor_deadline(&self) -> Instant {
+    pub(super) fn monitor_deadline(&self) -> Instant {
         self.shared.deadline.min(Instant::now() + MONITOR_TIMEOUT)
     }
 }

@@ -1,8 +1,13 @@
 //! The QEMU backend: direct kernel boot, console on stdio, the agent on a virtio-serial port,
 //! shares over virtio-fs (via virtiofsd) or 9p (built into QEMU).
 
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 
 use crate::error::{MachineError, Result};
 
@@ -167,13 +172,21 @@ impl Backend for Qemu {
             agent = Some(Box::new(socket));
         }
 
-        for (index, nic) in spec.nics.iter().enumerate() {
-            let id = format!("net{index}");
-            match nic.backend {
-                NetBackend::User => push(&["-netdev", &format!("user,id={id}")]),
-            }
+        let mut tap_fds = Vec::new();
+        for nic in &spec.nics {
+            let (id, netdev_id) = (&nic.id, nic.netdev_id());
+            let netdev = match &nic.backend {
+                NetBackend::User => format!("user,id={netdev_id}"),
+                NetBackend::Vde(socket) => format!("vde,id={netdev_id},sock={}", option_path(socket)?),
+                NetBackend::Tap(fd) => {
+                    tap_fds.push(fd.clone());
+                    format!("tap,id={netdev_id},fd={}", fd.as_raw_fd())
+                }
+            };
             // No option ROM: attest boots the kernel directly, never over the network.
-            push(&["-device", &format!("virtio-net-pci,netdev={id},mac={},romfile=", mac_text(&nic.mac))]);
+            push(&["-netdev", &netdev]);
+            let mac = mac_text(&nic.mac);
+            push(&["-device", &format!("virtio-net-pci,id={id},netdev={netdev_id},mac={mac},romfile=")]);
         }
 
         // QMP: attest listens, QEMU connects at start-up, so nothing waits for a socket to appear.
@@ -221,6 +234,7 @@ impl Backend for Qemu {
             Some(script) => start_script_command(script, dir),
         };
         command.args(&args).current_dir(dir.path());
+        inherit_fds(&mut command, tap_fds);
         Ok(Prepared { command, helpers, agent, control: Some(PendingControl::Qmp(qmp)), after_spawn: None })
     }
 }
@@ -253,6 +267,26 @@ fn push_disks(push: &mut impl FnMut(&[&str]), spec: &MachineSpec) -> Result<()> 
     Ok(())
 }
 
+/// Lets the VMM inherit `fds` under their own numbers (`-netdev tap,fd=N`). Cleared in the child
+/// only, so no other process this one spawns meanwhile inherits them.
+fn inherit_fds(command: &mut Command, fds: Vec<Arc<OwnedFd>>) {
+    if fds.is_empty() {
+        return;
+    }
+    let raw: Vec<i32> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+    // SAFETY: between fork and exec the hook only calls fcntl on descriptors that the Arcs it
+    // holds keep open, and returns a bare errno: async-signal-safe, no allocation, no locks.
+    unsafe {
+        command.pre_exec(move || {
+            let _keep_open = &fds;
+            for &fd in &raw {
+                fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty()))?;
+            }
+            Ok(())
+        });
+    }
+}
+
 /// A NixOS start script, run directly (not through `sh -c`) so that the QEMU it `exec`s is attest's
 /// child and gets its parent-death signal, with the environment contract of the NixOS driver.
 fn start_script_command(script: &StartScript, dir: &MachineDir) -> Command {
@@ -263,6 +297,9 @@ fn start_script_command(script: &StartScript, dir: &MachineDir) -> Command {
     }
     if let Some(params) = &script.kernel_params {
         command.env("QEMU_KERNEL_PARAMS", params);
+    }
+    for (vlan, socket) in &script.vde_sockets {
+        command.env(format!("QEMU_VDE_SOCKET_{vlan}"), socket);
     }
     command
 }
@@ -282,7 +319,6 @@ mod tests {
     use crate::network::user_mode;
     use crate::spec::Share;
     use crate::StateDir;
-    use std::sync::Arc;
 
     fn spec(shares: Vec<Share>) -> MachineSpec {
         MachineSpec {
@@ -320,8 +356,8 @@ mod tests {
             ["-kernel", "/boot/k"],
             ["-initrd", "/boot/i"],
             ["-append", "console=ttyS0 quiet"],
-            ["-netdev", "user,id=net0"],
-            ["-device", "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56,romfile="],
+            ["-netdev", "user,id=user.net"],
+            ["-device", "virtio-net-pci,id=user,netdev=user.net,mac=52:54:00:12:34:56,romfile="],
             ["-device", "virtserialport,bus=channelbus.0,chardev=channel,name=attest.agent"],
             ["-fsdev", &format!("local,id=fs0,path={escaped},security_model=none,multidevs=remap,readonly=on")],
             ["-device", "virtio-9p-pci,fsdev=fs0,mount_tag=attest0"],
