@@ -24,6 +24,8 @@ pub struct Link {
     pub mac: Option<[u8; 6]>,
     /// The index of the bridge (or bond) this link is enslaved to.
     pub master: Option<u32>,
+    /// Administratively up (IFF_UP).
+    pub up: bool,
 }
 
 /// An rtnetlink socket, talking to the kernel of the network namespace the socket was created in.
@@ -100,7 +102,13 @@ impl Rtnetlink {
                 _ => None,
             })
             .map(|message| {
-                let mut link = Link { index: message.header.index, name: String::new(), mac: None, master: None };
+                let mut link = Link {
+                    index: message.header.index,
+                    name: String::new(),
+                    mac: None,
+                    master: None,
+                    up: message.header.flags.contains(LinkFlags::Up),
+                };
                 for attribute in message.attributes {
                     match attribute {
                         LinkAttribute::Address(bytes) => link.mac = <[u8; 6]>::try_from(bytes.as_slice()).ok(),
