@@ -16,7 +16,7 @@ fn main() {
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
     let target_dir = out_dir.join("guest-target");
 
-    for dir in ["crates/guest", "crates/protocol", "Cargo.lock"] {
+    for dir in ["crates/guest", "crates/netlink", "crates/protocol", "Cargo.lock"] {
         println!("cargo:rerun-if-changed={}", workspace.join(dir).display());
     }
 

@@ -18,10 +18,12 @@ pub enum NetworkError {
     MissingProgram { program: &'static str, purpose: String, fix: &'static str },
     #[error("the switch for VLAN {vlan} did not start: {reason}")]
     SwitchStart { vlan: u8, reason: String },
-    #[error("TAP networking needs an unprivileged user and network namespace, which this host refused ({source}); allow them with `sysctl -w kernel.unprivileged_userns_clone=1` and `sysctl -w user.max_user_namespaces=15000`, or use the switch network")]
+    #[error("TAP networking needs an unprivileged user and network namespace, which this host refused ({source}); allow them (`sysctl -w kernel.unprivileged_userns_clone=1`, `sysctl -w user.max_user_namespaces=15000`, on Ubuntu `sysctl -w kernel.apparmor_restrict_unprivileged_userns=0`), or use the switch network")]
     NoNamespaces { source: io::Error },
     #[error("machine {machine} joins a VLAN after the test started, which TAP mode cannot add; declare it in the test or use network = \"switch\"")]
     LateTapMachine { machine: String },
+    #[error("TAP networking needs /dev/net/tun, which could not be opened ({source}); load the tun module (`modprobe tun`) and let this user read and write the device (it is usually mode 0666), or use the switch network")]
+    NoTunDevice { source: io::Error },
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
 }
