@@ -10,6 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use attest_driver::{BuiltinImage, Driver, MachineConfig, NetworkMode, TestConfig};
+use attest_network::NetworkError;
 
 fn minimal(name: &str) -> MachineConfig {
     MachineConfig::image(name, BuiltinImage::Minimal).memory_mib(256)
@@ -101,6 +102,38 @@ fn switch_mode_two_machines() {
         assert!(!Path::new(&format!("/proc/{pid}")).exists(), "the switch of VLAN {vlan} is gone");
     }
     assert!(!sockets.exists(), "its socket directory is gone");
+}
+
+#[test]
+fn tap_mode_two_machines() {
+    let machines = vec![minimal("client"), minimal("server")];
+    if let Some(why) = common::missing_prerequisite() {
+        return eprintln!("SKIP: {why}");
+    }
+    let config = TestConfig::new(machines).vlans([1]).network(NetworkMode::Tap);
+    let driver = match Driver::new(config, attest_driver::DriverOptions::default()) {
+        Err(attest_driver::DriverError::Network(
+            e @ (NetworkError::NoNamespaces { .. } | NetworkError::NoTunDevice { .. }),
+        )) => return eprintln!("SKIP: {e}"),
+        other => other.unwrap(),
+    };
+    let (namespace, links) = driver.with_networks(|n| {
+        let tap = n.tap_network().expect("TAP mode");
+        (tap.namespace_id(), tap.links().unwrap())
+    });
+    assert_eq!(links, ["lo", "br1", "tap1n1", "tap1n2"]);
+    two_machines_talk(&driver);
+    forward_port_from_the_host(&driver);
+    drop(driver);
+    // Nothing of ours refers to the namespace any more, so the kernel has removed it, with its
+    // bridge and TAPs; none of them was ever on the host.
+    let namespace = format!("net:[{namespace}]");
+    for fd in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        assert_ne!(std::fs::read_link(fd.path()).unwrap_or_default().to_string_lossy(), namespace);
+    }
+    for link in ["br1", "tap1n1", "tap1n2"] {
+        assert!(!Path::new("/sys/class/net").join(link).exists(), "{link} is not on the host");
+    }
 }
 
 #[test]
