@@ -46,7 +46,7 @@ pub struct DriverArgs {
     /// NixOS start scripts (`run-NAME-vm`), one machine each.
     #[arg(long, num_args = 0.., value_delimiter = ' ', env = "startScripts", value_name = "SCRIPT")]
     start_scripts: Vec<PathBuf>,
-    /// VLAN numbers (virtual networks come in a later attest; accepted and reported).
+    /// VLAN numbers: a vde_switch each, which the start scripts join through QEMU_VDE_SOCKET_N.
     #[arg(long, num_args = 0.., value_delimiter = ' ', env = "vlans", value_name = "N")]
     vlans: Vec<u32>,
     /// Seconds before everything is stopped.
@@ -102,9 +102,6 @@ pub fn driver(args: DriverArgs) -> i32 {
     let Some(script) = script else {
         return exit_code::setup_error(&"no test script: pass it as the argument, or set testScript");
     };
-    if !vlans.is_empty() {
-        say!("attest: warning: VLANs {vlans:?} are not supported yet: the machines get no VLAN network");
-    }
     let machines: Result<Vec<MachineConfig>, _> = machines.iter().map(MachineConfig::start_script).collect();
     let mut config = match machines {
         Ok(machines) if !machines.is_empty() => TestConfig::new(machines),
@@ -112,6 +109,8 @@ pub fn driver(args: DriverArgs) -> i32 {
         Err(e) => return exit_code::setup_error(&e),
     };
     config.global_timeout = Duration::from_secs(global_timeout);
+    // The start scripts join the switches through QEMU_VDE_SOCKET_<n>, as in NixOS.
+    config.vlans = vlans;
     run_test(config, script, Some(args.output_directory), args.script)
 }
 
@@ -146,7 +145,7 @@ fn check(config: &TestConfig, script: &Path) -> i32 {
         Ok(dir) => dir,
         Err(e) => return exit_code::setup_error(&format!("creating a scratch directory: {e}")),
     };
-    match check_script(script, &names, scratch.path()) {
+    match check_script(script, &names, &config.vlans, scratch.path()) {
         Ok(report) if report.findings.is_empty() => 0,
         Ok(report) => {
             for finding in &report.findings {
@@ -163,7 +162,7 @@ fn stubs(config: &TestConfig, dir: &Path) -> i32 {
     let names: Vec<String> = config.machines.iter().map(|m| m.name.clone()).collect();
     let written = tempfile::tempdir()
         .map_err(|e| attest_script::ScriptError::Io { what: "creating a scratch directory".into(), source: e })
-        .and_then(|scratch| write_stubs(dir, &names, scratch.path()));
+        .and_then(|scratch| write_stubs(dir, &names, &config.vlans, scratch.path()));
     match written {
         Ok(()) => 0,
         Err(e) => exit_code::setup_error(&e),
@@ -173,8 +172,8 @@ fn stubs(config: &TestConfig, dir: &Path) -> i32 {
 /// The `script` key of a TOML test, relative to the file; and no key attest does not know.
 fn script_of(config: &TestConfig, test: &Path) -> Result<PathBuf, String> {
     let at = test.display();
-    if let Some(key) = config.extra.keys().find(|k| !["script", "vlans"].contains(&k.as_str())) {
-        return Err(format!("{at}: unknown key `{key}` (expected machines, global_timeout, script, vlans)"));
+    if let Some(key) = config.extra.keys().find(|k| k.as_str() != "script") {
+        return Err(format!("{at}: unknown key `{key}` (expected machines, global_timeout, script, vlans, network)"));
     }
     let script = config.extra.get("script").ok_or_else(|| format!("{at}: no `script = \"test.py\"`"))?;
     let script = script.as_str().ok_or_else(|| format!("{at}: `script` must be a path"))?;

@@ -95,6 +95,47 @@ fn a_nixos_style_script_drives_two_machines() {
     assert!(xml.contains("failures=\"0\""), "{xml}");
 }
 
+const VLAN_SCRIPT: &str = r#"
+import socket, urllib.request
+start_all()
+assert vlans == [vlan1] and vlan1.nr == 1 and vlan1.socket_dir.endswith("/vde1.ctl"), vlans
+server.succeed("mkdir -p /srv && echo hello-over-vlan1 > /srv/index.html && httpd -p 80 -h /srv")
+server.wait_for_open_port(80)
+assert client.succeed("wget -q -O - http://server/") == "hello-over-vlan1\n"
+client.block()
+client.fail("timeout 3 wget -q -O - http://server/")
+client.unblock()
+client.wait_until_succeeds("timeout 3 wget -q -O - http://server/", timeout=30)
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+server.forward_port(host_port=port, guest_port=80)
+assert urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30).read() == b"hello-over-vlan1\n"
+"#;
+
+#[test]
+fn a_script_uses_vlans_block_and_forward_port() {
+    if let Some(why) = missing_prerequisite() {
+        return eprintln!("SKIP: {why}");
+    }
+    if which::which("vde_switch").is_err() {
+        return eprintln!("SKIP: vde_switch not found (Debian's vde2)");
+    }
+    let dir = test_dir(&["server", "client"], "vlans = [1]", VLAN_SCRIPT);
+    let run = attest_run(dir.path(), &[]);
+    assert_eq!(run.code, 0, "{run:?}");
+    // Without the switch program, the test stops before any machine boots, naming the fix.
+    let mut command = Command::new(attest_bin());
+    command.arg("run").arg(dir.path().join("test.toml")).env("ATTEST_VDE_SWITCH", "/nonexistent/vde_switch");
+    let missing = run_command(command.stdin(Stdio::null()));
+    assert_ne!(missing.code, 0, "{missing:?}");
+    assert!(
+        missing.stderr.contains("vde_switch not found, needed for the test's VLANs: install Debian's vde2"),
+        "{missing:?}"
+    );
+    assert!(!missing.stderr.contains("starting vm"), "{missing:?}");
+}
+
 #[test]
 fn a_failing_assertion_points_at_the_script_line() {
     if let Some(why) = missing_prerequisite() {

@@ -313,6 +313,8 @@ set -e
 [ "$USE_TMPDIR" = 1 ] && [ -d "$TMPDIR" ] || { echo "start script: TMPDIR/USE_TMPDIR not set" >&2; exit 1; }
 echo "$SHARED_DIR" > "$TMPDIR/shared-dir-was"
 exec qemu-system-x86_64 -machine q35,accel=tcg -cpu max -name nixos -m 256 -nodefaults -display none \
+  -net nic,netdev=user.0,model=virtio -netdev user,id=user.0 \
+  -device virtio-net-pci,netdev=vlan1,mac=52:54:00:12:01:01 -netdev vde,id=vlan1,sock="$QEMU_VDE_SOCKET_1" \
   -kernel @KERNEL@ -initrd @INITRD@ -append "console=ttyS0 panic=-1 quiet rdinit=/init $QEMU_KERNEL_PARAMS" \
   $QEMU_OPTS "$@"
 "#;
@@ -324,7 +326,12 @@ fn a_nixos_start_script_runs_under_its_environment_contract() {
     }
     let cache = attest_image::cache_dir();
     let kernel = attest_image::kernel::locate(None, &cache).unwrap();
-    let modules = kernel.module_tree().unwrap().resolve(&["virtio_pci", "virtio_console", "virtio_rng"]).unwrap().load;
+    let modules = kernel
+        .module_tree()
+        .unwrap()
+        .resolve(&["virtio_pci", "virtio_console", "virtio_rng", "virtio_net"])
+        .unwrap()
+        .load;
     let (busybox, bash) = (attest_image::find_busybox().unwrap(), attest_image::backdoor::find_static_bash().unwrap());
     let initrd = attest_image::backdoor::backdoor_initramfs(&busybox, &bash, &modules)
         .unwrap()
@@ -343,9 +350,20 @@ fn a_nixos_start_script_runs_under_its_environment_contract() {
         qemu_opts: Some("-smp 2".into()),
         kernel_params: Some("attest.test=kernel-params".into()),
     };
-    let driver = common::driver(vec![machine]).unwrap();
+    if which::which("vde_switch").is_err() {
+        return eprintln!("SKIP: vde_switch not found (Debian's vde2)");
+    }
+    let driver = common::driver_with(TestConfig::new(vec![machine]).vlans([1])).unwrap();
     let m = driver.machine("nixos").unwrap();
     assert!(m.succeed("cat /proc/cmdline", None).unwrap().contains("attest.test=kernel-params"), "QEMU_KERNEL_PARAMS");
+    // QEMU_VDE_SOCKET_1 led the script's VLAN card to the switch; block() takes down the card
+    // NixOS's block() names, its first VLAN card.
+    let card = "for a in /sys/class/net/*/address; do grep -q 52:54:00:12:01:01 $a && c=${a%/address}; done";
+    m.succeed(&format!("{card}; ip link set ${{c##*/}} up"), None).unwrap();
+    m.wait_until_succeeds(&format!("{card}; grep 1 $c/carrier"), None).unwrap();
+    m.block(None).unwrap();
+    m.wait_until_succeeds(&format!("{card}; grep 0 $c/carrier"), None).unwrap();
+    assert!(m.block(Some(1)).unwrap_err().to_string().contains("its start script chose"));
     assert_eq!(m.succeed("grep -c ^processor /proc/cpuinfo", None).unwrap(), "2\n", "QEMU_OPTS");
     // The script's QEMU is this process's own child: the script exec'd it, dash or not.
     assert!(children().iter().any(|c| c.starts_with("qemu-system-x86_64")), "{:?}", children());

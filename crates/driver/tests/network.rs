@@ -140,7 +140,8 @@ fn tap_mode_two_machines() {
 fn three_machines_on_two_vlans_with_a_router() {
     let machines = vec![minimal("a").vlans([1]), minimal("c").vlans([2]), minimal("router").vlans([1, 2])];
     let Some(driver) = vlan_driver(NetworkMode::Switch, &[1, 2], machines) else { return };
-    let (a, c, router) = (driver.machine("a").unwrap(), driver.machine("c").unwrap(), driver.machine("router").unwrap());
+    let (a, c, router) =
+        (driver.machine("a").unwrap(), driver.machine("c").unwrap(), driver.machine("router").unwrap());
     driver.start_all().unwrap();
     // Nodes in name order: a 1, c 2, router 3.
     a.succeed("ip route add 192.168.2.0/24 via 192.168.1.3", None).unwrap();

@@ -36,10 +36,11 @@ pub struct VdeSwitch {
 impl VdeSwitch {
     /// `$ATTEST_VDE_SWITCH`, else `vde_switch` on PATH.
     pub fn find() -> Result<PathBuf> {
-        if let Some(path) = std::env::var_os("ATTEST_VDE_SWITCH") {
-            return Ok(PathBuf::from(path));
-        }
-        which::which("vde_switch").map_err(|_| NetworkError::MissingProgram {
+        let found = match std::env::var_os("ATTEST_VDE_SWITCH") {
+            Some(path) => which::which(path),
+            None => which::which("vde_switch"),
+        };
+        found.map_err(|_| NetworkError::MissingProgram {
             program: "vde_switch",
             purpose: "for the test's VLANs".into(),
             fix: "install Debian's vde2 (scripts/setup does), set ATTEST_VDE_SWITCH, or use network = \"tap\"",

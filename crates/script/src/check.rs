@@ -14,12 +14,17 @@ pub struct CheckReport {
 }
 
 /// Checks `script`, whose machines are `machines`, with mypy (`$ATTEST_MYPY`, else `mypy`).
-pub fn check_script(script: &Path, machines: &[String], scratch: &Path) -> Result<CheckReport, ScriptError> {
+pub fn check_script(
+    script: &Path,
+    machines: &[String],
+    vlans: &[u32],
+    scratch: &Path,
+) -> Result<CheckReport, ScriptError> {
     let mypy = std::env::var_os("ATTEST_MYPY").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("mypy"));
     let source = std::fs::read_to_string(script).map_err(ScriptError::io(format!("reading {}", script.display())))?;
     let module = scratch.join("attest_driver.py");
     std::fs::write(&module, PYTHON_MODULE).map_err(ScriptError::io(format!("writing {}", module.display())))?;
-    let prelude = prelude(machines);
+    let prelude = prelude(machines, vlans);
     let checked = scratch.join(CHECKED);
     std::fs::write(&checked, format!("{prelude}{source}")).map_err(ScriptError::io("writing the script to check"))?;
     let output = Command::new(&mypy)
@@ -45,7 +50,7 @@ pub fn check_script(script: &Path, machines: &[String], scratch: &Path) -> Resul
 /// API, made by mypy's `stubgen` from its annotations, so it cannot drift from the module) and
 /// `__builtins__.pyi` (a script's globals: its machines, `start_all`, `t`…, which pyright and
 /// editors built on it read from a project's root).
-pub fn write_stubs(dir: &Path, machines: &[String], scratch: &Path) -> Result<(), ScriptError> {
+pub fn write_stubs(dir: &Path, machines: &[String], vlans: &[u32], scratch: &Path) -> Result<(), ScriptError> {
     let stubgen = std::env::var_os("ATTEST_STUBGEN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("stubgen"));
     let module = scratch.join("attest_driver.py");
     std::fs::write(&module, PYTHON_MODULE).map_err(ScriptError::io(format!("writing {}", module.display())))?;
@@ -60,16 +65,20 @@ pub fn write_stubs(dir: &Path, machines: &[String], scratch: &Path) -> Result<()
         return Err(ScriptError::Io { what: "stubgen failed".into(), source: why });
     }
     let builtins = dir.join("__builtins__.pyi");
-    std::fs::write(&builtins, prelude(machines)).map_err(ScriptError::io(format!("writing {}", builtins.display())))
+    std::fs::write(&builtins, prelude(machines, vlans))
+        .map_err(ScriptError::io(format!("writing {}", builtins.display())))
 }
 
 /// The globals a script has, for mypy.
-fn prelude(machines: &[String]) -> String {
+fn prelude(machines: &[String], vlans: &[u32]) -> String {
     let mut text = String::from(
-        "from attest_driver import *  # noqa\nfrom attest_driver import Machine, Driver, log, t\n\
+        "from attest_driver import *  # noqa\nfrom attest_driver import Machine, Driver, VLan, log, t\n\
          import os\nfrom typing import Any, List\nmachines: List[Machine]\nmachines_qemu: List[Machine]\n\
-         vlans: List[Any]\ndriver: Driver\n",
+         vlans: List[VLan]\ndriver: Driver\n",
     );
+    for vlan in vlans {
+        text.push_str(&format!("vlan{vlan}: VLan\n"));
+    }
     for name in machines {
         text.push_str(&format!("{}: Machine\n", python_name(name)));
     }

@@ -56,6 +56,16 @@ impl<'a> Session<'a> {
         let log = self.driver.log();
         match call {
             "machines" => Ok(json!(self.driver.machines().iter().map(|m| m.name()).collect::<Vec<_>>())),
+            "vlans" => Ok(self.driver.with_networks(|networks| {
+                let sockets = networks.vde_sockets();
+                let socket = |vlan: u8| sockets.iter().find(|(v, _)| *v == vlan).map(|(_, path)| path.clone());
+                json!(networks
+                    .plan()
+                    .vlans
+                    .iter()
+                    .map(|&nr| json!({ "nr": nr, "socket_dir": socket(nr) }))
+                    .collect::<Vec<_>>())
+            })),
             "start_all" => Ok(json!(self.driver.start_all()?)),
             "create_machine" => {
                 // NixOS's start command is a `run-NAME-vm` script; `name` overrides the file's.
@@ -131,8 +141,10 @@ fn machine_call(m: &Machine, call: &str, a: &Args) -> Result<Value, CallError> {
         "require_unit_state" => json!(m.require_unit_state(a.str("unit")?, a.str("require_state")?)?),
         "wait_for_unit" => json!(m.wait_for_unit(a.str("unit")?, a.opt_str("user")?, a.secs("timeout")?)?),
         "wait_for_file" => json!(m.wait_for_file(a.str("filename")?, a.secs("timeout")?)?),
-        "wait_for_open_port" => json!(m.wait_for_open_port(a.port()?, a.opt_str("addr")?, a.secs("timeout")?)?),
-        "wait_for_closed_port" => json!(m.wait_for_closed_port(a.port()?, a.opt_str("addr")?, a.secs("timeout")?)?),
+        "wait_for_open_port" => json!(m.wait_for_open_port(a.port("port")?, a.opt_str("addr")?, a.secs("timeout")?)?),
+        "wait_for_closed_port" => {
+            json!(m.wait_for_closed_port(a.port("port")?, a.opt_str("addr")?, a.secs("timeout")?)?)
+        }
         "wait_for_open_unix_socket" => {
             json!(m.wait_for_open_unix_socket(a.str("addr")?, a.bool("is_datagram")?, a.secs("timeout")?)?)
         }
@@ -164,9 +176,9 @@ fn machine_call(m: &Machine, call: &str, a: &Args) -> Result<Value, CallError> {
         }
         "copy_from_machine" => json!(m.copy_from_machine(a.str("source")?, a.str("target_dir")?)?),
         "log" => json!(m.log(a.str("message")?)),
-        "block" | "unblock" | "forward_port" => {
-            return Err(CallError::Usage(format!("{call} needs the virtual networks of a later attest version")))
-        }
+        "block" => json!(m.block(a.opt_u32("vlan")?)?),
+        "unblock" => json!(m.unblock(a.opt_u32("vlan")?)?),
+        "forward_port" => json!(m.forward_port(a.port("host_port")?, a.port("guest_port")?)?),
         other => return Err(CallError::Usage(format!("machines have no call {other:?}"))),
     };
     Ok(value)
@@ -205,9 +217,13 @@ impl Args<'_> {
         number.ok_or_else(|| CallError::Usage(format!("argument {name:?} must be a small whole number")))
     }
 
-    fn port(&self) -> Result<u16, CallError> {
-        let port = self.get("port").and_then(Value::as_u64).and_then(|n| u16::try_from(n).ok());
-        port.ok_or_else(|| CallError::Usage("argument \"port\" must be a port number".into()))
+    fn opt_u32(&self, name: &str) -> Result<Option<u32>, CallError> {
+        self.get(name).map(|_| self.u32(name)).transpose()
+    }
+
+    fn port(&self, name: &str) -> Result<u16, CallError> {
+        let port = self.get(name).and_then(Value::as_u64).and_then(|n| u16::try_from(n).ok());
+        port.ok_or_else(|| CallError::Usage(format!("argument {name:?} must be a port number")))
     }
 
     /// Seconds (a whole or fractional number) as a duration; absent or null is `None`.

@@ -68,8 +68,11 @@ impl Machine {
             .collect();
         drop(vm);
         // The MAC's fifth byte is the VLAN (52:54:00:12:VV:NN).
-        let chosen: Vec<String> =
-            cards.iter().filter(|(_, mac)| vlan.is_none_or(|v| u32::from(mac[4]) == v)).map(|(id, _)| id.clone()).collect();
+        let chosen: Vec<String> = cards
+            .iter()
+            .filter(|(_, mac)| vlan.is_none_or(|v| u32::from(mac[4]) == v))
+            .map(|(id, _)| id.clone())
+            .collect();
         if chosen.is_empty() {
             let on = match vlan {
                 Some(vlan) => format!("VLAN {vlan}"),

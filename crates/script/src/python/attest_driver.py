@@ -265,14 +265,16 @@ class Machine:
     def copy_from_vm(self, source: str, target_dir: str = "") -> None:
         self._call("copy_from_machine", source=source, target_dir=target_dir)
 
-    # Networks (VLANs come with a later attest).
-    def block(self) -> None:
-        self._call("block")
+    # Networks.
+    def block(self, vlan: Optional[int] = None) -> None:
+        """Takes down the machine's VLAN links (all, or `vlan`'s); its user-mode card stays up."""
+        self._call("block", vlan=vlan)
 
-    def unblock(self) -> None:
-        self._call("unblock")
+    def unblock(self, vlan: Optional[int] = None) -> None:
+        self._call("unblock", vlan=vlan)
 
     def forward_port(self, host_port: int = 8080, guest_port: int = 80) -> None:
+        """Forwards the host's 127.0.0.1:host_port to the guest's guest_port."""
         self._call("forward_port", host_port=host_port, guest_port=guest_port)
 
     # Interactive.
@@ -470,6 +472,18 @@ class Driver:
     serial_stdout_off = staticmethod(serial_stdout_off)
 
 
+class VLan:
+    """A VLAN of the test (NixOS's `VLan`): its number, and its switch's socket directory (None in
+    TAP mode)."""
+
+    def __init__(self, nr: int, socket_dir: Optional[str]) -> None:
+        self.nr = nr
+        self.socket_dir = socket_dir
+
+    def __repr__(self) -> str:
+        return f"<Vlan Nr. {self.nr}>"
+
+
 def pythonize_name(name: str) -> str:
     """A machine name as a Python identifier, as NixOS makes it."""
     import re
@@ -481,6 +495,7 @@ def test_symbols() -> Dict[str, Any]:
     """The globals of a test script."""
     _machines[:] = [Machine(name) for name in _call(None, "machines")]
     machines = _machines
+    vlans = [VLan(v["nr"], v["socket_dir"]) for v in _call(None, "vlans")]
     symbols: Dict[str, Any] = {
         "start_all": start_all,
         "join_all": join_all,
@@ -495,12 +510,14 @@ def test_symbols() -> Dict[str, Any]:
         "os": os,
         "machines": machines,
         "machines_qemu": machines,
-        "vlans": [],
+        "vlans": vlans,
         "driver": Driver(machines),
         "Machine": Machine,
         "BaseMachine": Machine,
         "RequestedAssertionFailed": RequestedAssertionFailed,
     }
+    for vlan in vlans:
+        symbols[f"vlan{vlan.nr}"] = vlan
     for machine in machines:
         symbols[pythonize_name(machine.name)] = machine
     if len(machines) == 1:
