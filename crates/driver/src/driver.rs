@@ -179,14 +179,14 @@ impl Driver {
         };
         let dir = self.state.machine_dir(machines.len(), &config.name)?;
         let spec = prepare::spec(&config, &cx, &dir)?;
-        let guest_network = prepare::guest_network(&config, &networks);
+        let network = prepare::network(&config, &networks);
         drop(networks);
         let (log, name) = (self.shared.log.clone(), config.name.clone());
         let echo = Echo::Lines(Arc::new(move |line: &str| log.serial(&name, line)));
         let events: MachineEventSink = Arc::new(|event| tracing::debug!(?event, "machine event"));
         let machine = attest_machine::Machine::new(spec, backend, dir, events, echo);
         let shared = self.shared.clone();
-        let machine = Arc::new_cyclic(|me| Machine::new(config, machine, shared, guest_network, me.clone()));
+        let machine = Arc::new_cyclic(|me| Machine::new(config, machine, shared, network, me.clone()));
         machines.push(machine.clone());
         Ok(machine)
     }

@@ -16,6 +16,7 @@ use attest_network::Networks;
 use crate::config::{BootConfig, BuiltinImage, MachineConfig};
 use crate::error::{DriverError, Result};
 use crate::log::Log;
+use crate::machine::MachineNetwork;
 
 /// What every machine of a test shares.
 pub struct Context<'a> {
@@ -131,9 +132,15 @@ fn builtin(image: BuiltinImage, spec: &mut MachineSpec, cx: &Context, dir: &Mach
     Ok(())
 }
 
-/// The commands that give one of attest's guests (or a kernel + initrd machine, which speaks the
-/// backdoor protocol too) its addresses; other machines configure their own networks.
-pub fn guest_network(config: &MachineConfig, networks: &Networks) -> Option<String> {
+/// The machine's VLAN cards, and the commands that give one of attest's guests (or a kernel +
+/// initrd machine, which speaks the backdoor protocol too) its addresses; other machines configure
+/// their own networks.
+pub fn network(config: &MachineConfig, networks: &Networks) -> MachineNetwork {
+    let vlans = networks.plan().machine(&config.name).map(|m| m.nics.clone()).unwrap_or_default();
+    MachineNetwork { vlans, guest_script: guest_script(config, networks) }
+}
+
+fn guest_script(config: &MachineConfig, networks: &Networks) -> Option<String> {
     if !matches!(config.boot, BootConfig::Image(_) | BootConfig::Kernel { .. }) {
         return None;
     }

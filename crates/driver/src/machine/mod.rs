@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use attest_machine::backend::Control;
 use attest_machine::qmp::Qmp;
 use attest_machine::Console;
+use attest_network::VlanNic;
 use attest_shell::{BackdoorShell, ShellError};
 
 use crate::config::MachineConfig;
@@ -59,12 +60,19 @@ pub struct Machine {
     console: Mutex<Option<Console>>,
     /// When the latest start (or reboot) happened, for the boot deadline.
     started: Mutex<Option<Instant>>,
-    /// Commands that give an attest guest its network addresses, run on each new shell.
-    guest_network: Option<String>,
+    network: MachineNetwork,
     /// Why connecting to the shell of a start failed, when a background connect found out.
     connect_failure: Mutex<Option<(u64, String)>>,
     /// This machine, for the thread that connects to a new start's shell.
     me: Weak<Machine>,
+}
+
+/// A machine's place on the test's VLANs.
+pub(crate) struct MachineNetwork {
+    /// Its VLAN cards (none for a start script's machine, whose script chose them).
+    pub vlans: Vec<VlanNic>,
+    /// Commands that give an attest guest its addresses, run on each new shell.
+    pub guest_script: Option<String>,
 }
 
 /// A connected backdoor shell and the start it belongs to.
@@ -78,7 +86,7 @@ impl Machine {
         config: MachineConfig,
         machine: attest_machine::Machine,
         shared: Arc<Shared>,
-        guest_network: Option<String>,
+        network: MachineNetwork,
         me: Weak<Machine>,
     ) -> Machine {
         Machine {
@@ -93,7 +101,7 @@ impl Machine {
             connected: AtomicU64::new(0),
             console: Mutex::new(None),
             started: Mutex::new(None),
-            guest_network,
+            network,
             connect_failure: Mutex::new(None),
             me,
         }
@@ -134,7 +142,7 @@ impl Machine {
     /// is up, instead of at the first command, makes its addresses there when the boot ends, as a
     /// guest that configures itself would have them. A failure is kept for the next command.
     fn connect_in_background(&self) {
-        if self.guest_network.is_none() {
+        if self.network.guest_script.is_none() {
             return;
         }
         let me = self.me.clone();
@@ -208,7 +216,7 @@ impl Machine {
 
     /// Gives an attest guest its addresses and host names, before any command of the test runs.
     fn configure_network(&self, at: &'static Location<'static>, shell: &mut BackdoorShell) -> Result<()> {
-        let Some(script) = &self.guest_network else { return Ok(()) };
+        let Some(script) = &self.network.guest_script else { return Ok(()) };
         let deadline = self.shared.deadline.min(Instant::now() + NETWORK_SETUP_TIMEOUT);
         match shell.execute(&format!("exec 2>&1\n{script}"), Some(NETWORK_SETUP_TIMEOUT), deadline) {
             Ok((0, _)) => Ok(()),
