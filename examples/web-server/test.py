@@ -11,6 +11,12 @@ with subtest("the server starts its web service"):
 with subtest("it serves its page"):
     t.assertEqual(server.succeed("curl -sf http://localhost/"), "hello from attest\n")
 
-with subtest("the client is up too"):
+with subtest("the client reaches it by name over VLAN 1"):
     client.wait_for_unit("multi-user.target")
-    t.assertIn("client", client.succeed("hostname"))
+    t.assertEqual(client.succeed("curl -sf http://server/"), "hello from attest\n")
+
+with subtest("and not while its link is blocked"):
+    client.block()
+    client.fail("curl -sf --max-time 3 http://server/")
+    client.unblock()
+    t.assertEqual(client.succeed("curl -sf http://server/"), "hello from attest\n")

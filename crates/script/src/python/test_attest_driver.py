@@ -36,6 +36,11 @@ def nixos_api():
             yield name, parsed
 
 
+# attest's additions to NixOS methods: keyword parameters after NixOS's own, with defaults that
+# keep NixOS's behaviour, so every NixOS call means the same.
+EXTENSIONS = {"block": {"vlan": None}, "unblock": {"vlan": None}}
+
+
 class MachineApi(unittest.TestCase):
     def test_every_nixos_method_exists_with_its_parameters_and_defaults(self):
         for name, expected in nixos_api():
@@ -43,6 +48,11 @@ class MachineApi(unittest.TestCase):
                 method = getattr(attest_driver.Machine, name, None)
                 self.assertIsNotNone(method, f"Machine.{name} is missing")
                 params = list(inspect.signature(method).parameters.values())[1:]
+                extra = EXTENSIONS.get(name, {})
+                own = [p for p in params if p.name not in extra]
+                self.assertEqual({p.name: p.default for p in params if p.name in extra}, extra, name)
+                self.assertEqual(params[: len(own)], own, f"{name}: attest's parameters come after NixOS's")
+                params = own
                 self.assertEqual([p.name for p in params], [e[0] for e in expected], name)
                 for param, (_, default, kind) in zip(params, expected):
                     self.assertEqual(param.default, default, f"{name}({param.name})")
