@@ -146,7 +146,11 @@ impl Machine {
             return;
         }
         let me = self.me.clone();
-        std::thread::spawn(move || me.upgrade().map(|machine| machine.shell(Location::caller()).map(drop)));
+        let connect = move || me.upgrade().map(|machine| machine.shell(Location::caller()).map(drop));
+        if let Err(e) = std::thread::Builder::new().name(format!("connect-{}", self.name)).spawn(connect) {
+            // The first command connects instead.
+            self.shared.log.info(Some(&self.name), &format!("could not connect in the background: {e}"));
+        }
     }
 
     fn is_running(&self) -> bool {
