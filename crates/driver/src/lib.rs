@@ -1,6 +1,7 @@
 //! attest's system-test driver: a test's named machines ([`Driver`]), each with the NixOS test
 //! driver's machine API over the guest's backdoor shell ([`Machine`]), definitions in Rust or TOML
-//! ([`config`]), the test log and the JUnit report ([`log`]).
+//! ([`config`]), the test log and the JUnit report ([`log`]), and a shell on the serial console
+//! for guests without a backdoor ([`serial`]).
 //!
 //! A system test is an ordinary `#[test]`:
 //!
@@ -20,6 +21,7 @@ pub mod error;
 pub mod log;
 pub mod machine;
 mod prepare;
+pub mod serial;
 
 pub use config::{BackendKind, BootConfig, BuiltinImage, MachineConfig, NetworkMode, TestConfig};
 pub use driver::{Driver, DriverOptions};

@@ -102,13 +102,16 @@ impl Console {
     /// returns the matching text. Woken by each new output, not polled; output that arrived before
     /// the call counts, and each match consumes the output up to its end.
     pub fn wait_for(&self, pattern: &Regex, deadline: Instant) -> Result<String, ConsoleTimeout> {
+        self.wait_for_bytes(pattern, deadline).map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// [`Console::wait_for`], returning the matching bytes as they came.
+    pub fn wait_for_bytes(&self, pattern: &Regex, deadline: Instant) -> Result<Vec<u8>, ConsoleTimeout> {
         let started = Instant::now();
         let mut state = self.lock();
         loop {
             let from = state.matched_to;
-            let found = pattern
-                .find(&state.history[from..])
-                .map(|m| (m.end(), String::from_utf8_lossy(m.as_bytes()).into_owned()));
+            let found = pattern.find(&state.history[from..]).map(|m| (m.end(), m.as_bytes().to_vec()));
             if let Some((end, text)) = found {
                 state.matched_to = from + end;
                 return Ok(text);

@@ -1,0 +1,225 @@
+//! A command channel over a serial console, for guests with no backdoor (installer ISOs, boot
+//! images): logging in at a getty (or noticing an autologin), becoming root with `sudo -i`, and
+//! running commands whose output and exit status come back exactly.
+//!
+//! Each command is framed by markers unique to it (`ATTEST-B<n>-<nonce>`), typed so that the
+//! echoed command line never matches them (`'ATTEST-B' '<id>'`). Its output is what lies between
+//! them, so prompts, the echo and anything printed before can never be taken for it. After login
+//! the shell is set to `stty -echo -onlcr` (no echo, no `\r` added to newlines) and kernel messages
+//! are kept off the console (`dmesg -n 1`) where allowed.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use attest_machine::Console;
+use regex::bytes::Regex;
+
+/// The shell prompt of a login shell: a line ending in `$` or `#` and a space.
+const PROMPT: &str = r"[$#] ?\r?$";
+/// What the shell is told after login, on one line: quiet, exact output, no prompts.
+const SETUP: &str = "stty -echo -onlcr 2>/dev/null; PS1=''; PS2=''; unset HISTFILE; dmesg -n 1 2>/dev/null; true";
+
+/// Which step of reaching a shell failed, for the error's first words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Login,
+    Password,
+    Sudo,
+    Shell,
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Step::Login => "login",
+            Step::Password => "login (password)",
+            Step::Sudo => "sudo",
+            Step::Shell => "shell",
+        })
+    }
+}
+
+/// Why the serial shell could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+#[error("{step}: {message}")]
+pub struct SerialError {
+    pub step: Step,
+    pub message: String,
+}
+
+fn fail<T>(step: Step, message: impl Into<String>) -> Result<T, SerialError> {
+    Err(SerialError { step, message: message.into() })
+}
+
+/// The shell on one machine's serial console.
+pub struct SerialShell {
+    console: Console,
+    /// Makes markers unique across shells and runs, so stale output never matches.
+    nonce: u64,
+    sent: AtomicU64,
+}
+
+impl SerialShell {
+    pub fn new(console: Console) -> SerialShell {
+        static SHELLS: AtomicU64 = AtomicU64::new(0);
+        let nonce = u64::from(std::process::id()) << 20 | SHELLS.fetch_add(1, Ordering::SeqCst);
+        SerialShell { console, nonce, sent: AtomicU64::new(0) }
+    }
+
+    /// Logs in as `user` at the console's getty, with `password` if one is asked for; a shell
+    /// prompt that appears instead of `login:` is an autologin, accepted if it is `user`'s.
+    pub fn login(&self, user: &str, password: Option<&str>, deadline: Instant) -> Result<(), SerialError> {
+        // A getty reprints its prompt on an empty line; a shell prints a new prompt.
+        self.type_line("")?;
+        let first = self.expect(&format!(r"(?m)(login: ?\r?$|{PROMPT})"), deadline, Step::Login, "a login prompt")?;
+        if first.trim_end().ends_with("login:") {
+            self.type_line(user)?;
+            let pattern = format!(r"(?mi)(password: ?\r?$|login incorrect|{PROMPT})");
+            let next = self.expect(&pattern, deadline, Step::Password, "a password prompt or a shell")?;
+            if next.to_ascii_lowercase().starts_with("password") {
+                let Some(password) = password else {
+                    return fail(Step::Password, format!("{user} needs a password and the test gave none"));
+                };
+                self.type_line(password)?;
+                let pattern = format!(r"(?mi)(login incorrect|{PROMPT})");
+                let after = self.expect(&pattern, deadline, Step::Password, "a shell prompt")?;
+                if after.to_ascii_lowercase().contains("incorrect") {
+                    return fail(
+                        Step::Password,
+                        format!("the guest refused the password of {user} (\"Login incorrect\")"),
+                    );
+                }
+            } else if next.to_ascii_lowercase().contains("incorrect") {
+                return fail(Step::Login, format!("the guest refused {user} (\"Login incorrect\")"));
+            }
+        }
+        self.setup(deadline)?;
+        let who = self.succeed("id -un", deadline)?;
+        if who.trim() != user {
+            return fail(
+                Step::Login,
+                format!("expected a shell of {user}, but it is {}'s (an autologin?)", who.trim()),
+            );
+        }
+        Ok(())
+    }
+
+    /// Becomes root with `sudo -i`, typing `password` if sudo asks for one.
+    pub fn become_root(&self, password: Option<&str>, deadline: Instant) -> Result<(), SerialError> {
+        self.type_line("sudo -i")?;
+        let pattern =
+            format!(r"(?m)(\[sudo\] password for [^:]*: ?\r?$|Password: ?\r?$|{PROMPT}|not in the sudoers file.*$)");
+        let first = self.expect(&pattern, deadline, Step::Sudo, "sudo's password prompt or a root shell")?;
+        if first.contains("sudoers") {
+            return fail(Step::Sudo, first.trim().to_string());
+        }
+        if first.contains("assword") {
+            let Some(password) = password else {
+                return fail(Step::Sudo, "sudo asks for a password and the test gave none");
+            };
+            self.type_line(password)?;
+            let pattern = format!(r"(?m)(Sorry, try again\.|{PROMPT})");
+            let after = self.expect(&pattern, deadline, Step::Sudo, "a root shell")?;
+            if after.contains("Sorry") {
+                self.console.send(b"\x03").ok();
+                return fail(Step::Sudo, "sudo refused the password (\"Sorry, try again.\")");
+            }
+        }
+        // A new login shell: tell it again.
+        self.setup(deadline)?;
+        match self.succeed("id -u", deadline)?.trim() {
+            "0" => Ok(()),
+            uid => fail(Step::Sudo, format!("expected root after sudo -i, but the shell runs as uid {uid}")),
+        }
+    }
+
+    /// Runs `command` in a subshell and returns its exit status and output, byte for byte. A
+    /// command still running at `deadline` is interrupted (^C) and reported.
+    pub fn execute(&self, command: &str, deadline: Instant) -> Result<(i32, Vec<u8>), SerialError> {
+        let id = format!("{}-{}", self.sent.fetch_add(1, Ordering::SeqCst), self.nonce);
+        let line = format!(
+            "printf '%s%s\\n' 'ATTEST-B' '{id}'; ( {command}\n); printf '\\n%s%s %d\\n' 'ATTEST-E' '{id}' \"$?\""
+        );
+        self.type_line(&line)?;
+        // The markers' own line ends may carry a `\r` until `stty -onlcr` applies; without Unicode,
+        // `.` matches any byte, so output need not be UTF-8.
+        let framed =
+            Regex::new(&format!(r"(?s-u)ATTEST-B{id}\r?\n(.*?)\r?\n?ATTEST-E{id} (\d+)\r?\n")).expect("a valid regex");
+        let matched = match self.console.wait_for_bytes(&framed, deadline) {
+            Ok(matched) => matched,
+            Err(e) => {
+                // Leave the shell usable for the next command, which skips this one's output.
+                self.console.send(b"\x03").ok();
+                return fail(Step::Shell, format!("`{command}` did not finish: {e}"));
+            }
+        };
+        let captures = framed.captures(&matched).expect("matched before");
+        let status = std::str::from_utf8(&captures[2]).ok().and_then(|s| s.parse().ok()).unwrap_or(-1);
+        Ok((status, captures[1].to_vec()))
+    }
+
+    /// [`SerialShell::execute`], which must exit 0; its output as text.
+    pub fn succeed(&self, command: &str, deadline: Instant) -> Result<String, SerialError> {
+        match self.execute(command, deadline)? {
+            (0, output) => Ok(String::from_utf8_lossy(&output).into_owned()),
+            (status, output) => fail(
+                Step::Shell,
+                format!("`{command}` failed (exit code {status}): {}", String::from_utf8_lossy(&output).trim()),
+            ),
+        }
+    }
+
+    fn setup(&self, deadline: Instant) -> Result<(), SerialError> {
+        self.type_line(SETUP)?;
+        self.succeed("true", deadline).map(drop)
+    }
+
+    fn type_line(&self, line: &str) -> Result<(), SerialError> {
+        let mut bytes = line.as_bytes().to_vec();
+        bytes.push(b'\n');
+        self.console.send(&bytes).or_else(|e| fail(Step::Shell, format!("typing into the serial console: {e}")))
+    }
+
+    fn expect(&self, pattern: &str, deadline: Instant, step: Step, what: &str) -> Result<String, SerialError> {
+        let regex = Regex::new(pattern).expect("a valid regex");
+        match self.console.wait_for_bytes(&regex, deadline) {
+            Ok(bytes) => Ok(String::from_utf8_lossy(&bytes).into_owned()),
+            Err(e) => fail(step, format!("expected {what}, but got none in {:.1?}{}", e.waited, ended(&e))),
+        }
+    }
+}
+
+fn ended(e: &attest_machine::console::ConsoleTimeout) -> &'static str {
+    if e.ended {
+        " (the console ended)"
+    } else {
+        ""
+    }
+}
+
+/// How far a guest got, judged from everything its serial console printed: for an error that
+/// names the step a boot stopped at.
+pub fn boot_stage(console_log: &str) -> &'static str {
+    if console_log.trim().is_empty() {
+        "firmware (nothing on the serial console: is the console on ttyS0?)"
+    } else if console_log.contains("Linux version") {
+        "kernel or init (the kernel started)"
+    } else if ["GRUB", "SYSLINUX", "ISOLINUX", "Booting "].iter().any(|s| console_log.contains(s)) {
+        "bootloader (no kernel output: is console=ttyS0 on its command line?)"
+    } else {
+        "firmware or bootloader (no kernel output)"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_boot_stage_follows_the_console() {
+        assert!(boot_stage("").starts_with("firmware"));
+        assert!(boot_stage("SeaBIOS\nBooting from DVD/CD...\n").starts_with("bootloader"));
+        assert!(boot_stage("GRUB loading\n[    0.000000] Linux version 6.1").starts_with("kernel"));
+        assert!(boot_stage("SeaBIOS (version 1.16)\n").starts_with("firmware or bootloader"));
+    }
+}
