@@ -12,6 +12,7 @@ mod files;
 mod lifecycle;
 mod network;
 mod screen;
+mod serial_console;
 mod units;
 mod waits;
 
@@ -63,6 +64,8 @@ pub struct Machine {
     network: MachineNetwork,
     /// Why connecting to the shell of a start failed, when a background connect found out.
     connect_failure: Mutex<Option<(u64, String)>>,
+    /// The shell on the serial console of the start it belongs to (guests without a backdoor).
+    serial: Mutex<Option<(u64, Arc<crate::serial::SerialShell>)>>,
     /// This machine, for the thread that connects to a new start's shell.
     me: Weak<Machine>,
 }
@@ -103,6 +106,7 @@ impl Machine {
             started: Mutex::new(None),
             network,
             connect_failure: Mutex::new(None),
+            serial: Mutex::new(None),
             me,
         }
     }
@@ -139,10 +143,13 @@ impl Machine {
     }
 
     /// An attest guest's network is configured through its shell; connecting as soon as the guest
-    /// is up, instead of at the first command, makes its addresses there when the boot ends, as a
-    /// guest that configures itself would have them. A failure is kept for the next command.
+    /// is up, instead of at the first command, makes its VLAN addresses there when the boot ends,
+    /// as a guest that configures itself would have them. A failure is kept for the next command.
     fn connect_in_background(&self) {
-        if self.network.guest_script.is_none() {
+        // Only for machines on a VLAN: their peers may reach them before any command of the test
+        // does. Otherwise the first command configures the guest (a kernel machine may not even
+        // speak the backdoor protocol).
+        if self.network.guest_script.is_none() || self.network.vlans.is_empty() {
             return;
         }
         let me = self.me.clone();
