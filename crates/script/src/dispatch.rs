@@ -158,6 +158,13 @@ fn machine_call(m: &Machine, call: &str, a: &Args) -> Result<Value, CallError> {
         "send_key" => json!(m.send_key(a.str("key")?)?),
         "send_chars" => json!(m.send_chars(a.str("chars")?)?),
         "send_console" => json!(m.send_console(a.str("chars")?)?),
+        "login" => json!(m.login(a.str("user")?, a.opt_str("password")?, a.secs("timeout")?)?),
+        "become_root" => json!(m.become_root(a.opt_str("password")?, a.secs("timeout")?)?),
+        "serial_execute" => {
+            let (status, output) = m.serial_execute(a.str("command")?, a.secs("timeout")?)?;
+            json!([status, output])
+        }
+        "serial_succeed" => json!(m.serial_succeed(a.str("command")?, a.secs("timeout")?)?),
         "send_monitor_command" => json!(m.send_monitor_command(a.str("command")?)?),
         "next_qmp_event" => {
             let event = m.wait_for_qmp_event(|_| true, a.secs("timeout")?)?;

@@ -214,6 +214,23 @@ class Machine:
     def send_console(self, chars: str) -> None:
         self._call("send_console", chars=chars)
 
+    # The serial console, for guests without a backdoor (attest's own).
+    def login(self, user: str, password: Optional[str] = None, timeout: Optional[float] = None) -> None:
+        """Logs in at the serial console's getty (or accepts an autologin as `user`)."""
+        self._call("login", user=user, password=password, timeout=timeout)
+
+    def become_root(self, password: Optional[str] = None, timeout: Optional[float] = None) -> None:
+        """`sudo -i` on the serial console, typing `password` if sudo asks for it."""
+        self._call("become_root", password=password, timeout=timeout)
+
+    def serial_execute(self, command: str, timeout: Optional[float] = None) -> Tuple[int, str]:
+        """Runs `command` in the serial console's shell: (exit status, output)."""
+        status, output = self._call("serial_execute", command=command, timeout=timeout)
+        return status, output
+
+    def serial_succeed(self, command: str, timeout: Optional[float] = None) -> str:
+        return self._call("serial_succeed", command=command, timeout=timeout)
+
     def send_monitor_command(self, command: str) -> str:
         return self._call("send_monitor_command", command=command)
 
