@@ -24,6 +24,7 @@ use attest_machine::{DiskBus, DiskFormat, StartScript};
 pub use attest_network::Mode as NetworkMode;
 use serde::Deserialize;
 
+use crate::conditions::{Condition, RawCondition};
 use crate::error::{DriverError, Result};
 
 /// NixOS's default for `globalTimeout`.
@@ -98,6 +99,21 @@ pub struct MachineConfig {
     /// The VLANs it joins; `None`: VLAN 1 if the test has it (NixOS's default). A start script's
     /// machine has the VLANs its script was built with.
     pub vlans: Option<Vec<u32>>,
+    /// How to reach a shell on a guest without a backdoor: logging in on the serial console.
+    pub login: Option<Login>,
+    /// What the guest must have set up, checked by [`Machine::check_conditions`](crate::Machine).
+    pub conditions: Vec<Condition>,
+}
+
+/// A serial-console login: the user, its password, and whether to `sudo -i` afterwards (with the
+/// same password if sudo asks).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Login {
+    pub user: String,
+    pub password: Option<String>,
+    #[serde(default)]
+    pub sudo: bool,
 }
 
 impl MachineConfig {
@@ -113,6 +129,8 @@ impl MachineConfig {
             allow_reboot: false,
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
             vlans: None,
+            login: None,
+            conditions: Vec::new(),
         }
     }
 
@@ -195,6 +213,16 @@ impl MachineConfig {
 
     pub fn vlans(mut self, vlans: impl IntoIterator<Item = u32>) -> Self {
         self.vlans = Some(vlans.into_iter().collect());
+        self
+    }
+
+    pub fn login(mut self, user: &str, password: Option<&str>, sudo: bool) -> Self {
+        self.login = Some(Login { user: user.into(), password: password.map(Into::into), sudo });
+        self
+    }
+
+    pub fn condition(mut self, condition: Condition) -> Self {
+        self.conditions.push(condition);
         self
     }
 }
@@ -304,6 +332,9 @@ struct RawMachine {
     /// Seconds.
     boot_timeout: Option<u64>,
     vlans: Option<Vec<u32>>,
+    login: Option<Login>,
+    #[serde(default)]
+    conditions: Vec<RawCondition>,
 }
 
 #[derive(Deserialize)]
@@ -426,6 +457,12 @@ impl RawMachine {
             .map(|d| Ok(BlankDisk { size_mib: d.size.mib()?, format: d.format, bus: d.bus }))
             .collect::<std::result::Result<_, String>>()
             .map_err(|e| format!("machine {name}: {e}"))?;
+        let conditions = self
+            .conditions
+            .into_iter()
+            .map(RawCondition::into_condition)
+            .collect::<std::result::Result<_, String>>()
+            .map_err(|e| format!("machine {name}: {e}"))?;
         let defaults = MachineConfig::new(name, boot);
         Ok(MachineConfig {
             backend: self.backend,
@@ -436,6 +473,8 @@ impl RawMachine {
             allow_reboot: self.allow_reboot,
             boot_timeout: self.boot_timeout.map(Duration::from_secs).unwrap_or(DEFAULT_BOOT_TIMEOUT),
             vlans: self.vlans,
+            login: self.login,
+            conditions,
             ..defaults
         })
     }
@@ -497,6 +536,48 @@ boot_timeout = 90
         .boot_timeout(Duration::from_secs(90));
         // Machines come in name order, which NixOS's node numbers follow too.
         assert_eq!(test.machines, [client, server]);
+    }
+
+    #[test]
+    fn conditions_and_login_read_as_declared() {
+        use crate::conditions::Kind;
+        let test = parse(
+            r#"
+[machines.installer]
+iso = "installer.iso"
+login = { user = "tester", password = "pw", sudo = true }
+[[machines.installer.conditions]]
+name = "provisioned"
+unit = "provision.service"
+state = "inactive"
+within = 300
+[[machines.installer.conditions]]
+name = "volume"
+logical_volume = "main/slash"
+"#,
+        )
+        .unwrap();
+        let machine = &test.machines[0];
+        assert_eq!(machine.login, Some(Login { user: "tester".into(), password: Some("pw".into()), sudo: true }));
+        let kinds: Vec<&Kind> = machine.conditions.iter().map(|c| &c.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                &Kind::Unit { unit: "provision.service".into(), state: "inactive".into() },
+                &Kind::LogicalVolume { name: "main/slash".into() }
+            ]
+        );
+        assert_eq!(machine.conditions[0].within, Some(Duration::from_secs(300)));
+        let bad = |condition: &str| {
+            error(&format!("[machines.a]\nimage = \"minimal\"\n[[machines.a.conditions]]\n{condition}"))
+        };
+        assert!(bad("name = \"x\"\n").contains("checks nothing"), "{}", bad("name = \"x\"\n"));
+        assert!(bad("name = \"x\"\nunit = \"a\"\nfile = \"/b\"\n").contains("`unit` and `file` are two kinds"));
+        assert!(bad("name = \"x\"\nunit = \"a\"\n").contains("needs `state`"));
+        assert!(bad("name = \"x\"\nfile = \"/a\"\nstate = \"active\"\n").contains("`state` goes with `unit`"));
+        assert!(bad("name = \"x\"\nlogical_volume = \"slash\"\n").contains("named VG/LV"));
+        assert!(bad("name = \"x\"\nconsole = \"(\"\n").contains("bad regex"));
+        assert!(bad("name = \"x\"\nfile = \"/a\"\nsize = 3\n").contains("unknown field `size`"));
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //! assert_eq!(server.succeed("echo hi", None).unwrap(), "hi\n");
 //! ```
 
+pub mod conditions;
 pub mod config;
 pub mod driver;
 pub mod error;

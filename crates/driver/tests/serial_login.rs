@@ -6,12 +6,16 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use attest_driver::conditions::{Condition, Kind, Outcome};
 use attest_driver::MachineConfig;
+use attest_machine::DiskFormat;
 
 /// alice's password is "secret" (SHA-512 crypt, made with `busybox mkpasswd -m sha512`).
 const INIT: &str = r#"#!/bin/sh
 mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
+for module in $(cat /etc/attest/modules); do insmod "$module"; done
 mkdir -p /etc /home/alice /tmp
+(sleep 3; echo later > /tmp/later) &
 echo 'root:x:0:0:root:/root:/bin/sh' > /etc/passwd
 echo 'alice:x:1000:1000:Alice:/home/alice:/bin/bash' >> /etc/passwd
 echo 'root:*:19000:0:99999:7:::' > /etc/shadow
@@ -30,7 +34,8 @@ fn guest(name: &str, init: &str) -> Option<MachineConfig> {
     let cache = attest_image::cache_dir();
     let kernel = attest_image::kernel::locate(None, &cache).unwrap();
     let (busybox, bash) = (attest_image::find_busybox().unwrap(), attest_image::backdoor::find_static_bash().unwrap());
-    let mut image = attest_image::backdoor::backdoor_initramfs(&busybox, &bash, &[]).unwrap();
+    let modules = kernel.module_tree().unwrap().resolve(&["virtio_pci", "virtio_blk"]).unwrap().load;
+    let mut image = attest_image::backdoor::backdoor_initramfs(&busybox, &bash, &modules).unwrap();
     for applet in ["getty", "login", "setsid", "chown", "id", "whoami"] {
         image = image.symlink(&format!("bin/{applet}"), "busybox");
     }
@@ -76,4 +81,53 @@ fn a_guest_that_never_prompts_names_how_far_it_got() {
     assert!(err.contains("login: expected a login prompt"), "{err}");
     assert!(err.contains("never showed a login prompt: it got as far as the kernel or init"), "{err}");
     assert!(err.contains("booted, but no getty"), "the console's tail is shown: {err}");
+}
+
+fn condition(name: &str, kind: Kind, within: Option<u64>) -> Condition {
+    Condition { name: name.into(), kind, within: within.map(Duration::from_secs) }
+}
+
+#[test]
+fn conditions_are_all_checked_with_evidence_for_each_failure() {
+    let Some(machine) = guest("image", INIT) else { return };
+    let machine = machine.blank_disk(64, DiskFormat::Qcow2).login("alice", Some("secret"), false);
+    let driver = common::driver(vec![machine]).unwrap();
+    let m = driver.machine("image").unwrap();
+    let conditions = [
+        condition("users", Kind::File { path: "/etc/passwd".into(), matches: Some("(?m)^alice:".into()) }, None),
+        condition("blank disk", Kind::BlockDevice { path: "/dev/vda".into() }, Some(30)),
+        condition("disk on the wrong bus", Kind::BlockDevice { path: "/dev/sda".into() }, None),
+        condition("status tool", Kind::Command { command: "provision-status".into(), status: 0, output: None }, None),
+        condition("ready on the console", Kind::Console { regex: "serial-login-guest ready".into() }, None),
+        condition("written later", Kind::File { path: "/tmp/later".into(), matches: Some("later".into()) }, Some(60)),
+        condition("who", Kind::Command { command: "id -un".into(), status: 0, output: Some("^alice$".into()) }, None),
+    ];
+    let report = m.check_conditions(&conditions).unwrap();
+    let outcomes: Vec<(&str, Outcome)> = report.results.iter().map(|r| (r.name.as_str(), r.outcome)).collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("users", Outcome::Passed),
+            ("blank disk", Outcome::Passed),
+            ("disk on the wrong bus", Outcome::Failed),
+            ("status tool", Outcome::Failed),
+            ("ready on the console", Outcome::Passed),
+            ("written later", Outcome::Passed),
+            ("who", Outcome::Passed),
+        ],
+        "{}",
+        report.text()
+    );
+    assert!(!report.passed());
+    let wrong_bus = &report.results[2];
+    assert_eq!(wrong_bus.evidence.iter().map(|e| e.command.as_str()).collect::<Vec<_>>(), ["lsblk", "vgs", "lvs"]);
+    let missing = report.results[3].reason.as_deref().unwrap();
+    assert!(missing.contains("exited 127") && missing.contains("not found"), "{missing}");
+    let text = report.text();
+    assert!(text.contains("disk on the wrong bus") && text.contains("FAILED"), "{text}");
+    let json: serde_json::Value = serde_json::from_str(&report.json()).unwrap();
+    assert_eq!(json["results"][3]["outcome"], "failed");
+    let junit = driver.out_dir().join("conditions.xml");
+    report.write_junit(&junit).unwrap();
+    assert_eq!(common::junit_cases(&std::fs::read_to_string(junit).unwrap()).len(), 7);
 }

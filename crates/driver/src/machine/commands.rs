@@ -22,7 +22,16 @@ impl Machine {
     /// defaults to 900 s). Output is decoded as UTF-8 with invalid bytes replaced, as NixOS does.
     #[track_caller]
     pub fn execute(&self, command: &str, timeout: Option<Duration>) -> Result<(i32, String)> {
-        let (status, output) = self.run(Location::caller(), command, Some(timeout.unwrap_or(DEFAULT_TIMEOUT)))?;
+        self.execute_at(Location::caller(), command, timeout)
+    }
+
+    pub(crate) fn execute_at(
+        &self,
+        at: &'static Location<'static>,
+        command: &str,
+        timeout: Option<Duration>,
+    ) -> Result<(i32, String)> {
+        let (status, output) = self.run(at, command, Some(timeout.unwrap_or(DEFAULT_TIMEOUT)))?;
         Ok((status, String::from_utf8_lossy(&output).into_owned()))
     }
 

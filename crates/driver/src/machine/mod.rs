@@ -8,6 +8,7 @@
 //! a machine whose command or boot is in progress.
 
 mod commands;
+mod conditions;
 mod files;
 mod lifecycle;
 mod network;
@@ -158,6 +159,11 @@ impl Machine {
             // The first command connects instead.
             self.shared.log.info(Some(&self.name), &format!("could not connect in the background: {e}"));
         }
+    }
+
+    /// When the latest start (or reboot) happened.
+    pub(crate) fn started_at(&self) -> Option<Instant> {
+        *lock(&self.started)
     }
 
     fn is_running(&self) -> bool {

@@ -18,7 +18,16 @@ impl Machine {
     /// prompt, booting the machine if it is down.
     #[track_caller]
     pub fn login(&self, user: &str, password: Option<&str>, timeout: Option<Duration>) -> Result<()> {
-        let at = Location::caller();
+        self.login_at(Location::caller(), user, password, timeout)
+    }
+
+    pub(crate) fn login_at(
+        &self,
+        at: &'static Location<'static>,
+        user: &str,
+        password: Option<&str>,
+        timeout: Option<Duration>,
+    ) -> Result<()> {
         let timeout = timeout.unwrap_or(self.config.boot_timeout);
         self.shared.log.nested(Some(&self.name), &format!("logging in on the serial console as {user}"), || {
             let shell = self.serial_shell(at)?;
@@ -29,7 +38,15 @@ impl Machine {
     /// Becomes root on the serial console with `sudo -i` (typing `password` if sudo asks).
     #[track_caller]
     pub fn become_root(&self, password: Option<&str>, timeout: Option<Duration>) -> Result<()> {
-        let at = Location::caller();
+        self.become_root_at(Location::caller(), password, timeout)
+    }
+
+    pub(crate) fn become_root_at(
+        &self,
+        at: &'static Location<'static>,
+        password: Option<&str>,
+        timeout: Option<Duration>,
+    ) -> Result<()> {
         let timeout = timeout.unwrap_or(Duration::from_secs(60));
         self.shared.log.nested(Some(&self.name), "becoming root with sudo -i", || {
             let shell = self.serial_shell(at)?;
@@ -41,7 +58,15 @@ impl Machine {
     /// status and output (default timeout 900 s; a command still running then is interrupted).
     #[track_caller]
     pub fn serial_execute(&self, command: &str, timeout: Option<Duration>) -> Result<(i32, String)> {
-        let at = Location::caller();
+        self.serial_execute_at(Location::caller(), command, timeout)
+    }
+
+    pub(crate) fn serial_execute_at(
+        &self,
+        at: &'static Location<'static>,
+        command: &str,
+        timeout: Option<Duration>,
+    ) -> Result<(i32, String)> {
         let deadline = self.deadline_in(timeout.unwrap_or(DEFAULT_TIMEOUT));
         let shell = self.serial_shell(at)?;
         let (status, output) = shell.execute(command, deadline).map_err(|e| self.serial_failed(at, e))?;

@@ -1,0 +1,167 @@
+//! Checking a machine's conditions: through its backdoor shell, or through the serial console after
+//! logging in (and `sudo -i`) when its definition has a `login`. Each condition is checked until it
+//! holds or its time after the machine's start runs out; a failure gathers its evidence and the
+//! next condition is checked all the same. If the machine can no longer be reached, the rest are
+//! "not reached", and console conditions are still decided from the console's log.
+
+use std::panic::Location;
+use std::time::{Duration, Instant};
+
+use super::Machine;
+use crate::conditions::report::{ConditionResult, Evidence, Outcome, Report};
+use crate::conditions::{Condition, Kind};
+use crate::error::Result;
+
+/// Pause between two checks of a condition that does not hold yet (no guest event tells).
+const RECHECK: Duration = Duration::from_millis(250);
+/// How long one check or one evidence command may take.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Evidence output kept per command.
+const EVIDENCE_LIMIT: usize = 16 << 10;
+
+impl Machine {
+    /// Checks `conditions` in order, each until it holds or its `within` after the machine's start
+    /// has passed, and returns the verdicts; the machine is booted first if it is down.
+    #[track_caller]
+    pub fn check_conditions(&self, conditions: &[Condition]) -> Result<Report> {
+        let at = Location::caller();
+        self.shared.log.nested(Some(&self.name), &format!("checking {} conditions", conditions.len()), || {
+            self.start()?;
+            let started = self.started_at().unwrap_or_else(Instant::now);
+            let mut unreachable = self.reach_shell(at).err().map(|e| e.to_string());
+            let mut results = Vec::new();
+            for condition in conditions {
+                let deadline = started + condition.within.unwrap_or_default();
+                let result = match (&condition.kind, &unreachable) {
+                    (Kind::Console { regex }, _) => self.check_console(condition, regex, started, deadline),
+                    (_, Some(why)) => verdict(condition, Outcome::NotReached, started, Some(why.clone()), Vec::new()),
+                    _ => match self.check_in_guest(at, condition, started, deadline) {
+                        Ok(result) => result,
+                        Err(e) => {
+                            let why = format!("the machine could not be reached: {e}");
+                            unreachable = Some(why.clone());
+                            verdict(condition, Outcome::NotReached, started, Some(why), Vec::new())
+                        }
+                    },
+                };
+                let said = match result.outcome {
+                    Outcome::Passed => "holds",
+                    Outcome::Failed => "FAILED",
+                    Outcome::NotReached => "not reached",
+                };
+                self.log(&format!("condition {:?} {said} after {:.1} s", condition.name, result.after_seconds));
+                results.push(result);
+            }
+            Ok(Report { machine: self.name().to_string(), results })
+        })
+    }
+
+    /// Logs in on the serial console when the definition says so; a backdoor shell connects on
+    /// the first check.
+    fn reach_shell(&self, at: &'static Location<'static>) -> Result<()> {
+        let Some(login) = &self.config.login else { return Ok(()) };
+        self.login_at(at, &login.user, login.password.as_deref(), None)?;
+        if login.sudo {
+            self.become_root_at(at, login.password.as_deref(), None)?;
+        }
+        Ok(())
+    }
+
+    /// Runs a command the way this machine's conditions are checked: exit status and output
+    /// (stdout and stderr).
+    fn condition_command(&self, at: &'static Location<'static>, command: &str) -> Result<(i32, String)> {
+        let command = format!("{{ {command}\n}} 2>&1");
+        match self.config.login {
+            Some(_) => self.serial_execute_at(at, &command, Some(COMMAND_TIMEOUT)),
+            None => self.execute_at(at, &command, Some(COMMAND_TIMEOUT)),
+        }
+    }
+
+    fn check_in_guest(
+        &self,
+        at: &'static Location<'static>,
+        condition: &Condition,
+        started: Instant,
+        deadline: Instant,
+    ) -> Result<ConditionResult> {
+        let probe = condition.kind.probe().expect("a guest condition has a probe");
+        loop {
+            let (status, output) = self.condition_command(at, &probe)?;
+            if condition.kind.holds(status, &output) {
+                return Ok(verdict(condition, Outcome::Passed, started, None, Vec::new()));
+            }
+            if Instant::now() + RECHECK >= deadline {
+                let reason = format!(
+                    "expected {}, but `{probe}` exited {status}{}",
+                    condition.kind.describe(),
+                    if output.trim().is_empty() {
+                        String::new()
+                    } else {
+                        format!(" saying: {}", cut(&output).trim_end())
+                    }
+                );
+                let mut evidence = Vec::new();
+                for command in condition.kind.evidence() {
+                    let output = match self.condition_command(at, &command) {
+                        Ok((_, output)) => cut(&output),
+                        Err(e) => format!("(could not run: {e})"),
+                    };
+                    evidence.push(Evidence { command, output });
+                }
+                return Ok(verdict(condition, Outcome::Failed, started, Some(reason), evidence));
+            }
+            std::thread::sleep(RECHECK);
+        }
+    }
+
+    /// Console text is decided from everything the console printed since the machine started.
+    fn check_console(
+        &self,
+        condition: &Condition,
+        regex: &str,
+        started: Instant,
+        deadline: Instant,
+    ) -> ConditionResult {
+        let pattern = regex::Regex::new(regex).expect("checked when the test was read");
+        loop {
+            if pattern.is_match(&self.get_console_log()) {
+                return verdict(condition, Outcome::Passed, started, None, Vec::new());
+            }
+            if Instant::now() + RECHECK >= deadline || !self.is_running() {
+                let evidence = vec![Evidence {
+                    command: "(the console's last lines)".into(),
+                    output: self.console_tail().join("\n"),
+                }];
+                let reason = format!("expected {}, but it never did", condition.kind.describe());
+                return verdict(condition, Outcome::Failed, started, Some(reason), evidence);
+            }
+            std::thread::sleep(RECHECK);
+        }
+    }
+}
+
+fn verdict(
+    condition: &Condition,
+    outcome: Outcome,
+    started: Instant,
+    reason: Option<String>,
+    evidence: Vec<Evidence>,
+) -> ConditionResult {
+    ConditionResult {
+        name: condition.name.clone(),
+        expected: condition.kind.describe(),
+        outcome,
+        after_seconds: started.elapsed().as_secs_f64(),
+        reason,
+        evidence,
+    }
+}
+
+/// Long output cut to its end, where the news is.
+fn cut(output: &str) -> String {
+    if output.len() <= EVIDENCE_LIMIT {
+        return output.to_string();
+    }
+    let start = (output.len() - EVIDENCE_LIMIT..output.len()).find(|&i| output.is_char_boundary(i)).unwrap_or(0);
+    format!("(…{} bytes before)\n{}", start, &output[start..])
+}
