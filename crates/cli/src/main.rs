@@ -17,6 +17,7 @@ macro_rules! out {
     }};
 }
 
+mod conditions;
 mod doctor;
 mod exec;
 mod exit_code;

@@ -70,8 +70,17 @@ pub fn run(args: RunArgs) -> i32 {
         Ok(config) => config,
         Err(e) => return exit_code::setup_error(&e),
     };
-    let script = match script_of(&config, &args.test) {
-        Ok(script) => script,
+    let has_conditions = config.machines.iter().any(|m| !m.conditions.is_empty());
+    if has_conditions && !config.extra.contains_key("script") {
+        return match script_of(&config, &args.test, false) {
+            Ok(_) => {
+                crate::conditions::run(config, args.output_directory, args.script.keep_vm_state, args.script.junit_xml)
+            }
+            Err(e) => exit_code::setup_error(&e),
+        };
+    }
+    let script = match script_of(&config, &args.test, true) {
+        Ok(script) => script.expect("required"),
         Err(e) => return exit_code::setup_error(&e),
     };
     run_test(config, script, args.output_directory, args.script)
@@ -169,15 +178,21 @@ fn stubs(config: &TestConfig, dir: &Path) -> i32 {
     }
 }
 
-/// The `script` key of a TOML test, relative to the file; and no key attest does not know.
-fn script_of(config: &TestConfig, test: &Path) -> Result<PathBuf, String> {
+/// The `script` key of a TOML test, relative to the file (which a test without conditions must
+/// have); and no key attest does not know.
+fn script_of(config: &TestConfig, test: &Path, required: bool) -> Result<Option<PathBuf>, String> {
     let at = test.display();
     if let Some(key) = config.extra.keys().find(|k| k.as_str() != "script") {
         return Err(format!("{at}: unknown key `{key}` (expected machines, global_timeout, script, vlans, network)"));
     }
-    let script = config.extra.get("script").ok_or_else(|| format!("{at}: no `script = \"test.py\"`"))?;
+    let Some(script) = config.extra.get("script") else {
+        return match required {
+            true => Err(format!("{at}: no `script = \"test.py\"` and no machine with conditions: nothing to test")),
+            false => Ok(None),
+        };
+    };
     let script = script.as_str().ok_or_else(|| format!("{at}: `script` must be a path"))?;
-    Ok(test.parent().unwrap_or(Path::new(".")).join(script))
+    Ok(Some(test.parent().unwrap_or(Path::new(".")).join(script)))
 }
 
 /// NixOS HEAD's `--config` JSON: start scripts, VLANs, the global timeout and the script.

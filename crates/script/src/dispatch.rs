@@ -165,6 +165,10 @@ fn machine_call(m: &Machine, call: &str, a: &Args) -> Result<Value, CallError> {
             json!([status, output])
         }
         "serial_succeed" => json!(m.serial_succeed(a.str("command")?, a.secs("timeout")?)?),
+        "check_conditions" => {
+            let report = m.check_conditions(&m.config().conditions)?;
+            json!({ "report": report, "text": report.text(), "passed": report.passed() })
+        }
         "send_monitor_command" => json!(m.send_monitor_command(a.str("command")?)?),
         "next_qmp_event" => {
             let event = m.wait_for_qmp_event(|_| true, a.secs("timeout")?)?;

@@ -231,6 +231,15 @@ class Machine:
     def serial_succeed(self, command: str, timeout: Optional[float] = None) -> str:
         return self._call("serial_succeed", command=command, timeout=timeout)
 
+    def check_conditions(self, check: bool = True) -> Dict[str, Any]:
+        """Checks the conditions the machine's definition declares, all of them, and returns the
+        report (as `attest run` writes it in conditions.json); raises with the table and the
+        evidence when one does not hold, unless `check` is False."""
+        result = self._call("check_conditions")
+        if check and not result["passed"]:
+            raise RequestedAssertionFailed(f"{self.name}: conditions failed\n{result['text']}")
+        return result["report"]
+
     def send_monitor_command(self, command: str) -> str:
         return self._call("send_monitor_command", command=command)
 

@@ -1,0 +1,68 @@
+//! `attest run TEST.toml` for a test without a script whose machines declare conditions (a
+//! boot-image test): boot every machine, check each one's conditions in parallel, and report them
+//! as a table on stdout, `conditions.json` in the output directory, and JUnit when asked.
+
+use std::path::PathBuf;
+
+use attest_driver::conditions::Report;
+use attest_driver::{Driver, DriverOptions, TestConfig};
+
+use crate::exit_code;
+
+/// Exit 0 when every condition held, 1 when one did not, 2 when the test could not run.
+pub fn run(config: TestConfig, out_dir: Option<PathBuf>, keep_vm_state: bool, junit_xml: Option<PathBuf>) -> i32 {
+    let options = DriverOptions { keep_vm_state, out_dir, ..Default::default() };
+    let driver = match Driver::new(config, options) {
+        Ok(driver) => driver,
+        Err(e) => return exit_code::setup_error(&e),
+    };
+    if let Err(e) = driver.start_all() {
+        return exit_code::setup_error(&e);
+    }
+    let machines: Vec<_> = driver.machines().into_iter().filter(|m| !m.config().conditions.is_empty()).collect();
+    let reports: Vec<Result<Report, String>> = std::thread::scope(|scope| {
+        let checks: Vec<_> = machines
+            .iter()
+            .map(|m| scope.spawn(|| m.check_conditions(&m.config().conditions).map_err(|e| e.to_string())))
+            .collect();
+        checks.into_iter().map(|check| check.join().unwrap_or_else(|_| Err("the check panicked".into()))).collect()
+    });
+    let mut passed = true;
+    let mut done = Vec::new();
+    for (machine, report) in machines.iter().zip(reports) {
+        match report {
+            Ok(report) => {
+                println!("{}: conditions\n{}", machine.name(), report.text());
+                passed &= report.passed();
+                done.push(report);
+            }
+            Err(e) => {
+                println!("{}: the conditions could not be checked: {e}", machine.name());
+                passed = false;
+            }
+        }
+    }
+    let json = driver.out_dir().join("conditions.json");
+    let text = serde_json::to_string_pretty(&done).expect("reports serialize");
+    if let Err(e) = std::fs::write(&json, text) {
+        return exit_code::setup_error(&format!("writing {}: {e}", json.display()));
+    }
+    if let Some(path) = junit_xml {
+        // One case per condition, named after its machine too.
+        let results = done.iter().flat_map(|r| {
+            r.results.iter().map(|c| attest_driver::conditions::ConditionResult {
+                name: format!("{}: {}", r.machine, c.name),
+                ..c.clone()
+            })
+        });
+        let merged = Report { machine: "all".into(), results: results.collect() };
+        if let Err(e) = merged.write_junit(&path) {
+            return exit_code::setup_error(&format!("writing {}: {e}", path.display()));
+        }
+    }
+    if passed {
+        0
+    } else {
+        1
+    }
+}
