@@ -14,6 +14,11 @@
 //! qemu_args = ["-device", "virtio-balloon"]
 //! blank_disks = [{ size = "2G", format = "qcow2" }]
 //! vlans = [1, 2]                 # default: [1] if the test has VLAN 1, as NixOS
+//!
+//! [machines.installer]
+//! iso = "installer.iso"          # firmware = "uefi" for OVMF; default SeaBIOS
+//! login = { user = "tester", password = "tester", sudo = true }   # a shell on the serial console
+//! [[machines.installer.conditions]]                               # see `conditions`
 //! ```
 
 use std::collections::BTreeMap;
@@ -101,8 +106,19 @@ pub struct MachineConfig {
     pub vlans: Option<Vec<u32>>,
     /// How to reach a shell on a guest without a backdoor: logging in on the serial console.
     pub login: Option<Login>,
+    /// The firmware of a machine booting from a disk or an ISO.
+    pub firmware: FirmwareKind,
     /// What the guest must have set up, checked by [`Machine::check_conditions`](crate::Machine).
     pub conditions: Vec<Condition>,
+}
+
+/// BIOS (SeaBIOS) or UEFI (OVMF).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FirmwareKind {
+    #[default]
+    Bios,
+    Uefi,
 }
 
 /// A serial-console login: the user, its password, and whether to `sudo -i` afterwards (with the
@@ -130,6 +146,7 @@ impl MachineConfig {
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
             vlans: None,
             login: None,
+            firmware: FirmwareKind::Bios,
             conditions: Vec::new(),
         }
     }
@@ -218,6 +235,11 @@ impl MachineConfig {
 
     pub fn login(mut self, user: &str, password: Option<&str>, sudo: bool) -> Self {
         self.login = Some(Login { user: user.into(), password: password.map(Into::into), sudo });
+        self
+    }
+
+    pub fn firmware(mut self, firmware: FirmwareKind) -> Self {
+        self.firmware = firmware;
         self
     }
 
@@ -333,6 +355,7 @@ struct RawMachine {
     boot_timeout: Option<u64>,
     vlans: Option<Vec<u32>>,
     login: Option<Login>,
+    firmware: Option<FirmwareKind>,
     #[serde(default)]
     conditions: Vec<RawCondition>,
 }
@@ -446,6 +469,9 @@ impl RawMachine {
                 "machine {name}: a start script joins the VLANs it was built with; drop `vlans` (the test's `vlans` starts their switches)"
             ));
         }
+        if self.firmware.is_some() && !matches!(boot, BootConfig::Disk(_) | BootConfig::Iso(_)) {
+            return Err(format!("machine {name}: `firmware` is for machines booting a disk or an ISO"));
+        }
         if !matches!(boot, BootConfig::StartScript { .. }) && script_only {
             return Err(format!(
                 "machine {name}: qemu_opts and kernel_params are for start scripts; use qemu_args or cmdline"
@@ -474,6 +500,7 @@ impl RawMachine {
             boot_timeout: self.boot_timeout.map(Duration::from_secs).unwrap_or(DEFAULT_BOOT_TIMEOUT),
             vlans: self.vlans,
             login: self.login,
+            firmware: self.firmware.unwrap_or_default(),
             conditions,
             ..defaults
         })
@@ -545,6 +572,7 @@ boot_timeout = 90
             r#"
 [machines.installer]
 iso = "installer.iso"
+firmware = "uefi"
 login = { user = "tester", password = "pw", sudo = true }
 [[machines.installer.conditions]]
 name = "provisioned"
@@ -568,6 +596,8 @@ logical_volume = "main/slash"
             ]
         );
         assert_eq!(machine.conditions[0].within, Some(Duration::from_secs(300)));
+        assert_eq!(machine.firmware, FirmwareKind::Uefi);
+        assert!(error("[machines.a]\nimage = \"minimal\"\nfirmware = \"uefi\"\n").contains("`firmware` is for machines"));
         let bad = |condition: &str| {
             error(&format!("[machines.a]\nimage = \"minimal\"\n[[machines.a.conditions]]\n{condition}"))
         };

@@ -24,7 +24,7 @@ pub mod machine;
 mod prepare;
 pub mod serial;
 
-pub use config::{BackendKind, BootConfig, BuiltinImage, MachineConfig, NetworkMode, TestConfig};
+pub use config::{BackendKind, BootConfig, BuiltinImage, FirmwareKind, Login, MachineConfig, NetworkMode, TestConfig};
 pub use driver::{Driver, DriverOptions};
 pub use error::{DriverError, Failure, Result};
 pub use log::Log;

@@ -8,12 +8,13 @@ use std::path::{Path, PathBuf};
 use attest_image::backdoor::{backdoor_initramfs, find_static_bash};
 use attest_machine::network::user_mode;
 use attest_machine::{
-    disk, Accel, Backend, Boot, Disk, DiskFormat, GuestChannel, MachineDir, MachineSpec, Media, StartScript,
+    disk, Accel, Backend, Boot, Disk, DiskFormat, Firmware, GuestChannel, MachineDir, MachineSpec, Media, StartScript,
+    Uefi,
 };
 use attest_network::guest::{configure_script, GuestNic};
 use attest_network::Networks;
 
-use crate::config::{BootConfig, BuiltinImage, MachineConfig};
+use crate::config::{BootConfig, BuiltinImage, FirmwareKind, MachineConfig};
 use crate::error::{DriverError, Result};
 use crate::log::Log;
 use crate::machine::MachineNetwork;
@@ -53,9 +54,12 @@ pub fn spec(config: &MachineConfig, cx: &Context, dir: &MachineDir) -> Result<Ma
             }
             Boot::kernel(kernel, initrd.clone(), cmdline)
         }
-        BootConfig::Disk(_) | BootConfig::Iso(_) => Boot::Firmware,
+        BootConfig::Disk(_) | BootConfig::Iso(_) => Boot::Firmware(match config.firmware {
+            FirmwareKind::Bios => Firmware::Bios,
+            FirmwareKind::Uefi => Firmware::Uefi(Uefi::find()?),
+        }),
         // Filled in below, once the devices (and so the drivers the initramfs loads) are known.
-        BootConfig::Image(_) => Boot::Firmware,
+        BootConfig::Image(_) => Boot::Firmware(Firmware::Bios),
     };
     let mut spec = MachineSpec {
         memory_mib: config.memory_mib,

@@ -28,7 +28,7 @@ pub use error::MachineError;
 pub use events::{EventSink, MachineEvent, MachineEventSink, VmEvent};
 pub use machine::Machine;
 pub use network::{NetBackend, Nic};
-pub use spec::{Boot, GuestChannel, KernelBoot, MachineSpec, Share, ShareFs, StartScript};
+pub use spec::{Boot, Firmware, GuestChannel, KernelBoot, MachineSpec, Share, ShareFs, StartScript, Uefi};
 pub use state_dir::{MachineDir, StateDir};
 pub use transport::Transport;
 pub use vm::Vm;

@@ -65,10 +65,47 @@ pub enum Boot {
     /// The VMM loads a kernel (and initrd) itself.
     Kernel(KernelBoot),
     /// Firmware boots from the machine's disks or cdrom.
-    Firmware,
+    Firmware(Firmware),
     /// A NixOS `run-<name>-vm` script, which sets up the machine and execs QEMU with the arguments
     /// attest appends. QEMU only.
     StartScript(StartScript),
+}
+
+/// The firmware of a machine that boots from its disks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Firmware {
+    /// SeaBIOS, QEMU's default.
+    #[default]
+    Bios,
+    Uefi(Uefi),
+}
+
+/// OVMF's code (read-only) and the template of its variable store (each machine writes a copy).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uefi {
+    pub code: PathBuf,
+    pub vars_template: PathBuf,
+}
+
+impl Uefi {
+    /// `$ATTEST_OVMF_CODE` and `$ATTEST_OVMF_VARS`, else Debian's `ovmf` (4 MiB flash images).
+    pub fn find() -> Result<Uefi, crate::MachineError> {
+        let path =
+            |var: &str, default: &str| std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| default.into());
+        let uefi = Uefi {
+            code: path("ATTEST_OVMF_CODE", "/usr/share/OVMF/OVMF_CODE_4M.fd"),
+            vars_template: path("ATTEST_OVMF_VARS", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
+        };
+        let missing = [&uefi.code, &uefi.vars_template].into_iter().find(|p| !p.is_file()).cloned();
+        match missing {
+            None => Ok(uefi),
+            Some(missing) => Err(crate::MachineError::MissingHelper {
+                program: "OVMF",
+                purpose: format!("to boot with UEFI ({} is missing)", missing.display()),
+                fix: "install Debian's ovmf (scripts/setup does), or set ATTEST_OVMF_CODE and ATTEST_OVMF_VARS",
+            }),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

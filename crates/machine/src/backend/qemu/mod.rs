@@ -16,7 +16,7 @@ use crate::accel::Accel;
 use crate::disk::{DiskBus, Media};
 use crate::events::EventSink;
 use crate::network::{mac_text, NetBackend};
-use crate::spec::{Boot, GuestChannel, MachineSpec, ShareFs, StartScript};
+use crate::spec::{Boot, Firmware, GuestChannel, MachineSpec, ShareFs, StartScript};
 use crate::state_dir::MachineDir;
 use crate::transport::{ListeningSocket, Transport};
 use crate::{vhost_vsock, virtiofsd};
@@ -123,6 +123,16 @@ impl Backend for Qemu {
             if let Some(initrd) = &boot.initrd {
                 push(&["-initrd", path_str(initrd)?]);
             }
+        }
+        if let Boot::Firmware(Firmware::Uefi(uefi)) = &spec.boot {
+            // The variable store is the machine's own, kept across its starts as a real one is.
+            let vars = dir.path().join("uefi-vars.fd");
+            if !vars.exists() {
+                std::fs::copy(&uefi.vars_template, &vars)
+                    .map_err(MachineError::io(format!("copying {}", uefi.vars_template.display())))?;
+            }
+            push(&["-drive", &format!("if=pflash,format=raw,unit=0,readonly=on,file={}", option_path(&uefi.code)?)]);
+            push(&["-drive", &format!("if=pflash,format=raw,unit=1,file={}", option_path(&vars)?)]);
         }
         if !spec.allow_reboot {
             push(&["-no-reboot"]);
@@ -244,7 +254,7 @@ fn push_disks(push: &mut impl FnMut(&[&str]), spec: &MachineSpec) -> Result<()> 
     if spec.disks.iter().any(|d| d.bus == DiskBus::Scsi) {
         push(&["-device", "virtio-scsi-pci,id=scsi"]);
     }
-    let firmware_boot = spec.boot == Boot::Firmware;
+    let firmware_boot = matches!(spec.boot, Boot::Firmware(_));
     for (index, disk) in spec.disks.iter().enumerate() {
         let id = format!("disk{index}");
         let mut drive = format!("file={},format={},if=none,id={id}", option_path(&disk.path)?, disk.format.name());
