@@ -1,10 +1,12 @@
 //! Guest images for attest: finding a kernel, resolving the driver modules it needs, and building the
-//! initramfs that carries attest's static guest init into the VM, and guest images (a Debian systemd
-//! guest) for system tests.
+//! initramfs that carries attest's static guest init into the VM, guest images (a Debian systemd
+//! guest) for system tests, and bootable ISOs (checked without mounting, or built with GRUB) for
+//! boot-image tests.
 
 pub mod backdoor;
 pub mod debian;
 pub mod initramfs;
+pub mod iso;
 pub mod kernel;
 pub mod modules;
 pub mod vmlinux;
@@ -37,6 +39,29 @@ pub enum ImageError {
     NoStaticBash { path: PathBuf },
     #[error("building the Debian guest image: {step} {what}; full log: {}\n{tail}", log.display())]
     GuestBuild { step: String, what: String, log: PathBuf, tail: String },
+    #[error("ISO image {} does not exist: check the path (relative paths start at the working directory)", path.display())]
+    IsoMissing { path: PathBuf },
+    #[error(
+        "ISO image {} is {what}, not a regular file: give the .iso file itself (join a multi-part ISO into \
+         one file first, e.g. `cat part1 part2 > image.iso`)", path.display()
+    )]
+    IsoNotAFile { path: PathBuf, what: &'static str },
+    #[error(
+        "{}: no CD001 volume descriptor at sector 16: not an ISO 9660 image, or a corrupt one ({why}); give \
+         the .iso itself (not a compressed .iso.xz or a disk image), or download it again", path.display()
+    )]
+    NotIso9660 { path: PathBuf, why: String },
+    #[error(
+        "{}: not bootable from a CD: no El Torito boot catalog; use the distribution's installer or live ISO, \
+         or rebuild it with boot images (grub-mkrescue, or xorriso -as mkisofs -b ... -e ...)", path.display()
+    )]
+    IsoNotBootable { path: PathBuf },
+    #[error("{}: truncated or corrupt ISO: {why}; download or build it again (compare its size and checksum)", path.display())]
+    CorruptIso { path: PathBuf, why: String },
+    #[error("building a bootable ISO needs {missing}: install Debian's {packages} (scripts/setup does)")]
+    IsoTool { missing: String, packages: &'static str },
+    #[error("grub-mkrescue {what} building {}:\n{stderr}", output.display())]
+    IsoBuild { what: String, output: PathBuf, stderr: String },
 }
 
 impl ImageError {
