@@ -597,7 +597,9 @@ logical_volume = "main/slash"
         );
         assert_eq!(machine.conditions[0].within, Some(Duration::from_secs(300)));
         assert_eq!(machine.firmware, FirmwareKind::Uefi);
-        assert!(error("[machines.a]\nimage = \"minimal\"\nfirmware = \"uefi\"\n").contains("`firmware` is for machines"));
+        assert!(
+            error("[machines.a]\nimage = \"minimal\"\nfirmware = \"uefi\"\n").contains("`firmware` is for machines")
+        );
         let bad = |condition: &str| {
             error(&format!("[machines.a]\nimage = \"minimal\"\n[[machines.a.conditions]]\n{condition}"))
         };
