@@ -2,15 +2,14 @@
 //! so a missing piece is found before a long run rather than by its timeout.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
+use crate::checks::{check_device, check_disk, check_memory, check_qemu, check_tool, fail, ok, warn, Check, APT};
 use attest_image::{ImageError, Kernel};
 use attest_machine::backend::qemu::kvm_probe;
 use attest_machine::network::user_mode;
 use attest_machine::{share_fs, state_dir, vhost_vsock, Backend, Boot, GuestChannel, MachineSpec};
 use attest_machine::{virtiofsd, Qemu, ShareFs};
 use attest_protocol::AGENT_PORT;
-use serde::Serialize;
 
 #[derive(clap::Args)]
 pub struct DoctorArgs {
@@ -20,43 +19,6 @@ pub struct DoctorArgs {
     /// Print the checks as JSON (status, name, detail, fix, and the path found, if any).
     #[arg(long)]
     pub json: bool,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-enum Status {
-    Ok,
-    Warn,
-    Fail,
-}
-
-#[derive(Serialize)]
-struct Check {
-    status: Status,
-    name: &'static str,
-    detail: String,
-    fix: Option<String>,
-    /// The file this check found (the kernel, QEMU, busybox), for scripts.
-    path: Option<PathBuf>,
-}
-
-impl Check {
-    fn at(mut self, path: &Path) -> Check {
-        self.path = Some(path.to_path_buf());
-        self
-    }
-}
-
-fn ok(name: &'static str, detail: impl Into<String>) -> Check {
-    Check { status: Status::Ok, name, detail: detail.into(), fix: None, path: None }
-}
-
-fn warn(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
-    Check { status: Status::Warn, name, detail: detail.into(), fix: Some(fix.into()), path: None }
-}
-
-fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
-    Check { status: Status::Fail, name, detail: detail.into(), fix: Some(fix.into()), path: None }
 }
 
 /// The guest drivers an `attest exec` machine needs, and those that machines with more devices (a
@@ -77,8 +39,6 @@ fn driver_sets(qemu: &Qemu, kernel: &Kernel) -> (Vec<&'static str>, Vec<&'static
     }
     (required, devices)
 }
-
-const APT: &str = "apt-get install --no-install-recommends";
 
 pub fn run(args: DoctorArgs) -> i32 {
     let cache = attest_image::cache_dir();
@@ -128,45 +88,7 @@ pub fn run(args: DoctorArgs) -> i32 {
     checks.push(check_memory());
     checks.push(check_socket_paths());
 
-    let failed = checks.iter().filter(|c| c.status == Status::Fail).count();
-    if args.json {
-        match serde_json::to_string_pretty(&checks) {
-            Ok(json) => out!("{json}"),
-            Err(err) => return crate::exit_code::setup_error(&err),
-        }
-        return i32::from(failed > 0);
-    }
-    for check in &checks {
-        let label = match check.status {
-            Status::Ok => "ok  ",
-            Status::Warn => "warn",
-            Status::Fail => "FAIL",
-        };
-        out!("{label}  {:<12} {}", check.name, check.detail);
-        if let Some(fix) = &check.fix {
-            out!("      {:<12} fix: {fix}", "");
-        }
-    }
-    let warned = checks.iter().filter(|c| c.status == Status::Warn).count();
-    out!("{} checks: {} ok, {warned} warnings, {failed} failed", checks.len(), checks.len() - warned - failed);
-    i32::from(failed > 0)
-}
-
-fn check_qemu(qemu: Option<&Path>) -> Check {
-    let fix = format!("{APT} qemu-system-x86 (or set ATTEST_QEMU)");
-    let Some(qemu) = qemu else { return fail("qemu", "qemu-system-x86_64 not found on PATH", fix) };
-    match Command::new(qemu).arg("--version").output() {
-        Ok(out) if out.status.success() => {
-            let version = String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").to_string();
-            ok("qemu", format!("{version} ({})", qemu.display())).at(qemu)
-        }
-        Ok(out) => fail(
-            "qemu",
-            format!("{} --version failed: {}", qemu.display(), String::from_utf8_lossy(&out.stderr).trim()),
-            fix,
-        ),
-        Err(err) => fail("qemu", format!("cannot run {}: {err}", qemu.display()), fix),
-    }
+    crate::checks::report(&checks, args.json)
 }
 
 fn check_kernel(flag: Option<&Path>, cache: &Path, qemu: &Qemu) -> Vec<Check> {
@@ -243,57 +165,6 @@ fn check_kernel(flag: Option<&Path>, cache: &Path, qemu: &Qemu) -> Vec<Check> {
         Err(err) => fail("file sharing", err.to_string(), "cargo install virtiofsd, or use a kernel with 9p"),
     });
     checks
-}
-
-fn check_device(path: &str, name: &'static str, why: &str, fix: &str) -> Check {
-    match std::fs::OpenOptions::new().read(true).write(true).open(path) {
-        Ok(_) => ok(name, format!("{path} usable")),
-        Err(err) => warn(name, format!("{path}: {err}; {why}"), fix),
-    }
-}
-
-fn check_tool(program: &'static str, why: &str, package: &str) -> Check {
-    match which::which(program) {
-        Ok(path) => ok(program, path.display().to_string()),
-        Err(_) => warn(program, format!("not found; {why}"), format!("{APT} {package}")),
-    }
-}
-
-fn check_disk(cache: &Path) -> Check {
-    let mut lowest: Option<(u64, PathBuf)> = None;
-    for dir in [state_dir::base_dir().ok(), Some(cache.to_path_buf())].into_iter().flatten() {
-        let probe = dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/")).to_path_buf();
-        if let Ok(stat) = nix::sys::statvfs::statvfs(&probe) {
-            let free = stat.blocks_available() * stat.fragment_size();
-            if lowest.as_ref().is_none_or(|(f, _)| free < *f) {
-                lowest = Some((free, probe));
-            }
-        }
-    }
-    let Some((free, dir)) = lowest else { return warn("disk", "could not read free space", "check df -h") };
-    let mib = free / (1 << 20);
-    let detail = format!("{mib} MiB free at {}", dir.display());
-    match mib {
-        0..=99 => fail("disk", detail, "free space: the initramfs cache and console logs need some 100 MiB"),
-        100..=1023 => warn("disk", detail, "free at least 1 GiB for kernels and images"),
-        _ => ok("disk", detail),
-    }
-}
-
-fn check_memory() -> Check {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let available_kib: u64 = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
-    let mib = available_kib / 1024;
-    let detail = format!("{mib} MiB available (a default guest takes 512 MiB)");
-    match mib {
-        0..=639 => fail("memory", detail, "free memory or pass a smaller --memory"),
-        640..=2047 => warn("memory", detail, "several machines at once need more"),
-        _ => ok("memory", detail),
-    }
 }
 
 fn check_socket_paths() -> Check {

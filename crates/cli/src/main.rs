@@ -17,11 +17,13 @@ macro_rules! out {
     }};
 }
 
+mod checks;
 mod conditions;
 mod doctor;
 mod exec;
 mod exit_code;
 mod image;
+mod preflight;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -51,6 +53,8 @@ enum Command {
     Driver(run::DriverArgs),
     /// Check every prerequisite and say how to fix what is missing.
     Doctor(doctor::DoctorArgs),
+    /// Check a test before booting it (host, devices, firmware, ISOs, declarations), in a second.
+    Preflight(preflight::PreflightArgs),
     /// Build guest images for system tests (cached) and print their paths.
     Image(image::ImageArgs),
     /// Print the path of the benchmark floor initramfs (busybox init that powers off at once).
@@ -66,6 +70,7 @@ fn main() {
         Command::Run(args) => run::run(args),
         Command::Driver(args) => run::driver(args),
         Command::Doctor(args) => doctor::run(args),
+        Command::Preflight(args) => preflight::run(args),
         Command::Image(args) => image::run(args),
         Command::BenchFloorInitramfs => bench_floor_initramfs(),
     };

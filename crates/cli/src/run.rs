@@ -70,6 +70,9 @@ pub fn run(args: RunArgs) -> i32 {
         Ok(config) => config,
         Err(e) => return exit_code::setup_error(&e),
     };
+    if let Err(code) = crate::preflight::gate(&config) {
+        return code;
+    }
     let has_conditions = config.machines.iter().any(|m| !m.conditions.is_empty());
     if has_conditions && !config.extra.contains_key("script") {
         return match script_of(&config, &args.test, false) {

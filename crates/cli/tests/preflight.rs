@@ -1,0 +1,94 @@
+//! `attest preflight`, and `attest run` doing it first: a test whose ISO lacks the serial console
+//! on its kernel command line (or is no ISO at all, or is missing) fails in about a second, naming
+//! the file inside the ISO and the line, and nothing boots.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{attest_bin, run_command, Run};
+
+/// A hybrid ISO of the Debian kernel and the minimal guest, with `cmdline`; `None` when this host
+/// cannot build one.
+fn iso(cmdline: &str) -> Option<PathBuf> {
+    let cache = attest_image::cache_dir();
+    let (Ok(kernel), Ok(busybox), Ok(bash), Ok(_)) = (
+        attest_image::kernel::locate(None, &cache),
+        attest_image::find_busybox(),
+        attest_image::backdoor::find_static_bash(),
+        which::which("grub-mkrescue"),
+    ) else {
+        eprintln!("SKIP: the kernel, busybox, bash-static or grub-mkrescue is missing (scripts/setup)");
+        return None;
+    };
+    let initrd = attest_image::backdoor::backdoor_initramfs(&busybox, &bash, &[])
+        .unwrap()
+        .write_cached(&cache.join("initramfs"))
+        .unwrap();
+    let iso =
+        attest_image::iso::GrubIso { kernel: kernel.path, initrd, cmdline: cmdline.into(), title: "rescue".into() };
+    Some(iso.build_cached(&cache).unwrap())
+}
+
+fn test_with(dir: &Path, iso: &Path) -> PathBuf {
+    let test = dir.join("test.toml");
+    let toml = format!(
+        "[machines.installer]\niso = \"{}\"\nblank_disks = [{{ size = \"8G\" }}]\n\
+         login = {{ user = \"root\" }}\n[[machines.installer.conditions]]\nname = \"up\"\nconsole = \"login:\"\n",
+        iso.display()
+    );
+    std::fs::write(&test, toml).unwrap();
+    test
+}
+
+fn attest(args: &[&str], test: &Path) -> Run {
+    run_command(Command::new(attest_bin()).args(args).arg(test).stdin(Stdio::null()))
+}
+
+#[test]
+fn an_iso_without_the_serial_console_fails_preflight_in_a_second_without_booting() {
+    let Some(quiet) = iso("quiet panic=-1 rdinit=/init") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let test = test_with(dir.path(), &quiet);
+
+    let preflight = attest(&["preflight"], &test);
+    let stdout = String::from_utf8_lossy(&preflight.stdout);
+    assert_eq!(preflight.code, 1, "{stdout}");
+    assert!(
+        stdout.contains(
+            "FAIL  iso console  installer: no console=ttyS0 on the kernel command line in /boot/grub/grub.cfg line"
+        ),
+        "{stdout}"
+    );
+    assert!(stdout.contains("add console=ttyS0,115200 to those lines"), "{stdout}");
+    assert!(preflight.elapsed < Duration::from_secs(2), "{:?}", preflight.elapsed);
+
+    let run = attest(&["run"], &test);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.stderr.contains("preflight FAIL: iso console"), "{}", run.stderr);
+    assert!(!run.stderr.contains("starting vm"), "nothing boots: {}", run.stderr);
+    assert!(run.elapsed < Duration::from_secs(2), "{:?}", run.elapsed);
+
+    let Some(good) = iso("console=ttyS0 panic=-1 rdinit=/init") else { return };
+    let preflight = attest(&["preflight"], &test_with(dir.path(), &good));
+    let stdout = String::from_utf8_lossy(&preflight.stdout);
+    assert!(stdout.contains("ok    iso console  installer: every boot entry has console=ttyS0"), "{stdout}");
+}
+
+#[test]
+fn a_missing_or_corrupt_iso_fails_preflight_with_its_reason() {
+    if attest_machine::Qemu::find_binary().is_none() {
+        return eprintln!("SKIP: QEMU is missing");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let missing = attest(&["preflight"], &test_with(dir.path(), &dir.path().join("nowhere.iso")));
+    assert_eq!(missing.code, 1);
+    assert!(String::from_utf8_lossy(&missing.stdout).contains("FAIL  iso"), "{missing:?}");
+    let corrupt = dir.path().join("corrupt.iso");
+    std::fs::write(&corrupt, vec![0x5a; 1 << 20]).unwrap();
+    let run = attest(&["preflight"], &test_with(dir.path(), &corrupt));
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(stdout.contains("not an ISO 9660 image"), "{stdout}");
+}
