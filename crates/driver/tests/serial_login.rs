@@ -120,7 +120,9 @@ fn conditions_are_all_checked_with_evidence_for_each_failure() {
     );
     assert!(!report.passed());
     let wrong_bus = &report.results[2];
-    assert_eq!(wrong_bus.evidence.iter().map(|e| e.command.as_str()).collect::<Vec<_>>(), ["lsblk", "vgs", "lvs"]);
+    let evidence: Vec<&str> = wrong_bus.evidence.iter().map(|e| e.command.as_str()).collect();
+    assert_eq!(evidence, ["lsblk", "vgs", "lvs", "(screenshot)"]);
+    assert!(image::open(&wrong_bus.evidence[3].output).is_ok(), "a PNG of the screen");
     let missing = report.results[3].reason.as_deref().unwrap();
     assert!(missing.contains("exited 127") && missing.contains("not found"), "{missing}");
     let text = report.text();

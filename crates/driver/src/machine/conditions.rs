@@ -108,10 +108,19 @@ impl Machine {
                     };
                     evidence.push(Evidence { command, output });
                 }
+                evidence.extend(self.failure_screenshot(condition));
                 return Ok(verdict(condition, Outcome::Failed, started, Some(reason), evidence));
             }
             std::thread::sleep(RECHECK);
         }
+    }
+
+    /// The screen when a condition failed, in the output directory (a login prompt, an installer
+    /// dialog or a kernel message on tty0 often says what the serial console does not).
+    fn failure_screenshot(&self, condition: &Condition) -> Option<Evidence> {
+        let slug: String = condition.name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+        let path = self.screenshot(&format!("{}-failed-{slug}", self.name)).ok()?;
+        Some(Evidence { command: "(screenshot)".into(), output: path.display().to_string() })
     }
 
     /// Console text is decided from everything the console printed since the machine started.
