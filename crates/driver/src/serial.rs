@@ -61,18 +61,33 @@ pub struct SerialShell {
     /// The last login was refused: login(1) prints its own prompt again, and an empty line typed
     /// at that prompt would be taken as an empty user name (which gets a password prompt).
     refused: AtomicBool,
+    /// Who logged in, once a login succeeded; then whether `sudo -i` made the shell root. Logging
+    /// in or becoming root again is then a no-op (so conditions can be checked after a login).
+    logged_in: std::sync::Mutex<Option<String>>,
+    root: AtomicBool,
 }
 
 impl SerialShell {
     pub fn new(console: Console) -> SerialShell {
         static SHELLS: AtomicU64 = AtomicU64::new(0);
         let nonce = u64::from(std::process::id()) << 20 | SHELLS.fetch_add(1, Ordering::SeqCst);
-        SerialShell { console, nonce, sent: AtomicU64::new(0), refused: AtomicBool::new(false) }
+        SerialShell {
+            console,
+            nonce,
+            sent: AtomicU64::new(0),
+            refused: AtomicBool::new(false),
+            logged_in: Default::default(),
+            root: AtomicBool::new(false),
+        }
     }
 
     /// Logs in as `user` at the console's getty, with `password` if one is asked for; a shell
     /// prompt that appears instead of `login:` is an autologin, accepted if it is `user`'s.
+    /// A shell `user` logged into already (perhaps root through sudo since) is kept.
     pub fn login(&self, user: &str, password: Option<&str>, deadline: Instant) -> Result<(), SerialError> {
+        if self.logged_in.lock().unwrap_or_else(|e| e.into_inner()).as_deref() == Some(user) {
+            return Ok(());
+        }
         // A getty reprints its prompt on an empty line; a shell prints a new prompt. After a refusal
         // the prompt is on its way already.
         if !self.refused.swap(false, Ordering::SeqCst) {
@@ -110,11 +125,15 @@ impl SerialShell {
                 format!("expected a shell of {user}, but it is {}'s (an autologin?)", who.trim()),
             );
         }
+        *self.logged_in.lock().unwrap_or_else(|e| e.into_inner()) = Some(user.to_string());
         Ok(())
     }
 
     /// Becomes root with `sudo -i`, typing `password` if sudo asks for one.
     pub fn become_root(&self, password: Option<&str>, deadline: Instant) -> Result<(), SerialError> {
+        if self.root.load(Ordering::SeqCst) {
+            return Ok(());
+        }
         self.type_line("sudo -i")?;
         let pattern =
             format!(r"(?m)(\[sudo\] password for [^:]*: ?\r?$|Password: ?\r?$|{PROMPT}|not in the sudoers file.*$)");
@@ -137,7 +156,10 @@ impl SerialShell {
         // A new login shell: tell it again.
         self.setup(deadline)?;
         match self.succeed("id -u", deadline)?.trim() {
-            "0" => Ok(()),
+            "0" => {
+                self.root.store(true, Ordering::SeqCst);
+                Ok(())
+            }
             uid => fail(Step::Sudo, format!("expected root after sudo -i, but the shell runs as uid {uid}")),
         }
     }
