@@ -1,6 +1,7 @@
 //! `attest preflight`, and `attest run` doing it first: a test whose ISO lacks the serial console
 //! on its kernel command line (or is no ISO at all, or is missing) fails in about a second, naming
-//! the file inside the ISO and the line, and nothing boots.
+//! the file inside the ISO and the line, and nothing boots; the test installer's variant without
+//! the serial console too, its good variant passing.
 
 mod common;
 
@@ -91,4 +92,40 @@ fn a_missing_or_corrupt_iso_fails_preflight_with_its_reason() {
     let run = attest(&["preflight"], &test_with(dir.path(), &corrupt));
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(stdout.contains("not an ISO 9660 image"), "{stdout}");
+}
+
+/// The test installer ISO of `variant` (a Debian root in its initrd; cached after its first build).
+fn installer_iso(variant: attest_image::installer::Variant) -> Option<PathBuf> {
+    let cache = attest_image::cache_dir();
+    let (Ok(kernel), Ok(_), Ok(_), Ok(_)) = (
+        attest_image::kernel::locate(None, &cache),
+        which::which("debootstrap"),
+        which::which("cpio"),
+        which::which("grub-mkrescue"),
+    ) else {
+        eprintln!("SKIP: the kernel, debootstrap, cpio or grub-mkrescue is missing (scripts/setup)");
+        return None;
+    };
+    let mut progress = |line: &str| eprintln!("{line}");
+    Some(attest_image::installer::ensure(&cache, &kernel, variant, &mut progress).unwrap())
+}
+
+#[test]
+fn the_installer_without_the_serial_console_fails_preflight_naming_its_grub_line() {
+    use attest_image::installer::Variant;
+    let Some(quiet) = installer_iso(Variant::NoSerialConsole) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let preflight = attest(&["preflight"], &test_with(dir.path(), &quiet));
+    let stdout = String::from_utf8_lossy(&preflight.stdout);
+    println!("attest preflight took {:.2?}:\n{stdout}", preflight.elapsed);
+    assert_eq!(preflight.code, 1, "{stdout}");
+    let line =
+        "FAIL  iso console  installer: no console=ttyS0 on the kernel command line in /boot/grub/grub.cfg line 7";
+    assert!(stdout.contains(line), "{stdout}");
+    assert!(preflight.elapsed < Duration::from_secs(2), "{:?}", preflight.elapsed);
+
+    let Some(good) = installer_iso(Variant::Good) else { return };
+    let preflight = attest(&["preflight"], &test_with(dir.path(), &good));
+    let stdout = String::from_utf8_lossy(&preflight.stdout);
+    assert!(stdout.contains("ok    iso console  installer: every boot entry has console=ttyS0"), "{stdout}");
 }

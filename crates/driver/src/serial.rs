@@ -8,7 +8,7 @@
 //! the shell is set to `stty -echo -onlcr` (no echo, no `\r` added to newlines) and kernel messages
 //! are kept off the console (`dmesg -n 1`) where allowed.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use attest_machine::Console;
@@ -17,7 +17,8 @@ use regex::bytes::Regex;
 /// The shell prompt of a login shell: a line ending in `$` or `#` and a space.
 const PROMPT: &str = r"[$#] ?\r?$";
 /// What the shell is told after login, on one line: quiet, exact output, no prompts.
-const SETUP: &str = "stty -echo -onlcr 2>/dev/null; PS1=''; PS2=''; unset HISTFILE; dmesg -n 1 2>/dev/null; true";
+const SETUP: &str = "stty -echo -onlcr 2>/dev/null; PS1=''; PS2=''; unset HISTFILE; dmesg -n 1 2>/dev/null; \
+     bind 'set enable-bracketed-paste off' 2>/dev/null; export SYSTEMD_COLORS=0 SYSTEMD_URLIFY=0; true";
 
 /// Which step of reaching a shell failed, for the error's first words.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,20 +58,41 @@ pub struct SerialShell {
     /// Makes markers unique across shells and runs, so stale output never matches.
     nonce: u64,
     sent: AtomicU64,
+    /// The last login was refused: login(1) prints its own prompt again, and an empty line typed
+    /// at that prompt would be taken as an empty user name (which gets a password prompt).
+    refused: AtomicBool,
+    /// Who logged in, once a login succeeded; then whether `sudo -i` made the shell root. Logging
+    /// in or becoming root again is then a no-op (so conditions can be checked after a login).
+    logged_in: std::sync::Mutex<Option<String>>,
+    root: AtomicBool,
 }
 
 impl SerialShell {
     pub fn new(console: Console) -> SerialShell {
         static SHELLS: AtomicU64 = AtomicU64::new(0);
         let nonce = u64::from(std::process::id()) << 20 | SHELLS.fetch_add(1, Ordering::SeqCst);
-        SerialShell { console, nonce, sent: AtomicU64::new(0) }
+        SerialShell {
+            console,
+            nonce,
+            sent: AtomicU64::new(0),
+            refused: AtomicBool::new(false),
+            logged_in: Default::default(),
+            root: AtomicBool::new(false),
+        }
     }
 
     /// Logs in as `user` at the console's getty, with `password` if one is asked for; a shell
     /// prompt that appears instead of `login:` is an autologin, accepted if it is `user`'s.
+    /// A shell `user` logged into already (perhaps root through sudo since) is kept.
     pub fn login(&self, user: &str, password: Option<&str>, deadline: Instant) -> Result<(), SerialError> {
-        // A getty reprints its prompt on an empty line; a shell prints a new prompt.
-        self.type_line("")?;
+        if self.logged_in.lock().unwrap_or_else(|e| e.into_inner()).as_deref() == Some(user) {
+            return Ok(());
+        }
+        // A getty reprints its prompt on an empty line; a shell prints a new prompt. After a refusal
+        // the prompt is on its way already.
+        if !self.refused.swap(false, Ordering::SeqCst) {
+            self.type_line("")?;
+        }
         let first = self.expect(&format!(r"(?m)(login: ?\r?$|{PROMPT})"), deadline, Step::Login, "a login prompt")?;
         if first.trim_end().ends_with("login:") {
             self.type_line(user)?;
@@ -84,12 +106,14 @@ impl SerialShell {
                 let pattern = format!(r"(?mi)(login incorrect|{PROMPT})");
                 let after = self.expect(&pattern, deadline, Step::Password, "a shell prompt")?;
                 if after.to_ascii_lowercase().contains("incorrect") {
+                    self.refused.store(true, Ordering::SeqCst);
                     return fail(
                         Step::Password,
                         format!("the guest refused the password of {user} (\"Login incorrect\")"),
                     );
                 }
             } else if next.to_ascii_lowercase().contains("incorrect") {
+                self.refused.store(true, Ordering::SeqCst);
                 return fail(Step::Login, format!("the guest refused {user} (\"Login incorrect\")"));
             }
         }
@@ -101,11 +125,15 @@ impl SerialShell {
                 format!("expected a shell of {user}, but it is {}'s (an autologin?)", who.trim()),
             );
         }
+        *self.logged_in.lock().unwrap_or_else(|e| e.into_inner()) = Some(user.to_string());
         Ok(())
     }
 
     /// Becomes root with `sudo -i`, typing `password` if sudo asks for one.
     pub fn become_root(&self, password: Option<&str>, deadline: Instant) -> Result<(), SerialError> {
+        if self.root.load(Ordering::SeqCst) {
+            return Ok(());
+        }
         self.type_line("sudo -i")?;
         let pattern =
             format!(r"(?m)(\[sudo\] password for [^:]*: ?\r?$|Password: ?\r?$|{PROMPT}|not in the sudoers file.*$)");
@@ -128,7 +156,10 @@ impl SerialShell {
         // A new login shell: tell it again.
         self.setup(deadline)?;
         match self.succeed("id -u", deadline)?.trim() {
-            "0" => Ok(()),
+            "0" => {
+                self.root.store(true, Ordering::SeqCst);
+                Ok(())
+            }
             uid => fail(Step::Sudo, format!("expected root after sudo -i, but the shell runs as uid {uid}")),
         }
     }

@@ -1,15 +1,19 @@
 //! Boot images on real VMs (QEMU, TCG here): a hybrid ISO made with grub-mkrescue from the Debian
 //! kernel and attest's minimal backdoor initramfs, booted from the cdrom by SeaBIOS and by OVMF
 //! (UEFI) with blank disks, and its conditions checked: all but one on a disk whose driver the
-//! image lacks.
+//! image lacks. Then the test installer ISO (a Debian systemd root in its initrd, serial login,
+//! LVM provisioning; see `attest_image::installer`): the good one by BIOS and UEFI, all conditions
+//! holding; the one that provisions `/dev/sda`, exactly its provisioning conditions failing, with
+//! the unit's journal as evidence, after a wrong password is refused at the login prompt.
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use attest_driver::conditions::{Condition, Kind, Outcome};
+use attest_driver::conditions::{Condition, Kind, Outcome, Report};
 use attest_driver::config::BlankDisk;
-use attest_driver::{FirmwareKind, MachineConfig};
+use attest_driver::{Driver, FirmwareKind, MachineConfig};
+use attest_image::installer::{self, Variant};
 use attest_image::iso::GrubIso;
 use attest_machine::{DiskBus, DiskFormat};
 
@@ -85,4 +89,117 @@ fn an_iso_boots_by_bios_and_by_uefi_and_passes_its_conditions() {
     assert_eq!(uefi.succeed("test -d /sys/firmware/efi && echo efi", None).unwrap(), "efi\n");
     let bios = driver.machine("bios").unwrap();
     assert_eq!(bios.execute("test -d /sys/firmware/efi", None).unwrap().0, 1, "SeaBIOS boots without EFI");
+}
+
+/// The installer ISO of `variant`, built unless cached; `None` after printing why it cannot be here.
+fn installer_iso(variant: Variant) -> Option<std::path::PathBuf> {
+    let missing = common::missing_prerequisite().or_else(|| {
+        let tools = ["debootstrap", "grub-mkrescue", "cpio"].into_iter().find(|t| which::which(t).is_err());
+        let ovmf = std::path::Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd").exists();
+        tools.map(|t| format!("{t} not found")).or((!ovmf).then(|| "OVMF not found".into()))
+    });
+    if let Some(why) = missing {
+        eprintln!("SKIP: {why} (scripts/setup installs what the installer ISO needs)");
+        return None;
+    }
+    let cache = attest_image::cache_dir();
+    let kernel = attest_image::kernel::locate(None, &cache).unwrap();
+    let mut progress = |line: &str| eprintln!("{line}");
+    Some(installer::ensure(&cache, &kernel, variant, &mut progress).unwrap())
+}
+
+/// What a provisioned installer machine must have, each within `within` seconds of its start.
+fn installer_conditions(within: u64) -> Vec<Condition> {
+    let unit = Kind::Unit { unit: "provision.service".into(), state: "inactive".into() };
+    let status = Kind::File { path: "/run/provision/status".into(), matches: Some("STATE=applied".into()) };
+    vec![
+        condition("provisioning finished", unit, within),
+        condition("provisioning applied", status, within),
+        condition("volume group", Kind::VolumeGroup { name: "main".into() }, within),
+        condition("logical volume", Kind::LogicalVolume { name: "main/slash".into() }, within),
+        condition("target disk", Kind::BlockDevice { path: "/dev/vda".into() }, within),
+        condition("network", Kind::Ipv4 { interface: "eth0".into() }, within),
+        condition("serial login prompt", Kind::Console { regex: "login:".into() }, within),
+    ]
+}
+
+/// A machine booting `iso` with a blank 1 GiB virtio disk, logging in as the installer's sudo user.
+fn installer_machine(name: &str, iso: &std::path::Path, firmware: FirmwareKind, within: u64) -> MachineConfig {
+    let mut machine = MachineConfig::iso(name, iso)
+        .memory_mib(1024)
+        .firmware(firmware)
+        .blank_disk(1024, DiskFormat::Qcow2)
+        .login(installer::USER, Some(installer::PASSWORD), true);
+    machine.conditions = installer_conditions(within);
+    machine
+}
+
+/// Checks every machine's conditions at once (one thread each) and prints the reports.
+fn check_all(driver: &Driver) -> Vec<Report> {
+    driver.start_all().unwrap();
+    let reports: Vec<Report> = std::thread::scope(|scope| {
+        let checks: Vec<_> = driver
+            .machines()
+            .into_iter()
+            .map(|m| scope.spawn(move || m.check_conditions(&m.config().conditions)))
+            .collect();
+        checks.into_iter().map(|c| c.join().unwrap().unwrap()).collect()
+    });
+    for report in &reports {
+        println!("{}:\n{}", report.machine, report.text());
+    }
+    reports
+}
+
+#[test]
+fn the_installer_iso_provisions_lvm_by_bios_and_by_uefi() {
+    let Some(iso) = installer_iso(Variant::Good) else { return };
+    let machines = vec![
+        installer_machine("bios", &iso, FirmwareKind::Bios, 300),
+        installer_machine("uefi", &iso, FirmwareKind::Uefi, 300),
+    ];
+    let Some(driver) = common::driver(machines) else { return };
+    for report in check_all(&driver) {
+        let failed: Vec<&str> =
+            report.results.iter().filter(|r| r.outcome != Outcome::Passed).map(|r| r.name.as_str()).collect();
+        assert!(failed.is_empty(), "{}: {failed:?} did not hold:\n{}", report.machine, report.text());
+    }
+    let uefi = driver.machine("uefi").unwrap();
+    assert_eq!(uefi.serial_succeed("test -d /sys/firmware/efi && echo efi", None).unwrap(), "efi\n");
+    let bios = driver.machine("bios").unwrap();
+    assert_eq!(bios.serial_execute("test -d /sys/firmware/efi", None).unwrap().0, 1, "SeaBIOS boots without EFI");
+}
+
+/// One boot: first a wrong password, refused at the login prompt well within its deadline; then
+/// the conditions, of which exactly the provisioning ones fail.
+#[test]
+fn an_installer_provisioning_sda_fails_its_lvm_conditions_and_says_why() {
+    let Some(iso) = installer_iso(Variant::ProvisionsSda) else { return };
+    let Some(driver) = common::driver(vec![installer_machine("sda", &iso, FirmwareKind::Bios, 90)]) else { return };
+    let machine = driver.machine("sda").unwrap();
+    machine.start().unwrap();
+    let (started, deadline) = (Instant::now(), Duration::from_secs(240));
+    let refused = machine.login(installer::USER, Some("wrong"), Some(deadline)).unwrap_err().to_string();
+    println!("wrong password after {:.1?}: {refused}", started.elapsed());
+    assert!(started.elapsed() < deadline, "refused before the deadline");
+    assert!(refused.contains("login (password)") && refused.contains("Login incorrect"), "{refused}");
+    assert!(refused.contains("login:"), "the error shows the console's login prompt: {refused}");
+
+    let report = check_all(&driver).remove(0);
+    let outcomes: Vec<(&str, Outcome)> = report.results.iter().map(|r| (r.name.as_str(), r.outcome)).collect();
+    use Outcome::{Failed, Passed};
+    let expected = [
+        ("provisioning finished", Failed), // `failed`, not `inactive`
+        ("provisioning applied", Failed),
+        ("volume group", Failed),
+        ("logical volume", Failed),
+        ("target disk", Passed),
+        ("network", Passed),
+        ("serial login prompt", Passed),
+    ];
+    assert_eq!(outcomes, expected, "{}", report.text());
+    let unit = &report.results[0];
+    assert!(unit.reason.as_deref().unwrap().contains("exited 3 saying: failed"), "{unit:?}");
+    let journal = unit.evidence.iter().find(|e| e.command.starts_with("journalctl")).expect("the unit's journal");
+    assert!(journal.output.contains("no disk /dev/sda"), "{}", journal.output);
 }

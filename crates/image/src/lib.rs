@@ -6,6 +6,7 @@
 pub mod backdoor;
 pub mod debian;
 pub mod initramfs;
+pub mod installer;
 pub mod iso;
 pub mod kernel;
 pub mod modules;
@@ -37,7 +38,7 @@ pub enum ImageError {
     DynamicBusybox { path: PathBuf },
     #[error("{path} is not a static bash: install Debian's bash-static, or set ATTEST_BASH")]
     NoStaticBash { path: PathBuf },
-    #[error("building the Debian guest image: {step} {what}; full log: {}\n{tail}", log.display())]
+    #[error("building a Debian image: {step} {what}; full log: {}\n{tail}", log.display())]
     GuestBuild { step: String, what: String, log: PathBuf, tail: String },
     #[error("ISO image {} does not exist: check the path (relative paths start at the working directory)", path.display())]
     IsoMissing { path: PathBuf },

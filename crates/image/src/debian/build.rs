@@ -1,7 +1,7 @@
-//! Building the Debian guest's qcow2 from a [`Recipe`]: debootstrap into a temporary root, the
-//! recipe's files and the kernel's modules staged in, the chroot script, `mkfs.ext4 -d` (no loop
-//! mounts) and `qemu-img convert`; one build at a time per cache, every step with a time limit and
-//! its output in the build log, and nothing left mounted or half-written on failure.
+//! Building a Debian root tree from a [`Recipe`]: debootstrap into a temporary root, the recipe's
+//! files and the kernel's modules staged in, the chroot script; one build at a time per cache
+//! directory, every step with a time limit and its output in the build log, and nothing left mounted
+//! or half-written on failure. Packing the tree (qcow2 or cpio) is in `pack.rs`.
 
 use std::fmt::Write as _;
 use std::fs::File;
@@ -24,7 +24,7 @@ pub(super) fn lock_builds(dir: &Path, progress: &mut dyn FnMut(&str)) -> Result<
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(lock) => Ok(lock),
         Err((file, nix::errno::Errno::EWOULDBLOCK)) => {
-            progress("waiting for another attest to finish building the Debian image");
+            progress("waiting for another attest to finish building a Debian image");
             Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| io("locking")(errno.into()))
         }
         Err((_, errno)) => Err(io("locking")(errno.into())),
@@ -61,13 +61,20 @@ impl Build {
         self.dir.join("root")
     }
 
-    pub(super) fn run(
+    /// The build's private directory, for intermediate files.
+    pub(super) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The build's root tree: debootstrap of the recipe's suite and packages, its files over it,
+    /// the kernel's `modules` directory under `/usr/lib/modules`, the chroot script, and nothing left
+    /// mounted. Packing it is [`super::pack`]'s job.
+    pub(super) fn make_root(
         &mut self,
         recipe: &Recipe,
         modules: &Path,
-        image: &Path,
         progress: &mut dyn FnMut(&str),
-    ) -> Result<(), ImageError> {
+    ) -> Result<PathBuf, ImageError> {
         let root = self.root();
         progress(&format!(
             "debootstrap {} from {} (about a minute; log: {})",
@@ -94,29 +101,12 @@ impl Build {
             c.arg(&root).args(["/bin/sh", "-c", &recipe.chroot_script, "sh", &recipe.kernel_release])
         })?;
         self.unmount_all()?;
-
-        progress("making the ext4 filesystem and the qcow2");
-        let raw = self.dir.join("root.ext4");
-        self.command("making the ext4 filesystem", true, 600, "mkfs.ext4", |c| {
-            c.args(["-q", "-F", "-L", LABEL, "-d"]).arg(&root).arg(&raw).arg(DISK_SIZE)
-        })?;
-        let parent = image.parent().unwrap_or(Path::new("."));
-        let partial = tempfile::Builder::new()
-            .prefix(".partial-")
-            .suffix(".qcow2")
-            .tempfile_in(parent)
-            .map_err(ImageError::io(format!("creating a temporary image in {}", parent.display())))?;
-        self.command("converting to qcow2", false, 600, "qemu-img", |c| {
-            c.args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(partial.path())
-        })?;
-        set_read_only(partial.path())?;
-        partial.persist(image).map_err(|e| e.error).map_err(ImageError::io(format!("storing {}", image.display())))?;
-        Ok(())
+        Ok(root)
     }
 
     /// Runs `program` with the arguments `args` adds, its output appended to the log, stopped after
     /// `limit_secs`; `privileged` steps go through sudo unless attest is root.
-    fn command(
+    pub(super) fn command(
         &mut self,
         step: &str,
         privileged: bool,
@@ -158,7 +148,7 @@ impl Build {
         let what = match status.code() {
             Some(124 | 137) => format!("did not finish within {limit_secs} s (stopped)"),
             Some(126 | 127) => {
-                format!("could not run {program} (scripts/setup installs debootstrap, qemu-utils and e2fsprogs)")
+                format!("could not run {program} (scripts/setup installs debootstrap, qemu-utils, e2fsprogs and cpio)")
             }
             _ => format!("exited with {status}"),
         };
@@ -245,12 +235,6 @@ fn stage_files(staged: &Path, files: &[(String, Content)]) -> Result<(), ImageEr
         }
     }
     Ok(())
-}
-
-fn set_read_only(path: &Path) -> Result<(), ImageError> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444))
-        .map_err(ImageError::io(format!("making {} read-only", path.display())))
 }
 
 /// Mount points at or below `dir`, in the order they were mounted (`/proc/self/mountinfo`).

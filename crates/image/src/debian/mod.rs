@@ -8,17 +8,17 @@
 //! ttyS0, root without a password, systemd's start and device timeouts at 300 s.
 
 mod build;
+mod pack;
 mod recipe;
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 
 use crate::initramfs::{base_layout, with_modules};
 use crate::{ImageError, Initramfs, Kernel, ModuleFile};
 use attest_protocol::MODULE_LIST;
-use build::{lock_builds, remove_stale_builds, Build};
+pub use pack::{build_cached, Output};
 pub use recipe::*;
 
 /// A bootable Debian guest: direct kernel boot of `kernel` with `initrd` and `cmdline`, root on
@@ -131,28 +131,11 @@ pub fn image(
     progress: &mut dyn FnMut(&str),
 ) -> Result<PathBuf, ImageError> {
     let recipe = Recipe::new(&kernel.release);
-    let dir = cache.join("debian");
-    let path = dir.join(recipe.file_name());
-    if path.exists() && !rebuild {
-        return Ok(path);
-    }
     let modules = kernel.modules_dir.as_deref().ok_or_else(|| ImageError::BadKernel {
         path: kernel.path.clone(),
         why: format!("no lib/modules/{} beside it; the Debian guest's udev needs the kernel's modules", kernel.release),
     })?;
-    std::fs::create_dir_all(&dir).map_err(ImageError::io(format!("creating {}", dir.display())))?;
-    // One build at a time (threads and processes alike); the holder's steps all have time limits.
-    let _lock = lock_builds(&dir, progress)?;
-    if path.exists() && !rebuild {
-        return Ok(path);
-    }
-    remove_stale_builds(&dir);
-    let started = Instant::now();
-    let log_path = dir.join(format!("{}.log", recipe.file_name()));
-    let mut build = Build::new(&dir, log_path)?;
-    build.run(&recipe, modules, &path, progress)?;
-    progress(&format!("built {} in {:.0?}", path.display(), started.elapsed()));
-    Ok(path)
+    pack::build_cached(&cache.join("debian"), &recipe.file_name(), &recipe, modules, Output::Qcow2, rebuild, progress)
 }
 
 #[cfg(test)]
