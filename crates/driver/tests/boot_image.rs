@@ -175,7 +175,7 @@ fn the_installer_iso_provisions_lvm_by_bios_and_by_uefi() {
 #[test]
 fn an_installer_provisioning_sda_fails_its_lvm_conditions_and_says_why() {
     let Some(iso) = installer_iso(Variant::ProvisionsSda) else { return };
-    let Some(driver) = common::driver(vec![installer_machine("sda", &iso, FirmwareKind::Bios, 90)]) else { return };
+    let Some(driver) = common::driver(vec![installer_machine("sda", &iso, FirmwareKind::Bios, 60)]) else { return };
     let machine = driver.machine("sda").unwrap();
     machine.start().unwrap();
     let (started, deadline) = (Instant::now(), Duration::from_secs(240));
