@@ -11,4 +11,5 @@ cd "$(dirname "$0")/.."
 runs=${1:-5}
 cargo build --release --quiet --bin attest -p attest
 cargo build --release --quiet -p attest-driver --example boot_image_bench
-target/release/examples/boot_image_bench target/release/attest "$runs"
+target="${CARGO_TARGET_DIR:-target}"
+"$target/release/examples/boot_image_bench" "$target/release/attest" "$runs"
