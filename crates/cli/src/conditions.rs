@@ -27,7 +27,7 @@ pub fn run(config: TestConfig, out_dir: Option<PathBuf>, keep_vm_state: bool, ju
             .collect();
         checks.into_iter().map(|check| check.join().unwrap_or_else(|_| Err("the check panicked".into()))).collect()
     });
-    let mut passed = true;
+    let (mut passed, mut could_not_run) = (true, false);
     let mut done = Vec::new();
     for (machine, report) in machines.iter().zip(reports) {
         match report {
@@ -38,7 +38,7 @@ pub fn run(config: TestConfig, out_dir: Option<PathBuf>, keep_vm_state: bool, ju
             }
             Err(e) => {
                 println!("{}: the conditions could not be checked: {e}", machine.name());
-                passed = false;
+                could_not_run = true;
             }
         }
     }
@@ -60,9 +60,9 @@ pub fn run(config: TestConfig, out_dir: Option<PathBuf>, keep_vm_state: bool, ju
             return exit_code::setup_error(&format!("writing {}: {e}", path.display()));
         }
     }
-    if passed {
-        0
-    } else {
-        1
+    match (could_not_run, passed) {
+        (true, _) => exit_code::SETUP,
+        (false, true) => 0,
+        (false, false) => 1,
     }
 }

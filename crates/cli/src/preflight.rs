@@ -68,10 +68,17 @@ pub fn checks(config: &TestConfig) -> Vec<Check> {
                 Ok(path) => ok("vlans", format!("VLANs {:?} on vde_switch ({})", config.vlans, path.display())),
                 Err(e) => fail("vlans", e.to_string(), format!("{APT} vde2, or network = \"tap\"")),
             },
-            NetworkMode::Tap => match std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun") {
-                Ok(_) => ok("vlans", format!("VLANs {:?} on TAP devices (/dev/net/tun usable)", config.vlans)),
-                Err(e) => fail("vlans", format!("/dev/net/tun: {e}"), "modprobe tun, or network = \"switch\""),
-            },
+            // Makes an empty namespace for real: a host that refuses namespaces shows here.
+            NetworkMode::Tap => {
+                let tun = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun");
+                match (attest_network::tap::TapNetwork::create(&BTreeSet::new(), &[]), tun) {
+                    (Ok(_), Ok(_)) => {
+                        ok("vlans", format!("VLANs {:?} on TAP devices in a user+net namespace", config.vlans))
+                    }
+                    (Err(e), _) => fail("vlans", e.to_string(), "allow user namespaces, or network = \"switch\""),
+                    (_, Err(e)) => fail("vlans", format!("/dev/net/tun: {e}"), "modprobe tun, or network = \"switch\""),
+                }
+            }
         });
     }
     checks

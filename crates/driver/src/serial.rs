@@ -65,6 +65,8 @@ pub struct SerialShell {
     /// in or becoming root again is then a no-op (so conditions can be checked after a login).
     logged_in: std::sync::Mutex<Option<String>>,
     root: AtomicBool,
+    /// Held for each whole login, sudo or command.
+    busy: std::sync::Mutex<()>,
 }
 
 impl SerialShell {
@@ -78,6 +80,7 @@ impl SerialShell {
             refused: AtomicBool::new(false),
             logged_in: Default::default(),
             root: AtomicBool::new(false),
+            busy: std::sync::Mutex::new(()),
         }
     }
 
@@ -85,8 +88,16 @@ impl SerialShell {
     /// prompt that appears instead of `login:` is an autologin, accepted if it is `user`'s.
     /// A shell `user` logged into already (perhaps root through sudo since) is kept.
     pub fn login(&self, user: &str, password: Option<&str>, deadline: Instant) -> Result<(), SerialError> {
-        if self.logged_in.lock().unwrap_or_else(|e| e.into_inner()).as_deref() == Some(user) {
-            return Ok(());
+        let _turn = self.turn();
+        match self.logged_in.lock().unwrap_or_else(|e| e.into_inner()).as_deref() {
+            Some(current) if current == user => return Ok(()),
+            Some(current) => {
+                return fail(
+                    Step::Login,
+                    format!("{current} is logged in on this console already; restart the machine to log in as {user}"),
+                )
+            }
+            None => {}
         }
         // A getty reprints its prompt on an empty line; a shell prints a new prompt. After a refusal
         // the prompt is on its way already.
@@ -118,7 +129,7 @@ impl SerialShell {
             }
         }
         self.setup(deadline)?;
-        let who = self.succeed("id -un", deadline)?;
+        let who = self.framed_succeed("id -un", deadline)?;
         if who.trim() != user {
             return fail(
                 Step::Login,
@@ -131,6 +142,7 @@ impl SerialShell {
 
     /// Becomes root with `sudo -i`, typing `password` if sudo asks for one.
     pub fn become_root(&self, password: Option<&str>, deadline: Instant) -> Result<(), SerialError> {
+        let _turn = self.turn();
         if self.root.load(Ordering::SeqCst) {
             return Ok(());
         }
@@ -155,7 +167,7 @@ impl SerialShell {
         }
         // A new login shell: tell it again.
         self.setup(deadline)?;
-        match self.succeed("id -u", deadline)?.trim() {
+        match self.framed_succeed("id -u", deadline)?.trim() {
             "0" => {
                 self.root.store(true, Ordering::SeqCst);
                 Ok(())
@@ -167,6 +179,22 @@ impl SerialShell {
     /// Runs `command` in a subshell and returns its exit status and output, byte for byte. A
     /// command still running at `deadline` is interrupted (^C) and reported.
     pub fn execute(&self, command: &str, deadline: Instant) -> Result<(i32, Vec<u8>), SerialError> {
+        let _turn = self.turn();
+        self.framed(command, deadline)
+    }
+
+    /// [`SerialShell::execute`], which must exit 0; its output as text.
+    pub fn succeed(&self, command: &str, deadline: Instant) -> Result<String, SerialError> {
+        let _turn = self.turn();
+        self.framed_succeed(command, deadline)
+    }
+
+    /// One caller at a time: a command typed while another runs would be read as its input.
+    fn turn(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.busy.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn framed(&self, command: &str, deadline: Instant) -> Result<(i32, Vec<u8>), SerialError> {
         let id = format!("{}-{}", self.sent.fetch_add(1, Ordering::SeqCst), self.nonce);
         let line = format!(
             "printf '%s%s\\n' 'ATTEST-B' '{id}'; ( {command}\n); printf '\\n%s%s %d\\n' 'ATTEST-E' '{id}' \"$?\""
@@ -189,9 +217,8 @@ impl SerialShell {
         Ok((status, captures[1].to_vec()))
     }
 
-    /// [`SerialShell::execute`], which must exit 0; its output as text.
-    pub fn succeed(&self, command: &str, deadline: Instant) -> Result<String, SerialError> {
-        match self.execute(command, deadline)? {
+    fn framed_succeed(&self, command: &str, deadline: Instant) -> Result<String, SerialError> {
+        match self.framed(command, deadline)? {
             (0, output) => Ok(String::from_utf8_lossy(&output).into_owned()),
             (status, output) => fail(
                 Step::Shell,
@@ -202,7 +229,7 @@ impl SerialShell {
 
     fn setup(&self, deadline: Instant) -> Result<(), SerialError> {
         self.type_line(SETUP)?;
-        self.succeed("true", deadline).map(drop)
+        self.framed_succeed("true", deadline).map(drop)
     }
 
     fn type_line(&self, line: &str) -> Result<(), SerialError> {

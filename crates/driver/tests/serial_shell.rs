@@ -116,7 +116,13 @@ fn an_autologin_is_accepted_for_its_user_only() {
     let autologin = "exec env -i TERM=dumb bash --norc --noprofile -i";
     let user = String::from_utf8(Command::new("id").arg("-un").output().unwrap().stdout).unwrap();
     let pty = on_pty(autologin);
-    SerialShell::new(pty.console.clone()).login(user.trim(), None, soon()).unwrap();
+    let shell = SerialShell::new(pty.console.clone());
+    shell.login(user.trim(), None, soon()).unwrap();
+    shell.login(user.trim(), None, soon()).unwrap();
+    let asked = Instant::now();
+    let other = shell.login("alice", None, soon()).unwrap_err().to_string();
+    assert!(other.contains("is logged in on this console already"), "{other}");
+    assert!(asked.elapsed() < Duration::from_secs(1), "refused at once, not at the deadline");
     let pty = on_pty(autologin);
     let err = SerialShell::new(pty.console.clone()).login("alice", None, soon()).unwrap_err();
     assert!(err.to_string().contains("expected a shell of alice"), "{err}");

@@ -31,12 +31,18 @@ impl Machine {
             let mut unreachable = self.reach_shell(at).err().map(|e| e.to_string());
             let mut results = Vec::new();
             for condition in conditions {
-                let deadline = started + condition.within.unwrap_or_default();
+                let within = condition.within.unwrap_or_default();
+                let deadline = started.checked_add(within).unwrap_or(self.shared.deadline).min(self.shared.deadline);
                 let result = match (&condition.kind, &unreachable) {
                     (Kind::Console { regex }, _) => self.check_console(condition, regex, started, deadline),
                     (_, Some(why)) => verdict(condition, Outcome::NotReached, started, Some(why.clone()), Vec::new()),
                     _ => match self.check_in_guest(at, condition, started, deadline) {
                         Ok(result) => result,
+                        // A probe that hung (and was interrupted) on a machine that still runs.
+                        Err(e) if self.is_running() => {
+                            let why = format!("its check did not complete: {e}");
+                            verdict(condition, Outcome::Failed, started, Some(why), Vec::new())
+                        }
                         Err(e) => {
                             let why = format!("the machine could not be reached: {e}");
                             unreachable = Some(why.clone());
@@ -131,9 +137,12 @@ impl Machine {
         started: Instant,
         deadline: Instant,
     ) -> ConditionResult {
-        let pattern = regex::Regex::new(regex).expect("checked when the test was read");
+        // A line matching, in what this start of the machine printed.
+        let pattern = regex::Regex::new(&format!("(?m){regex}")).expect("checked when the test was read");
+        let from = self.console_start.load(std::sync::atomic::Ordering::SeqCst) as usize;
         loop {
-            if pattern.is_match(&self.get_console_log()) {
+            let log = std::fs::read(self.console_log_path()).unwrap_or_default();
+            if pattern.is_match(&String::from_utf8_lossy(&log[from.min(log.len())..])) {
                 return verdict(condition, Outcome::Passed, started, None, Vec::new());
             }
             if Instant::now() + RECHECK >= deadline || !self.is_running() {

@@ -82,6 +82,8 @@ impl Machine {
             *lock(&self.rebooting) = Some((generation, stream));
         }
         self.connected.store(0, Ordering::SeqCst);
+        // The guest's serial login does not survive its reboot either.
+        *lock(&self.serial) = None;
         // The boot deadline counts from here.
         *lock(&self.started) = Some(Instant::now());
         drop(shell);

@@ -67,6 +67,8 @@ pub struct Machine {
     connect_failure: Mutex<Option<(u64, String)>>,
     /// The shell on the serial console of the start it belongs to (guests without a backdoor).
     serial: Mutex<Option<(u64, Arc<crate::serial::SerialShell>)>>,
+    /// Where the latest start's output begins in the console log.
+    console_start: AtomicU64,
     /// This machine, for the thread that connects to a new start's shell.
     me: Weak<Machine>,
 }
@@ -108,6 +110,7 @@ impl Machine {
             network,
             connect_failure: Mutex::new(None),
             serial: Mutex::new(None),
+            console_start: AtomicU64::new(0),
             me,
         }
     }
@@ -132,6 +135,9 @@ impl Machine {
                 return Ok(());
             }
             self.shared.log.info(Some(&self.name), "starting vm");
+            // The log keeps every start; what this one prints begins here.
+            let logged = std::fs::metadata(vm.dir().path().join("console.log")).map(|m| m.len()).unwrap_or(0);
+            self.console_start.store(logged, Ordering::SeqCst);
             vm.start().map(|running| running.console().clone())
         };
         // Reported without the lock: a report reads the console tail, which takes it.
@@ -153,8 +159,8 @@ impl Machine {
         if self.network.guest_script.is_none() || self.network.vlans.is_empty() {
             return;
         }
-        let me = self.me.clone();
-        let connect = move || me.upgrade().map(|machine| machine.shell(Location::caller()).map(drop));
+        let (me, generation) = (self.me.clone(), self.generation.load(Ordering::SeqCst));
+        let connect = move || me.upgrade().map(|machine| machine.connect_start(Location::caller(), generation));
         if let Err(e) = std::thread::Builder::new().name(format!("connect-{}", self.name)).spawn(connect) {
             // The first command connects instead.
             self.shared.log.info(Some(&self.name), &format!("could not connect in the background: {e}"));
@@ -176,6 +182,22 @@ impl Machine {
         let mut shell = lock(&self.shell);
         self.start_at(at)?;
         let generation = self.generation.load(Ordering::SeqCst);
+        self.connect_locked(at, &mut shell, generation)?;
+        Ok(ShellGuard(shell))
+    }
+
+    /// The background connect of start `generation`: never starts the machine, and gives up if
+    /// the machine was stopped or started again meanwhile.
+    fn connect_start(&self, at: &'static Location<'static>, generation: u64) -> Result<()> {
+        let mut shell = lock(&self.shell);
+        if self.generation.load(Ordering::SeqCst) != generation || !self.is_running() {
+            return Ok(());
+        }
+        self.connect_locked(at, &mut shell, generation)
+    }
+
+    /// Connects the shell of start `generation` unless it is connected, under the shell lock.
+    fn connect_locked(&self, at: &'static Location<'static>, shell: &mut Option<Shell>, generation: u64) -> Result<()> {
         if shell.as_ref().is_none_or(|s| s.generation != generation) {
             *shell = None;
             if let Some((_, why)) = lock(&self.connect_failure).as_ref().filter(|(of, _)| *of == generation) {
@@ -195,7 +217,7 @@ impl Machine {
             *shell = Some(Shell { generation, shell: connected });
             self.connected.store(generation, Ordering::SeqCst);
         }
-        Ok(ShellGuard(shell))
+        Ok(())
     }
 
     /// Waits for the guest's backdoor shell: the channel, then the marker line.
