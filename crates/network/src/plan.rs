@@ -95,7 +95,7 @@ impl Plan {
         self.machines.get(name)
     }
 
-    /// The `/etc/hosts` lines of `machine`: every other machine on a VLAN, by the address of a VLAN
+    /// The `/etc/hosts` lines of `machine`: every machine on a VLAN (itself too), by the address of a VLAN
     /// the two share (so it is reachable directly), else of its first VLAN, as NixOS lists them.
     pub fn hosts_for(&self, machine: &str) -> Vec<(IpAddr, String)> {
         let own: BTreeSet<u8> =

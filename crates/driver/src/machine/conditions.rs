@@ -16,6 +16,8 @@ use crate::error::Result;
 const RECHECK: Duration = Duration::from_millis(250);
 /// How long one check or one evidence command may take.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a machine whose channel broke may take to be seen exiting.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
 /// Evidence output kept per command.
 const EVIDENCE_LIMIT: usize = 16 << 10;
 
@@ -38,8 +40,9 @@ impl Machine {
                     (_, Some(why)) => verdict(condition, Outcome::NotReached, started, Some(why.clone()), Vec::new()),
                     _ => match self.check_in_guest(at, condition, started, deadline) {
                         Ok(result) => result,
-                        // A probe that hung (and was interrupted) on a machine that still runs.
-                        Err(e) if self.is_running() => {
+                        // A probe that hung (and was interrupted) on a machine that still runs; a
+                        // dying machine's VMM exits within moments of its channel breaking.
+                        Err(e) if !self.wait_exit(Instant::now() + EXIT_GRACE) => {
                             let why = format!("its check did not complete: {e}");
                             verdict(condition, Outcome::Failed, started, Some(why), Vec::new())
                         }

@@ -124,7 +124,7 @@ impl Machine {
 
     /// Waits for the VMM's exit until `deadline` without holding the machine's lock; true if it
     /// exited (and is now reaped).
-    fn wait_exit(&self, deadline: Instant) -> bool {
+    pub(super) fn wait_exit(&self, deadline: Instant) -> bool {
         let exit = lock(&self.vm).vm().and_then(|vm| vm.exit_watch().ok());
         if let Some(exit) = exit {
             wait_readable(&exit, None, deadline).ok();
