@@ -19,17 +19,9 @@ pub fn run(config: TestConfig, out_dir: Option<PathBuf>, keep_vm_state: bool, ju
     if let Err(e) = driver.start_all() {
         return exit_code::setup_error(&e);
     }
-    let machines: Vec<_> = driver.machines().into_iter().filter(|m| !m.config().conditions.is_empty()).collect();
-    let reports: Vec<Result<Report, String>> = std::thread::scope(|scope| {
-        let checks: Vec<_> = machines
-            .iter()
-            .map(|m| scope.spawn(|| m.check_conditions(&m.config().conditions).map_err(|e| e.to_string())))
-            .collect();
-        checks.into_iter().map(|check| check.join().unwrap_or_else(|_| Err("the check panicked".into()))).collect()
-    });
     let (mut passed, mut could_not_run) = (true, false);
     let mut done = Vec::new();
-    for (machine, report) in machines.iter().zip(reports) {
+    for (machine, report) in driver.check_conditions() {
         match report {
             Ok(report) => {
                 println!("{}: conditions\n{}", machine.name(), report.text());

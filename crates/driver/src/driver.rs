@@ -15,6 +15,7 @@ use attest_machine::{Accel, Backend, Echo, MachineEventSink, Qemu, StateDir};
 
 use attest_network::{Networks, Plan};
 
+use crate::conditions::Report;
 use crate::config::{BackendKind, MachineConfig, NetworkMode, TestConfig};
 use crate::error::{DriverError, Result};
 use crate::log::{Log, SubtestRecord};
@@ -208,6 +209,18 @@ impl Driver {
     /// Starts every machine; they boot in parallel (each start returns before its guest is up).
     pub fn start_all(&self) -> Result<()> {
         self.shared.log.nested(None, "starting all VMs", || self.machines().iter().try_for_each(|m| m.start()))
+    }
+
+    /// Checks the declared conditions of every machine that has some, all machines at once (a
+    /// thread each), and returns each machine's report in definition order.
+    pub fn check_conditions(&self) -> Vec<(Arc<Machine>, Result<Report>)> {
+        let machines: Vec<_> = self.machines().into_iter().filter(|m| !m.config().conditions.is_empty()).collect();
+        std::thread::scope(|scope| {
+            let checks: Vec<_> =
+                machines.iter().map(|m| scope.spawn(|| m.check_conditions(&m.config().conditions))).collect();
+            let reports = checks.into_iter().map(|c| c.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+            machines.iter().cloned().zip(reports).collect()
+        })
     }
 
     /// Waits until every machine has powered off.

@@ -70,16 +70,7 @@ fn an_iso_boots_by_bios_and_by_uefi_and_passes_its_conditions() {
     };
     let driver =
         common::driver(vec![machine("bios", FirmwareKind::Bios), machine("uefi", FirmwareKind::Uefi)]).unwrap();
-    driver.start_all().unwrap();
-    let reports: Vec<_> = std::thread::scope(|scope| {
-        let checks: Vec<_> = driver
-            .machines()
-            .into_iter()
-            .map(|m| scope.spawn(move || m.check_conditions(&m.config().conditions)))
-            .collect();
-        checks.into_iter().map(|c| c.join().unwrap().unwrap()).collect()
-    });
-    for report in reports {
+    for report in check_all(&driver) {
         let outcomes: Vec<Outcome> = report.results.iter().map(|r| r.outcome).collect();
         let expected = [Outcome::Passed, Outcome::Passed, Outcome::Passed, Outcome::Failed];
         assert_eq!(outcomes, expected, "{}:\n{}", report.machine, report.text());
@@ -137,14 +128,7 @@ fn installer_machine(name: &str, iso: &std::path::Path, firmware: FirmwareKind, 
 /// Checks every machine's conditions at once (one thread each) and prints the reports.
 fn check_all(driver: &Driver) -> Vec<Report> {
     driver.start_all().unwrap();
-    let reports: Vec<Report> = std::thread::scope(|scope| {
-        let checks: Vec<_> = driver
-            .machines()
-            .into_iter()
-            .map(|m| scope.spawn(move || m.check_conditions(&m.config().conditions)))
-            .collect();
-        checks.into_iter().map(|c| c.join().unwrap().unwrap()).collect()
-    });
+    let reports: Vec<Report> = driver.check_conditions().into_iter().map(|(_, report)| report.unwrap()).collect();
     for report in &reports {
         println!("{}:\n{}", report.machine, report.text());
     }
