@@ -112,12 +112,23 @@ impl Recipe {
             file("etc/machine-id", "a77e57deb1a40000a77e57deb1a40000\n", 0o444),
         ];
         files.extend(MASKED_UNITS.iter().map(|unit| link(&format!("{units}/{unit}"), "/dev/null")));
+        Recipe::bookworm(PACKAGES, files, CHROOT_SCRIPT, kernel_release)
+    }
+
+    /// A Debian bookworm root from [`MIRROR`] with `packages` on top of minbase, `files`, and the
+    /// chroot script run with `kernel_release` as `$1`.
+    pub fn bookworm(
+        packages: &[&str],
+        files: Vec<(String, Content)>,
+        chroot_script: &str,
+        kernel_release: &str,
+    ) -> Recipe {
         Recipe {
             suite: SUITE.into(),
             mirror: MIRROR.into(),
-            packages: PACKAGES.iter().map(|p| p.to_string()).collect(),
+            packages: packages.iter().map(|p| p.to_string()).collect(),
             files,
-            chroot_script: CHROOT_SCRIPT.into(),
+            chroot_script: chroot_script.into(),
             kernel_release: kernel_release.into(),
         }
     }

@@ -3,7 +3,7 @@
 //! and the steps run in the chroot. Everything here goes into the [`Recipe`] whose digest names the
 //! cached root filesystem.
 
-use crate::debian::{Content, Recipe, MIRROR, SUITE};
+use crate::debian::{Content, Recipe};
 
 /// Installed on top of debootstrap's minbase: systemd as init, udev, LVM, sudo, the tools the
 /// conditions run (`ip`, `lvs`), and dbus for systemd's own services.
@@ -139,14 +139,7 @@ pub fn recipe(kernel_release: &str) -> Recipe {
         file("etc/attest/drivers", &format!("{}\n", DRIVERS.join("\n")), 0o644),
     ];
     files.extend(MASKED_UNITS.iter().map(|unit| link(&format!("{units}/{unit}"), "/dev/null")));
-    Recipe {
-        suite: SUITE.into(),
-        mirror: MIRROR.into(),
-        packages: PACKAGES.iter().map(|p| p.to_string()).collect(),
-        files,
-        chroot_script: CHROOT_SCRIPT.into(),
-        kernel_release: kernel_release.into(),
-    }
+    Recipe::bookworm(PACKAGES, files, CHROOT_SCRIPT, kernel_release)
 }
 
 #[cfg(test)]
