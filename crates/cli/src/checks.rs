@@ -2,8 +2,8 @@
 //! `attest doctor` and `attest preflight` are made of, and the host checks they share.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
+use attest_machine::backend::qemu::version::{self as qemu_version, QemuVersion};
 use attest_machine::state_dir;
 use serde::Serialize;
 
@@ -72,20 +72,23 @@ pub fn report(checks: &[Check], json: bool) -> i32 {
     i32::from(failed > 0)
 }
 
+/// QEMU, its version, and a warning when it is older than the release attest is tested with.
 pub fn check_qemu(qemu: Option<&Path>) -> Check {
     let fix = format!("{APT} qemu-system-x86 (or set ATTEST_QEMU)");
     let Some(qemu) = qemu else { return fail("qemu", "qemu-system-x86_64 not found on PATH", fix) };
-    match Command::new(qemu).arg("--version").output() {
-        Ok(out) if out.status.success() => {
-            let version = String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").to_string();
-            ok("qemu", format!("{version} ({})", qemu.display())).at(qemu)
-        }
-        Ok(out) => fail(
+    match QemuVersion::of(qemu) {
+        Ok((version, _)) if version < qemu_version::TESTED => warn(
             "qemu",
-            format!("{} --version failed: {}", qemu.display(), String::from_utf8_lossy(&out.stderr).trim()),
-            fix,
-        ),
-        Err(err) => fail("qemu", format!("cannot run {}: {err}", qemu.display()), fix),
+            format!(
+                "QEMU {version} ({}) is older than QEMU {}, which attest is tested with",
+                qemu.display(),
+                qemu_version::TESTED
+            ),
+            "run scripts/setup (it installs QEMU from bookworm-backports), or point ATTEST_QEMU at a newer one",
+        )
+        .at(qemu),
+        Ok((version, line)) => ok("qemu", format!("QEMU {version} ({}): {line}", qemu.display())).at(qemu),
+        Err(err) => fail("qemu", err.to_string(), fix),
     }
 }
 

@@ -28,6 +28,11 @@ fn doctor_reports_every_prerequisite_and_passes_after_setup() {
         let line = line.unwrap_or_else(|| panic!("no {name} line in:\n{out}"));
         assert!(line.starts_with("ok  ") || line.starts_with("warn") || line.starts_with("FAIL"), "{line}");
     }
+    let qemu = out.lines().find(|l| l.starts_with("ok    qemu")).unwrap_or_else(|| panic!("qemu not ok:\n{out}"));
+    let version = Command::new("qemu-system-x86_64").arg("--version").output().expect("qemu --version").stdout;
+    let version = String::from_utf8_lossy(&version).lines().next().unwrap().replace("QEMU emulator version ", "");
+    let number = version.split_whitespace().next().unwrap();
+    assert!(qemu.contains(&format!("QEMU {number} (")), "doctor names the version {number}: {qemu}");
     for required in ["qemu", "kernel", "modules", "busybox", "file sharing"] {
         assert!(out.contains(&format!("ok    {required}")), "{required} should be ok here:\n{out}");
     }
@@ -68,4 +73,26 @@ fn doctor_fails_when_a_required_piece_is_missing() {
     assert_eq!(run.code, 1, "{run:?}");
     assert!(run.stdout_text().contains("FAIL  kernel"), "{run:?}");
     assert!(run.stdout_text().contains("fix: "), "{run:?}");
+}
+
+/// A QEMU older than the one attest is tested with still runs, but doctor says so and how to fix it.
+#[test]
+fn doctor_warns_about_a_qemu_older_than_the_tested_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("qemu-7.2");
+    std::fs::write(
+        &old,
+        "#!/bin/sh\n[ \"$1\" = --version ] && { echo 'QEMU emulator version 7.2.19 (Debian 1:7.2+dfsg-7+deb12u18)'; exit 0; }\nexec qemu-system-x86_64 \"$@\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&old, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let run = common::run_command(Command::new(common::attest_bin()).arg("doctor").env("ATTEST_QEMU", &old));
+    let out = run.stdout_text();
+    let line = out.lines().find(|l| l.starts_with("warn  qemu")).unwrap_or_else(|| panic!("no qemu warning:\n{out}"));
+    assert!(
+        line.contains("QEMU 7.2.19") && line.contains("older than QEMU 10.0.0, which attest is tested with"),
+        "{line}"
+    );
+    assert!(out.contains("fix: run scripts/setup"), "{out}");
+    assert_eq!(run.code, 0, "an old QEMU is a warning, not a failure: {out}");
 }

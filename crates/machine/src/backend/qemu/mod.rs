@@ -22,6 +22,7 @@ use crate::transport::{ListeningSocket, Transport};
 use crate::{vhost_vsock, virtiofsd};
 
 pub mod kvm_probe;
+pub mod version;
 
 /// q35 for every VM attest starts, the KVM probe included.
 pub const MACHINE_TYPE: &str = "q35";
