@@ -131,34 +131,28 @@ fn awkward_arguments_and_environment_arrive_byte_exact() {
     assert_eq!(run.stdout_text(), "inherited ✓|from --env|a b\n\"c\" 'd' $e", "{run:?}");
 }
 
+/// One boot answers how the guest sees the host's files: it runs as root in the current directory,
+/// whose writes reach the host; the rest of the host root is read-only; /run, /var/tmp and /tmp
+/// are writable scratch, and /tmp shows the host's files while the guest's writes there stay private.
 #[test]
-fn runs_in_the_current_directory_and_writes_reach_the_host() {
+fn the_guest_sees_the_host_root_read_only_its_cwd_read_write_and_a_private_tmp() {
     let dir = tempfile::tempdir().unwrap();
     let cwd = dir.path().canonicalize().unwrap();
-    let run = run_command(
-        exec_command(&[], &["sh", "-c", "pwd; echo written in the guest > out.txt; id -u"]).current_dir(&cwd),
+    let host_tmp = tempfile::tempdir_in("/tmp").unwrap();
+    std::fs::write(host_tmp.path().join("from-host"), "host data\n").unwrap();
+    let script = format!(
+        "pwd; echo written in the guest > out.txt; id -u; \
+         touch /etc/attest-should-fail 2>/dev/null && echo wrote-etc; \
+         touch /tmp/x /run/x /var/tmp/x && echo scratch-ok; \
+         cat {0}/from-host && echo guest > {0}/from-guest && cat {0}/from-guest",
+        host_tmp.path().display()
     );
+    let run = run_command(exec_command(&[], &["sh", "-c", &script]).current_dir(&cwd));
     assert_eq!(run.code, 0, "{run:?}");
-    assert_eq!(run.stdout_text(), format!("{}\n0\n", cwd.display()));
+    assert_eq!(run.stdout_text(), format!("{}\n0\nscratch-ok\nhost data\nguest\n", cwd.display()));
     assert_eq!(std::fs::read_to_string(cwd.join("out.txt")).unwrap(), "written in the guest\n");
-}
-
-#[test]
-fn host_root_is_read_only_and_scratch_dirs_are_writable() {
-    let run = exec(&[], &["sh", "-c", "touch /etc/attest-should-fail 2>/dev/null && echo wrote-etc; touch /tmp/x /run/x /var/tmp/x && echo scratch-ok"]);
-    assert_eq!(run.stdout_text(), "scratch-ok\n", "{run:?}");
     assert!(!std::path::Path::new("/etc/attest-should-fail").exists());
-}
-
-#[test]
-fn host_tmp_is_visible_but_guest_writes_there_stay_private() {
-    let dir = tempfile::tempdir_in("/tmp").unwrap();
-    std::fs::write(dir.path().join("from-host"), "host data\n").unwrap();
-    let script =
-        format!("cat {0}/from-host && echo guest > {0}/from-guest && cat {0}/from-guest", dir.path().display());
-    let run = exec(&[], &["sh", "-c", &script]);
-    assert_eq!(run.stdout_text(), "host data\nguest\n", "{run:?}");
-    assert!(!dir.path().join("from-guest").exists(), "a write to the guest's /tmp reached the host");
+    assert!(!host_tmp.path().join("from-guest").exists(), "a write to the guest's /tmp reached the host");
 }
 
 #[test]
