@@ -58,6 +58,10 @@ impl Backend for Qemu {
         "qemu"
     }
 
+    fn vmm_name(&self) -> &'static str {
+        "QEMU"
+    }
+
     /// All of them, through QMP and the monitor.
     fn supports(&self, _: Capability) -> bool {
         true
