@@ -15,6 +15,8 @@ pub enum DriverError {
     /// The test definition is wrong: what, where, and how to fix it.
     #[error("{0}")]
     Config(String),
+    /// Also a VMM that refused to start a machine ([`MachineError::VmmRefused`]): its own
+    /// message, not a wait for a guest that was never coming.
     #[error(transparent)]
     Machine(#[from] MachineError),
     #[error(transparent)]

@@ -25,7 +25,7 @@ use crate::transport::Transport;
 
 /// How much of the VMM's stderr is kept for [`Vm::refusal`]: its last words, not a whole log.
 const STDERR_KEPT: usize = 16 << 10;
-/// How long [`Vm::refusal`] waits for the dead VMM's last output to arrive.
+/// How long [`Vm::refusal`] waits for the dead VMM's last output to reach the console.
 const DRAIN: Duration = Duration::from_secs(2);
 /// Console lines a refusal shows besides the VMM's own.
 const REFUSAL_TAIL: usize = 20;
@@ -144,10 +144,10 @@ impl Vm {
     /// wait for the guest ended before the guest got anywhere (its channel never connected or
     /// closed before announcing itself), so that the error is the VMM's own message and not the
     /// wait's. `None` while the VMM runs, after it exited with status 0 (a guest that powered off
-    /// or panicked with `-no-reboot`), or was killed.
+    /// or panicked with `-no-reboot`), or was killed. It does not wait for the exit: a caller
+    /// that saw only the channel close waits on [`Vm::exit_watch`] first.
     pub fn refusal(&mut self) -> Option<MachineError> {
-        // The caller saw the exit (the exit pipe hung up, or the channel closed with the VMM).
-        let status = self.vmm.wait_until(Instant::now() + DRAIN)?;
+        let status = self.vmm.wait_until(Instant::now())?;
         if !matches!(status, ExitStatus::Code(code) if code != 0) || self.stopping.load(Ordering::SeqCst) {
             return None;
         }
