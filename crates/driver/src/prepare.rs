@@ -132,7 +132,7 @@ fn builtin(image: BuiltinImage, spec: &mut MachineSpec, cx: &Context, dir: &Mach
 /// The machine's VLAN cards, and the commands that give one of attest's guests (or a kernel +
 /// initrd machine, which speaks the backdoor protocol too) its addresses; other machines configure
 /// their own networks.
-pub fn network(config: &MachineConfig, networks: &Networks) -> MachineNetwork {
+pub(crate) fn network(config: &MachineConfig, networks: &Networks) -> MachineNetwork {
     let vlans = networks.plan().machine(&config.name).map(|m| m.nics.clone()).unwrap_or_default();
     MachineNetwork { vlans, guest_script: guest_script(config, networks) }
 }
