@@ -106,17 +106,16 @@ pub fn check_tool(program: &'static str, why: &str, package: &str) -> Check {
     }
 }
 
+/// The free bytes of the filesystem `dir` is (or will be) on, and the directory asked about.
+pub fn free_space(dir: &Path) -> Option<(u64, PathBuf)> {
+    let probe = dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/")).to_path_buf();
+    let stat = nix::sys::statvfs::statvfs(&probe).ok()?;
+    Some((stat.blocks_available() * stat.fragment_size(), probe))
+}
+
 pub fn check_disk(cache: &Path) -> Check {
-    let mut lowest: Option<(u64, PathBuf)> = None;
-    for dir in [state_dir::base_dir().ok(), Some(cache.to_path_buf())].into_iter().flatten() {
-        let probe = dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/")).to_path_buf();
-        if let Ok(stat) = nix::sys::statvfs::statvfs(&probe) {
-            let free = stat.blocks_available() * stat.fragment_size();
-            if lowest.as_ref().is_none_or(|(f, _)| free < *f) {
-                lowest = Some((free, probe));
-            }
-        }
-    }
+    let dirs = [state_dir::base_dir().ok(), Some(cache.to_path_buf())];
+    let lowest = dirs.iter().flatten().filter_map(|dir| free_space(dir)).min_by_key(|(free, _)| *free);
     let Some((free, dir)) = lowest else { return warn("disk", "could not read free space", "check df -h") };
     let mib = free / (1 << 20);
     let detail = format!("{mib} MiB free at {}", dir.display());
@@ -127,14 +126,19 @@ pub fn check_disk(cache: &Path) -> Check {
     }
 }
 
-pub fn check_memory() -> Check {
+/// `MemAvailable` of /proc/meminfo, in MiB (0 when unreadable).
+pub fn available_memory_mib() -> u64 {
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let available_kib: u64 = meminfo
         .lines()
         .find_map(|l| l.strip_prefix("MemAvailable:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0);
-    let mib = available_kib / 1024;
+    available_kib / 1024
+}
+
+pub fn check_memory() -> Check {
+    let mib = available_memory_mib();
     let detail = format!("{mib} MiB available (a default guest takes 512 MiB)");
     match mib {
         0..=639 => fail("memory", detail, "free memory or pass a smaller --memory"),

@@ -1,9 +1,12 @@
 //! `attest preflight TEST.toml`, which `attest run` also does first: every check of a test that
-//! needs no boot, in about a second, each `ok`/`warn`/`FAIL` with its fix. The host (QEMU, the
-//! devices this test's machines use, the accelerator, firmware, memory against the test's machines
-//! and the cgroup's limit, disk, TAP and switch networking), each ISO (a single ISO 9660 file,
-//! bootable by the machine's firmware, its kernels' console on the serial port attest reads), and
-//! the test's own declarations.
+//! needs no boot, in about a second, each `ok`/`warn`/`FAIL` with its fix. The definition's values
+//! by the config's own rules (vCPUs, memory, disk sizes, timeouts, VLANs: `TestConfig::problems`),
+//! every file it names as the driver will use it (`prepare::check_file`: a kernel must boot), the
+//! host (QEMU, the devices this test's machines use, the accelerator, firmware, the machines'
+//! memory against the host's available memory and the cgroup's limit, their vCPUs against the
+//! host's, the blank disks against free space, TAP and switch networking), each ISO (a single ISO
+//! 9660 file, bootable by the machine's firmware, its kernels' console on the serial port attest
+//! reads), and the test's own declarations.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -14,11 +17,16 @@ use attest_driver::config::{BootConfig, FirmwareKind, MachineConfig, NetworkMode
 use attest_image::iso::{self, Platform};
 use attest_machine::backend::qemu::kvm_probe;
 use attest_machine::network::user_mode;
+use attest_machine::state_dir;
 use attest_machine::{
     Backend, Boot, Disk, DiskFormat, Firmware, GuestChannel, MachineSpec, Media, Qemu, StateDir, Uefi,
 };
 
-use crate::checks::{check_disk, check_memory, check_qemu, fail, ok, report, warn, Check, APT};
+use attest_driver::prepare;
+
+use crate::checks::{
+    available_memory_mib, check_disk, check_qemu, fail, free_space, ok, report, warn, Check, Status, APT,
+};
 
 /// The serial port attest reads a guest's console from.
 const SERIAL_TTY: &str = "ttyS0";
@@ -47,8 +55,14 @@ pub fn checks(config: &TestConfig) -> Vec<Check> {
         checks.push(check_accel(binary));
         checks.push(check_devices(binary, config));
     }
+    let problems = config.problems();
+    let vlans_wrong = problems.iter().any(|p| p.key == "vlans");
+    checks.extend(problems.into_iter().map(|p| fail(p.key, p.what, p.fix)));
     for machine in &config.machines {
-        if let BootConfig::Iso(path) = &machine.boot {
+        let files = check_files(machine);
+        let files_ok = files.iter().all(|c| c.status != Status::Fail);
+        checks.extend(files);
+        if let (BootConfig::Iso(path), true) = (&machine.boot, files_ok) {
             checks.extend(check_iso(machine, path));
         }
         if machine.firmware == FirmwareKind::Uefi {
@@ -59,10 +73,11 @@ pub fn checks(config: &TestConfig) -> Vec<Check> {
         }
         checks.extend(check_declarations(machine));
     }
-    checks.push(check_memory_for(config));
-    checks.push(check_memory());
+    checks.extend(check_memory_for(config));
+    checks.extend(check_cpus(config));
     checks.push(check_disk(&attest_image::cache_dir()));
-    if !config.vlans.is_empty() {
+    checks.extend(check_blank_disks(config));
+    if !config.vlans.is_empty() && !vlans_wrong {
         checks.push(match config.network {
             NetworkMode::Switch => match attest_network::switch::VdeSwitch::find() {
                 Ok(path) => ok("vlans", format!("VLANs {:?} on vde_switch ({})", config.vlans, path.display())),
@@ -246,21 +261,85 @@ fn check_declarations(machine: &MachineConfig) -> Vec<Check> {
     checks
 }
 
-/// The test's machines together against this host's memory and the cgroup's limit.
-fn check_memory_for(config: &TestConfig) -> Check {
+/// Each file a machine's definition names, checked as the driver will use it.
+fn check_files(machine: &MachineConfig) -> Vec<Check> {
+    let named = prepare::named_files(machine);
+    let failed: Vec<Check> = named
+        .iter()
+        .filter_map(|(key, path)| prepare::check_file(&machine.name, key, path).err())
+        .map(|p| fail(p.key, p.what, p.fix))
+        .collect();
+    if !failed.is_empty() || named.is_empty() {
+        return failed;
+    }
+    let listed: Vec<String> = named.iter().map(|(key, path)| format!("{key} {}", path.display())).collect();
+    vec![ok("files", format!("{}: {}", machine.name, listed.join(", ")))]
+}
+
+/// The test's machines together against this host's available memory and the cgroup's limit:
+/// guests that would not fit are refused, not merely reported (QEMU maps guest memory lazily, so
+/// too much is either refused at its start or, worse, runs the host into the OOM killer later).
+fn check_memory_for(config: &TestConfig) -> Vec<Check> {
     // QEMU itself takes some memory beyond the guest's.
-    let needed: u64 = config.machines.iter().map(|m| m.memory_mib + 100).sum();
-    let limit = cgroup_memory_limit();
+    let needed: u64 = config.machines.iter().map(|m| m.memory_mib.saturating_add(100)).fold(0, u64::saturating_add);
     let detail = format!("the test's {} machines need about {needed} MiB", config.machines.len());
-    match limit {
+    let available = available_memory_mib();
+    let host = match available {
+        0 => warn("memory", format!("{detail}; /proc/meminfo gives no MemAvailable"), "check free -m"),
+        mib if mib < needed => fail(
+            "memory",
+            format!("{detail}, but this host has {mib} MiB available"),
+            "give the machines less memory (`memory = …` in MiB), or free memory on the host",
+        ),
+        mib => ok("memory", format!("{detail}; {mib} MiB available")),
+    };
+    let cgroup = match cgroup_memory_limit() {
         Some((mib, file)) if mib < needed => fail(
             "cgroup",
             format!("{detail}, but {} limits this process to {mib} MiB", file.display()),
             "run outside the limit (or raise it), or give the machines less memory",
         ),
         Some((mib, file)) => ok("cgroup", format!("{detail}; {} allows {mib} MiB", file.display())),
-        None => ok("cgroup", format!("{detail}; no cgroup memory limit")),
+        None => ok("cgroup", "no cgroup memory limit"),
+    };
+    vec![host, cgroup]
+}
+
+/// Machines with more vCPUs than the host has CPUs: they run, but each vCPU is a host thread, and
+/// under TCG the guest crawls.
+fn check_cpus(config: &TestConfig) -> Option<Check> {
+    let host = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    // A count out of range FAILs by the config's rule already.
+    let fitting = config.machines.iter().filter(|m| m.cpus <= attest_machine::backend::qemu::MAX_CPUS);
+    let most = fitting.max_by_key(|m| m.cpus).filter(|m| m.cpus as usize > host)?;
+    Some(warn(
+        "cpus",
+        format!("machine {}: cpus = {}, but this host has {host} CPUs", most.name, most.cpus),
+        format!("give it at most {host} vCPUs: more than the host's CPUs only slow the guest down"),
+    ))
+}
+
+/// The blank disks of the whole test against the free space where the machines' state goes. They
+/// are sparse, but a guest may fill what it is given (an installer formats and writes it), and a
+/// host filesystem that fills up mid-test fails the guest with I/O errors at some random point:
+/// disks larger together than the free space fail here instead.
+fn check_blank_disks(config: &TestConfig) -> Option<Check> {
+    let total: u64 =
+        config.machines.iter().flat_map(|m| &m.blank_disks).map(|d| d.size_mib).fold(0, u64::saturating_add);
+    if total == 0 {
+        return None;
     }
+    let (free, dir) = free_space(&state_dir::base_dir().ok()?)?;
+    let free_mib = free >> 20;
+    let detail = format!("the test's blank disks take up to {total} MiB");
+    Some(match total > free_mib {
+        true => fail(
+            "blank_disks",
+            format!("{detail}, but {} has {free_mib} MiB free", dir.display()),
+            "give the blank disks smaller sizes (`size = \"8G\"`), or free space on that filesystem",
+        ),
+        false => ok("blank_disks", format!("{detail}; {} has {free_mib} MiB free", dir.display())),
+    })
 }
 
 /// The smallest `memory.max` on this process's cgroup v2 path, in MiB.
@@ -286,9 +365,9 @@ fn cgroup_memory_limit() -> Option<(u64, PathBuf)> {
 /// the exit status when one failed, so nothing boots.
 pub fn gate(config: &TestConfig) -> Result<(), i32> {
     let checks = checks(config);
-    let failed = checks.iter().any(|c| c.status == crate::checks::Status::Fail);
-    for check in checks.iter().filter(|c| c.status != crate::checks::Status::Ok) {
-        let label = if check.status == crate::checks::Status::Fail { "FAIL" } else { "warn" };
+    let failed = checks.iter().any(|c| c.status == Status::Fail);
+    for check in checks.iter().filter(|c| c.status != Status::Ok) {
+        let label = if check.status == Status::Fail { "FAIL" } else { "warn" };
         say!("attest: preflight {label}: {}: {}", check.name, check.detail);
         if let Some(fix) = &check.fix {
             say!("attest:   fix: {fix}");

@@ -483,3 +483,13 @@ fn a_slow_reader_gets_all_output_and_the_real_exit_status() {
     assert_eq!(out.len(), data.len());
     assert_eq!(sha256(&out), sha256(&data));
 }
+
+#[test]
+fn a_vm_qemu_refuses_is_reported_in_qemus_words_at_once() {
+    let run = exec(&["--memory", "99999999M"], &["true"]);
+    assert_eq!(run.code, 2, "{run:?}");
+    // With shares, guest RAM is a memory backend: QEMU words it differently than for a plain -m.
+    assert!(run.stderr.starts_with("attest: error: QEMU refused to start: qemu-system-x86_64: "), "{}", run.stderr);
+    assert!(run.stderr.lines().next().unwrap().ends_with("Cannot allocate memory"), "{}", run.stderr);
+    assert!(run.elapsed < Duration::from_secs(5), "{:?}", run.elapsed);
+}

@@ -90,6 +90,7 @@ pub struct Driver {
 impl Driver {
     pub fn new(config: TestConfig, options: DriverOptions) -> Result<Driver> {
         let started = Instant::now();
+        config.validate()?;
         let qemu_binary = Qemu::find_binary().ok_or_else(|| {
             DriverError::Config(
                 "qemu-system-x86_64 not found: install Debian's qemu-system-x86 (or set ATTEST_QEMU)".into(),
@@ -160,6 +161,9 @@ impl Driver {
     /// Prepares one more machine (NixOS's `create_machine`); it starts when asked to, as any other.
     pub fn add_machine(&self, config: MachineConfig) -> Result<Arc<Machine>> {
         check_backend(&config)?;
+        if let Some(problem) = config.problems().into_iter().next() {
+            return Err(problem.into());
+        }
         let mut machines = self.machines.write().unwrap_or_else(|p| p.into_inner());
         if machines.iter().any(|m| m.name() == config.name) {
             return Err(DriverError::Config(format!("two machines are named {:?}", config.name)));

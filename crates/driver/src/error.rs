@@ -15,6 +15,11 @@ pub enum DriverError {
     /// The test definition is wrong: what, where, and how to fix it.
     #[error("{0}")]
     Config(String),
+    /// A value of the definition, or a file it names, cannot work: what, and the fix.
+    #[error(transparent)]
+    Invalid(#[from] crate::config::Problem),
+    /// Also a VMM that refused to start a machine ([`MachineError::VmmRefused`]): its own
+    /// message, not a wait for a guest that was never coming.
     #[error(transparent)]
     Machine(#[from] MachineError),
     #[error(transparent)]

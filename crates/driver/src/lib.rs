@@ -21,7 +21,7 @@ pub mod driver;
 pub mod error;
 pub mod log;
 pub mod machine;
-mod prepare;
+pub mod prepare;
 pub mod serial;
 
 pub use config::{BackendKind, BootConfig, BuiltinImage, FirmwareKind, Login, MachineConfig, NetworkMode, TestConfig};

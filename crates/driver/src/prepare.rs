@@ -1,9 +1,10 @@
 //! Turning a [`MachineConfig`] into what a backend boots: the built-in guests built or taken from
 //! the cache, disk images behind copy-on-write overlays and blank disks created in the machine's
 //! directory, the devices every test machine has (the backdoor's virtconsole, a display, an rng,
-//! a user-mode network card), and its cards on the test's VLANs.
+//! a user-mode network card), and its cards on the test's VLANs. The files a definition names are
+//! checked here once ([`check_file`]), for this and for `attest preflight`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use attest_image::backdoor::{backdoor_initramfs, find_static_bash};
 use attest_machine::network::user_mode;
@@ -14,8 +15,8 @@ use attest_machine::{
 use attest_network::guest::{configure_script, GuestNic};
 use attest_network::Networks;
 
-use crate::config::{BootConfig, BuiltinImage, FirmwareKind, MachineConfig};
-use crate::error::{DriverError, Result};
+use crate::config::{BootConfig, BuiltinImage, FirmwareKind, MachineConfig, Problem};
+use crate::error::Result;
 use crate::log::Log;
 use crate::machine::MachineNetwork;
 
@@ -36,24 +37,18 @@ pub struct Context<'a> {
 const GUEST_PARAMS: &str = "console=tty0 console=ttyS0 panic=-1 cryptomgr.notests";
 
 pub fn spec(config: &MachineConfig, cx: &Context, dir: &MachineDir) -> Result<MachineSpec> {
+    for (key, path) in named_files(config) {
+        check_file(&config.name, key, path)?;
+    }
     let boot = match &config.boot {
-        BootConfig::StartScript { path, qemu_opts, kernel_params } => {
-            must_exist(path, "start script")?;
-            Boot::StartScript(StartScript {
-                path: path.clone(),
-                shared_dir: cx.shared_dir.to_path_buf(),
-                qemu_opts: qemu_opts.clone(),
-                kernel_params: kernel_params.clone(),
-                vde_sockets: cx.networks.vde_sockets(),
-            })
-        }
-        BootConfig::Kernel { kernel, initrd, cmdline, .. } => {
-            must_exist(kernel, "kernel")?;
-            if let Some(initrd) = initrd {
-                must_exist(initrd, "initrd")?;
-            }
-            Boot::kernel(kernel, initrd.clone(), cmdline)
-        }
+        BootConfig::StartScript { path, qemu_opts, kernel_params } => Boot::StartScript(StartScript {
+            path: path.clone(),
+            shared_dir: cx.shared_dir.to_path_buf(),
+            qemu_opts: qemu_opts.clone(),
+            kernel_params: kernel_params.clone(),
+            vde_sockets: cx.networks.vde_sockets(),
+        }),
+        BootConfig::Kernel { kernel, initrd, cmdline, .. } => Boot::kernel(kernel, initrd.clone(), cmdline),
         BootConfig::Disk(_) | BootConfig::Iso(_) => Boot::Firmware(match config.firmware {
             FirmwareKind::Bios => Firmware::Bios,
             FirmwareKind::Uefi => Firmware::Uefi(Uefi::find()?),
@@ -82,11 +77,9 @@ pub fn spec(config: &MachineConfig, cx: &Context, dir: &MachineDir) -> Result<Ma
         _ => None,
     };
     if let Some(image) = root_image {
-        must_exist(&image, "disk image")?;
         spec.disks.push(disk::overlay(&image, &dir.path().join("root-overlay.qcow2"))?);
     }
     if let BootConfig::Iso(iso) = &config.boot {
-        must_exist(iso, "ISO")?;
         spec.disks.push(Disk {
             path: iso.clone(),
             format: DiskFormat::Raw,
@@ -139,7 +132,7 @@ fn builtin(image: BuiltinImage, spec: &mut MachineSpec, cx: &Context, dir: &Mach
 /// The machine's VLAN cards, and the commands that give one of attest's guests (or a kernel +
 /// initrd machine, which speaks the backdoor protocol too) its addresses; other machines configure
 /// their own networks.
-pub fn network(config: &MachineConfig, networks: &Networks) -> MachineNetwork {
+pub(crate) fn network(config: &MachineConfig, networks: &Networks) -> MachineNetwork {
     let vlans = networks.plan().machine(&config.name).map(|m| m.nics.clone()).unwrap_or_default();
     MachineNetwork { vlans, guest_script: guest_script(config, networks) }
 }
@@ -159,10 +152,41 @@ fn guest_script(config: &MachineConfig, networks: &Networks) -> Option<String> {
     Some(configure_script(&nics, &plan.hosts_for(&config.name)))
 }
 
-fn must_exist(path: &Path, what: &str) -> Result<PathBuf> {
-    match std::fs::metadata(path) {
-        Ok(meta) if meta.is_file() => Ok(path.to_path_buf()),
-        Ok(_) => Err(DriverError::Config(format!("the {what} {} is not a file", path.display()))),
-        Err(e) => Err(DriverError::Config(format!("the {what} {} cannot be read: {e}", path.display()))),
+/// The files `config` names, by the key that names them: what [`check_file`] checks.
+pub fn named_files(config: &MachineConfig) -> Vec<(&'static str, &Path)> {
+    match &config.boot {
+        BootConfig::StartScript { path, .. } => vec![("start_script", path.as_path())],
+        BootConfig::Kernel { kernel, initrd, disk, .. } => {
+            [("kernel", Some(kernel)), ("initrd", initrd.as_ref()), ("disk", disk.as_ref())]
+                .into_iter()
+                .filter_map(|(key, path)| Some((key, path?.as_path())))
+                .collect()
+        }
+        BootConfig::Disk(path) => vec![("disk", path.as_path())],
+        BootConfig::Iso(path) => vec![("iso", path.as_path())],
+        BootConfig::Image(_) => Vec::new(),
     }
+}
+
+/// Whether the file that machine `machine`'s `key` names can be what [`spec`] makes of it: a file
+/// this user can read, and for `kernel` one QEMU boots (a bzImage, or an ELF vmlinux with the PVH
+/// entry note).
+pub fn check_file(machine: &str, key: &'static str, path: &Path) -> std::result::Result<(), Problem> {
+    let fix = "give the path of an existing file (a relative path starts at the test file's directory)";
+    let at = format!("machine {machine}: {key} {}", path.display());
+    match std::fs::File::open(path).and_then(|file| file.metadata()) {
+        Ok(meta) if meta.is_file() => {}
+        Ok(_) => return Err(Problem::new(key, format!("{at} is not a file"), fix)),
+        Err(e) => return Err(Problem::new(key, format!("{at} cannot be read: {e}"), fix)),
+    }
+    if key == "kernel" {
+        attest_image::kernel::bootable(path).map_err(|e| {
+            Problem::new(
+                key,
+                format!("machine {machine}: {e}"),
+                "give a bzImage (such as /boot/vmlinuz-*) or an ELF vmlinux with the PVH entry note",
+            )
+        })?;
+    }
+    Ok(())
 }

@@ -1,4 +1,5 @@
-//! Finding the guest kernel and reading what it is: its release from the bzImage header and where its modules live.
+//! Finding the guest kernel and reading what it is: its release from the bzImage header and where its
+//! modules live; and whether a file QEMU is given as `-kernel` can boot at all ([`bootable`]).
 
 use std::fs::File;
 use std::io::Read;
@@ -149,6 +150,40 @@ pub fn bzimage_release(path: &Path) -> Result<String, ImageError> {
     version.split_whitespace().next().map(str::to_string).ok_or_else(|| not_bzimage("empty version string"))
 }
 
+/// How a kernel file boots under QEMU's `-kernel`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelFormat {
+    /// An x86 bzImage, with its release.
+    BzImage(String),
+    /// An uncompressed ELF `vmlinux` with the PVH entry note.
+    PvhElf,
+}
+
+/// What `-kernel` boots: a bzImage (its setup header) or an ELF vmlinux with the PVH entry note;
+/// anything else (a script, a compressed vmlinux without the note) is [`ImageError::BadKernel`]
+/// naming both.
+pub fn bootable(path: &Path) -> Result<KernelFormat, ImageError> {
+    let bzimage = match bzimage_release(path) {
+        Ok(release) => return Ok(KernelFormat::BzImage(release)),
+        Err(ImageError::BadKernel { why, .. }) => why,
+        Err(e) => return Err(e),
+    };
+    let mut magic = [0u8; 4];
+    let io_err = ImageError::io(format!("reading kernel {}", path.display()));
+    let is_elf = File::open(path).map_err(&io_err)?.read(&mut magic).map_err(&io_err)? == 4 && magic == *b"\x7fELF";
+    if is_elf {
+        let elf = std::fs::read(path).map_err(&io_err)?;
+        if crate::vmlinux::has_pvh_entry(&elf) {
+            return Ok(KernelFormat::PvhElf);
+        }
+        let why = "an ELF without the PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY), which QEMU needs to boot it; \
+                   give the kernel's bzImage (such as /boot/vmlinuz-*) instead";
+        return Err(ImageError::BadKernel { path: path.to_path_buf(), why: why.into() });
+    }
+    let why = format!("{bzimage}, or an ELF vmlinux with the PVH entry note");
+    Err(ImageError::BadKernel { path: path.to_path_buf(), why })
+}
+
 /// `lib/modules/<release>` beside the kernel (an unpacked package: `X/boot/vmlinuz`, `X/lib/modules`),
 /// else the host's own.
 fn modules_dir_for(kernel: &Path, release: &str) -> Option<PathBuf> {
@@ -187,6 +222,18 @@ mod tests {
         let mut versions = ["vmlinuz-6.10.0-1-amd64", "vmlinuz-6.9.0-3-amd64", "vmlinuz-6.9.0-12-amd64"];
         versions.sort_by_cached_key(|v| version_key(v));
         assert_eq!(versions, ["vmlinuz-6.9.0-3-amd64", "vmlinuz-6.9.0-12-amd64", "vmlinuz-6.10.0-1-amd64"]);
+    }
+
+    #[test]
+    fn a_bootable_kernel_is_a_bzimage_or_a_pvh_elf() {
+        let image = fake_bzimage("6.1.0-test");
+        assert_eq!(bootable(image.path()).unwrap(), KernelFormat::BzImage("6.1.0-test".into()));
+        let passwd = bootable(Path::new("/etc/passwd")).unwrap_err().to_string();
+        assert!(passwd.contains("no x86 boot header") && passwd.contains("or an ELF vmlinux"), "{passwd}");
+        let elf = std::env::current_exe().unwrap();
+        let err = bootable(&elf).unwrap_err().to_string();
+        assert!(err.contains("without the PVH entry note"), "{err}");
+        assert!(bootable(Path::new("/nope/vmlinuz")).unwrap_err().to_string().contains("/nope/vmlinuz"));
     }
 
     #[test]

@@ -115,7 +115,7 @@ fn lz4_legacy(mut rest: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// Whether `elf` is a 64-bit ELF with the PVH entry note, without which QEMU refuses to boot it.
-fn has_pvh_entry(elf: &[u8]) -> bool {
+pub(crate) fn has_pvh_entry(elf: &[u8]) -> bool {
     use object::read::elf::{FileHeader, ProgramHeader};
     let Ok(header) = object::elf::FileHeader64::<object::Endianness>::parse(elf) else { return false };
     let Ok(endian) = header.endian() else { return false };
@@ -208,6 +208,7 @@ mod tests {
             return;
         };
         assert!(has_pvh_entry(&std::fs::read(&elf).unwrap()));
+        assert_eq!(crate::kernel::bootable(&elf).unwrap(), crate::kernel::KernelFormat::PvhElf, "QEMU boots it");
         assert_eq!(pvh_vmlinux(&kernel, dir.path()).unwrap(), Some(elf));
     }
 }

@@ -4,6 +4,8 @@
 use std::io;
 use std::path::PathBuf;
 
+use attest_protocol::ExitStatus;
+
 use crate::accel::Accel;
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +40,24 @@ pub enum MachineError {
     /// The machine's backend gave it no control channel.
     #[error("machine {machine} has no control channel")]
     NoControl { machine: String },
+    /// The VMM exited by itself with a failure before the guest's channel connected: its own
+    /// words (stderr) explain it, not the wait for a guest that was never coming.
+    #[error(
+        "{vmm} refused to start: {}\n(machine {machine}: {vmm} exited ({status}) before the guest connected; its \
+         message says what to change in the machine's definition or on the host; `attest preflight` checks what \
+         can be known before a boot){}",
+        refusal_text(stderr),
+        console_text(machine, console_tail)
+    )]
+    VmmRefused {
+        vmm: &'static str,
+        machine: String,
+        status: ExitStatus,
+        /// The VMM's own messages.
+        stderr: Vec<String>,
+        /// The console's last lines that are not among `stderr` (what the guest printed, if anything).
+        console_tail: Vec<String>,
+    },
     /// The requested accelerator cannot run guests on this host.
     #[error("{accel} was requested but is unusable: {detail}{}", if *.cached { " (verdict cached for this boot: remove kvm-probe.json in attest's cache to probe again)" } else { "" })]
     AccelUnusable { accel: Accel, detail: String, cached: bool },
@@ -49,6 +69,25 @@ impl MachineError {
         let what = what.into();
         move |source| MachineError::Io { what: what.clone(), source }
     }
+}
+
+fn refusal_text(stderr: &[String]) -> String {
+    match stderr {
+        [] => "it printed nothing on stderr".into(),
+        lines => lines.join("\n"),
+    }
+}
+
+fn console_text(machine: &str, tail: &[String]) -> String {
+    let mut text = String::new();
+    if !tail.is_empty() {
+        text.push_str(&format!("\n--- last lines of {machine}'s console ---"));
+        for line in tail {
+            text.push('\n');
+            text.push_str(line);
+        }
+    }
+    text
 }
 
 pub type Result<T, E = MachineError> = std::result::Result<T, E>;

@@ -8,6 +8,9 @@ use crate::accel::Accel;
 use crate::disk::Disk;
 use crate::network::Nic;
 
+/// The least memory a machine is given: below it a guest kernel has no room to unpack itself.
+pub const MIN_MEMORY_MIB: u64 = 64;
+
 #[derive(Debug, Clone)]
 pub struct MachineSpec {
     pub name: String,

@@ -1,13 +1,18 @@
 //! A running machine: the VMM process, its helper daemons and its console, whatever the backend.
-//! Dropping a `Vm` kills and reaps all of them.
+//! Dropping a `Vm` kills and reaps all of them. The VMM's stderr goes to the console too, and is
+//! kept apart as well: when the VMM refuses to start, its own words are the error
+//! ([`Vm::refusal`]).
 
+use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
 use std::process::Stdio;
 
 use nix::fcntl::OFlag;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use attest_protocol::ExitStatus;
 
 use crate::backend::{Backend, Control, PendingControl};
 use crate::console::{Console, Echo};
@@ -18,9 +23,20 @@ use crate::spec::MachineSpec;
 use crate::state_dir::MachineDir;
 use crate::transport::Transport;
 
+/// How much of the VMM's stderr is kept for [`Vm::refusal`]: its last words, not a whole log.
+const STDERR_KEPT: usize = 16 << 10;
+/// How long [`Vm::refusal`] waits for the dead VMM's last output to reach the console.
+const DRAIN: Duration = Duration::from_secs(2);
+/// Console lines a refusal shows besides the VMM's own.
+const REFUSAL_TAIL: usize = 20;
+
 pub struct Vm {
     name: String,
+    /// The VMM as users know it ("QEMU").
+    vmm_name: &'static str,
     vmm: ManagedChild,
+    /// The latest of the VMM's stderr, as it also went to the console.
+    stderr: Arc<Mutex<Vec<u8>>>,
     helpers: Vec<ManagedChild>,
     console: Console,
     agent: Option<Box<dyn Transport>>,
@@ -75,14 +91,17 @@ impl Vm {
         }
         console.attach_input(vmm.take_stdin().expect("piped stdin"));
         console.attach(vmm.take_stdout().expect("piped stdout"));
-        console.attach(vmm.take_stderr().expect("piped stderr"));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        console.attach(Tee { inner: vmm.take_stderr().expect("piped stderr"), kept: stderr.clone() });
         let control = match prepared.control {
             Some(pending) => ControlState::Pending(pending),
             None => ControlState::None,
         };
         Ok(Vm {
             name: spec.name.clone(),
+            vmm_name: backend.vmm_name(),
             vmm,
+            stderr,
             helpers: prepared.helpers,
             console,
             agent: prepared.agent,
@@ -121,6 +140,30 @@ impl Vm {
         self.vmm.wait_until(deadline).is_some()
     }
 
+    /// Why the VMM refused to start, when it exited by itself with a failure: for a caller whose
+    /// wait for the guest ended before the guest got anywhere (its channel never connected or
+    /// closed before announcing itself), so that the error is the VMM's own message and not the
+    /// wait's. `None` while the VMM runs, after it exited with status 0 (a guest that powered off
+    /// or panicked with `-no-reboot`), or was killed. It does not wait for the exit: a caller
+    /// that saw only the channel close waits on [`Vm::exit_watch`] first.
+    pub fn refusal(&mut self) -> Option<MachineError> {
+        let status = self.vmm.wait_until(Instant::now())?;
+        if !matches!(status, ExitStatus::Code(code) if code != 0) || self.stopping.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.console.wait_closed(DRAIN);
+        let kept = self.stderr.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let stderr: Vec<String> = String::from_utf8_lossy(&kept)
+            .lines()
+            .map(str::trim_end)
+            .filter(|l| !l.is_empty())
+            .map(Into::into)
+            .collect();
+        let console_tail =
+            self.console.tail(REFUSAL_TAIL).into_iter().filter(|l| !l.is_empty() && !stderr.contains(l)).collect();
+        Some(MachineError::VmmRefused { vmm: self.vmm_name, machine: self.name.clone(), status, stderr, console_tail })
+    }
+
     /// The guest command channel, to connect (with [`Vm::exit_watch`]) outside any lock on the `Vm`.
     pub fn take_agent(&mut self) -> Option<Box<dyn Transport>> {
         self.agent.take()
@@ -156,6 +199,23 @@ impl Vm {
         for helper in &mut self.helpers {
             helper.kill();
         }
+    }
+}
+
+/// The VMM's stderr on its way to the console, its latest [`STDERR_KEPT`] bytes kept aside.
+struct Tee<R> {
+    inner: R,
+    kept: Arc<Mutex<Vec<u8>>>,
+}
+
+impl<R: Read> Read for Tee<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        kept.extend_from_slice(&buf[..n]);
+        let excess = kept.len().saturating_sub(STDERR_KEPT);
+        kept.drain(..excess);
+        Ok(n)
     }
 }
 
@@ -294,6 +354,28 @@ pub(crate) mod tests {
         let Control::Qmp(again) = vm.control(deadline).unwrap();
         assert!(Arc::ptr_eq(&qmp, &again), "one connection per machine, kept");
         assert_eq!(qmp.wait_for_event("STOP", |e| e.name == "STOP", deadline).unwrap().name, "STOP");
+    }
+
+    #[test]
+    fn a_vmm_that_refuses_to_start_is_reported_in_its_own_words() {
+        let Some((qemu, kernel)) = qemu_and_kernel() else { return };
+        let state = crate::StateDir::create(false).unwrap();
+        let dir = state.machine_dir(0, "huge").unwrap();
+        // Far more memory than any host has: QEMU cannot map it and exits at once.
+        let spec = MachineSpec { memory_mib: 99_999_999, ..spec("huge", &kernel.path) };
+        let mut vm = Vm::start(&qemu, &spec, &dir, Echo::Off, Arc::new(|_| {})).unwrap();
+        assert!(vm.wait_exited(Instant::now() + Duration::from_secs(30)), "QEMU exits by itself");
+        let refusal = vm.refusal().expect("a refusal").to_string();
+        assert!(
+            refusal.starts_with("QEMU refused to start: qemu-system-x86_64: cannot set up guest memory 'pc.ram'"),
+            "{refusal}"
+        );
+        assert!(refusal.contains("(machine huge: QEMU exited (exit status 1) before the guest connected"), "{refusal}");
+
+        // A VMM killed on purpose refused nothing.
+        let (mut sleeping, _events, _state) = start("sleeping");
+        sleeping.kill();
+        assert!(sleeping.refusal().is_none());
     }
 
     #[test]

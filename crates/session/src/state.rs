@@ -160,6 +160,11 @@ impl SessionState {
             // end is awaited however long the reader takes, not a fixed grace.
             Event::Vm(VmEvent::VmmExited(status)) => {
                 self.signs.vm_exit = Some(status);
+                // A VMM failing before any agent connected refused to start: nothing more is
+                // coming, and the caller reports the VMM's own message.
+                if !self.agent_connected && matches!(status, ExitStatus::Code(code) if code != 0) {
+                    return Step::Done(Outcome::GuestFailed(std::mem::take(&mut self.signs).explain()));
+                }
                 if !self.agent_connected {
                     self.grace.get_or_insert(now + DEATH_GRACE);
                 }
@@ -292,8 +297,15 @@ mod tests {
     #[test]
     fn a_vmm_that_exits_before_the_agent_connects_fails_after_the_grace() {
         let (mut state, t0, _peer) = session(None);
-        assert!(matches!(state.on_event(Event::Vm(VmEvent::VmmExited(ExitStatus::Code(1))), t0), Step::Wait));
+        assert!(matches!(state.on_event(Event::Vm(VmEvent::VmmExited(ExitStatus::Code(0))), t0), Step::Wait));
         let outcome = done(state.on_wake(t0 + DEATH_GRACE));
+        assert_eq!(outcome, Outcome::GuestFailed("the VM exited (exit status 0) before the program finished".into()));
+    }
+
+    #[test]
+    fn a_vmm_that_fails_before_the_agent_connects_ends_the_session_at_once() {
+        let (mut state, t0, _peer) = session(None);
+        let outcome = done(state.on_event(Event::Vm(VmEvent::VmmExited(ExitStatus::Code(1))), t0));
         assert_eq!(outcome, Outcome::GuestFailed("the VM exited (exit status 1) before the program finished".into()));
     }
 

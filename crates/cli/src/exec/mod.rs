@@ -168,8 +168,9 @@ fn parse_memory_mib(text: &str) -> Result<u64, String> {
         "G" | "GB" | "GIB" => value * 1024,
         _ => return Err(format!("unknown unit {unit:?} in {text:?}; use M or G")),
     };
-    if mib < 64 {
-        return Err(format!("{text} is too little memory for a guest; use at least 64M"));
+    if mib < attest_machine::spec::MIN_MEMORY_MIB {
+        let least = attest_machine::spec::MIN_MEMORY_MIB;
+        return Err(format!("{text} is too little memory for a guest; use at least {least}M"));
     }
     Ok(mib)
 }

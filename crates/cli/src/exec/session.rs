@@ -84,6 +84,11 @@ pub fn run(guest: PreparedGuest, args: &ExecArgs, verbose: bool, t0: Instant) ->
     let mut session = SessionState::new(deadlines, vmm_started);
     let outcome = drive(&rx, &guest, &mut session, !args.no_stdin, &mut host_terminal);
     let timings = session.timings;
+    // Before the kill, which would make any exit look deliberate.
+    let refused = match outcome {
+        Outcome::GuestFailed(_) if timings.ready.is_none() => vm.refusal(),
+        _ => None,
+    };
     vm.kill();
     if let Some(host_terminal) = &mut host_terminal {
         if !matches!(outcome, Outcome::Program(_)) {
@@ -106,6 +111,9 @@ pub fn run(guest: PreparedGuest, args: &ExecArgs, verbose: bool, t0: Instant) ->
     }
     if kept {
         say!("attest: state kept in {}", state_path.display());
+    }
+    if let Some(refused) = refused {
+        return exit_code::setup_error(&refused);
     }
     report(outcome, args, kernel_panic, &console_tail, (&state_path, kept))
 }

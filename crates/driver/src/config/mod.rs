@@ -1,6 +1,6 @@
 //! Machine definitions, backend-agnostic: built in Rust ([`MachineConfig`]'s builder) or read from a
-//! test's TOML file ([`TestConfig::from_toml`]), checked before anything boots, with the offending
-//! line named.
+//! test's TOML file ([`TestConfig::from_toml`]), checked before anything boots: its shape when read,
+//! with the offending line named, and its values by the rules in `rules.rs` ([`TestConfig::problems`]).
 //!
 //! ```toml
 //! global_timeout = 1800          # seconds; default 3600, as NixOS
@@ -28,6 +28,8 @@ use std::time::Duration;
 use attest_machine::{DiskBus, DiskFormat, StartScript};
 pub use attest_network::Mode as NetworkMode;
 use serde::Deserialize;
+
+pub use rules::Problem;
 
 use crate::conditions::Condition;
 use crate::error::{DriverError, Result};
@@ -284,5 +286,6 @@ impl TestConfig {
 }
 
 mod file;
+mod rules;
 #[cfg(test)]
 mod tests;

@@ -174,3 +174,29 @@ fn bad_definitions_name_the_line_and_the_fix() {
     assert!(error("[machines.a]\nstart_script = \"/bin/run-a-vm\"\nvlans = [1]\n").contains("drop `vlans`"));
     assert!(error("[machines.a\n").starts_with("1: "), "{}", error("[machines.a\n"));
 }
+
+#[test]
+fn values_that_cannot_work_are_problems_with_their_fix() {
+    let keys = |text: &str| -> Vec<&'static str> { parse(text).unwrap().problems().iter().map(|p| p.key).collect() };
+    let machine = |keys: &str| format!("[machines.a]\nimage = \"minimal\"\n{keys}\n");
+    assert!(keys(&machine("cpus = 2\nmemory = 512")).is_empty());
+    assert_eq!(keys(&machine("cpus = 0")), ["cpus"]);
+    assert_eq!(keys(&machine("cpus = 1000")), ["cpus"]);
+    assert_eq!(keys(&machine("memory = 0")), ["memory"]);
+    assert_eq!(keys(&machine("blank_disks = [{ size = 0 }, { size = \"1G\" }]")), ["blank_disks"]);
+    assert_eq!(keys(&machine("boot_timeout = 0")), ["boot_timeout"]);
+    assert_eq!(keys(&format!("global_timeout = 0\n{}", machine(""))), ["global_timeout"]);
+    assert_eq!(keys(&format!("vlans = [0]\n{}", machine(""))), ["vlans"]);
+    assert_eq!(keys(&format!("vlans = [1]\n{}", machine("vlans = [2]"))), ["vlans"]);
+
+    let cpus = &parse(&machine("cpus = 0")).unwrap().problems()[0];
+    assert_eq!(cpus.what, "machine a: cpus = 0, but a q35 machine takes 1 to 255 vCPUs");
+    assert_eq!(cpus.fix, "set cpus between 1 and 255");
+    let vlan = parse(&format!("vlans = [0]\n{}", machine(""))).unwrap().validate().unwrap_err().to_string();
+    assert!(
+        vlan.starts_with("VLAN 0 is out of range") && vlan.contains("fix: number the VLANs from 1 to 255"),
+        "{vlan}"
+    );
+    // The builder's values follow the same rules.
+    assert_eq!(MachineConfig::image("b", BuiltinImage::Minimal).cpus(0).problems()[0].key, "cpus");
+}

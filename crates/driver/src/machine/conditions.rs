@@ -61,6 +61,12 @@ impl Machine {
                 self.log(&format!("condition {:?} {said} after {:.1} s", condition.name, result.after_seconds));
                 results.push(result);
             }
+            // A VMM that refused to start explains every verdict at once, in its own words.
+            if results.iter().any(|r| r.outcome != Outcome::Passed) {
+                if let Some(refused) = self.refused(Instant::now() + EXIT_GRACE) {
+                    return Err(refused);
+                }
+            }
             Ok(Report { machine: self.name().to_string(), results })
         })
     }

@@ -41,6 +41,8 @@ pub use screen::key_for_char;
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long giving a guest its addresses may take.
 const NETWORK_SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a VMM whose channel closed may take to be seen exiting.
+const REFUSAL_GRACE: Duration = Duration::from_secs(2);
 /// Console lines shown with an error.
 const TAIL_LINES: usize = 25;
 
@@ -243,6 +245,7 @@ impl Machine {
                     connected.map_err(|e| self.boot_failed(at, started, &e.to_string()))?
                 }
             };
+            // The VMM connects the channel as it sets up its devices, before it may still refuse.
             let (shell, _) =
                 BackdoorShell::connect(stream, deadline).map_err(|e| self.boot_failed(at, started, &e.to_string()))?;
             self.shared.log.info(
@@ -270,7 +273,12 @@ impl Machine {
         }
     }
 
+    /// A wait for the guest's shell that ended: the VMM's refusal if it refused to start, else
+    /// what was expected of the guest and what happened instead.
     fn boot_failed(&self, at: &'static Location<'static>, started: Instant, what: &str) -> DriverError {
+        if let Some(refused) = self.refused(Instant::now() + REFUSAL_GRACE) {
+            return refused;
+        }
         let waited = started.elapsed();
         self.broken(
             at,
@@ -280,6 +288,19 @@ impl Machine {
                 self.shared.deadline.min(started + self.config.boot_timeout).saturating_duration_since(started)
             ),
         )
+    }
+
+    /// The VMM's [`MachineError::VmmRefused`](attest_machine::MachineError) when it of the latest start exited by itself with a failure,
+    /// waiting for its exit at most until `deadline` (a channel closes as the VMM dies): for waits
+    /// that ended before the guest got anywhere.
+    pub(crate) fn refused(&self, deadline: Instant) -> Option<DriverError> {
+        if let Some(halted) = self.shared.halted() {
+            return Some(halted);
+        }
+        if !self.wait_exit(deadline) {
+            return None;
+        }
+        lock(&self.vm).vm().and_then(|vm| vm.refusal()).map(DriverError::Machine)
     }
 
     /// The QMP connection of the running VM; connected on first use, outside the machine's lock.

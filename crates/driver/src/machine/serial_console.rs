@@ -118,6 +118,11 @@ impl Machine {
     /// A serial-shell failure as the driver reports it: which step, how far the guest got when it
     /// never prompted, and the console's tail.
     fn serial_failed(&self, at: &'static Location<'static>, error: SerialError) -> crate::error::DriverError {
+        if error.step == Step::Login {
+            if let Some(refused) = self.refused(Instant::now() + Duration::from_secs(2)) {
+                return refused;
+            }
+        }
         let mut message = error.to_string();
         if error.step == Step::Login && !self.get_console_log().contains("login:") {
             message.push_str(&format!(

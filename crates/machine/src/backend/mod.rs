@@ -27,6 +27,11 @@ pub use qemu::Qemu;
 pub trait Backend {
     fn name(&self) -> &'static str;
 
+    /// The VMM as users know it, for messages ("QEMU refused to start: …").
+    fn vmm_name(&self) -> &'static str {
+        self.name()
+    }
+
     /// Whether this backend's machines can do `capability`; see [`require`].
     fn supports(&self, capability: Capability) -> bool;
 

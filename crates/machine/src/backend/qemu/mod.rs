@@ -26,6 +26,10 @@ pub mod version;
 
 /// q35 for every VM attest starts, the KVM probe included.
 pub const MACHINE_TYPE: &str = "q35";
+/// The most vCPUs attest gives a q35 machine. QEMU 10's q35 takes up to 4096 (`query-machines`
+/// says `cpu-max`), but x86 APIC IDs above 254 need x2APIC with interrupt remapping (an
+/// `intel-iommu` with `eim=on`, and a split irqchip under KVM), which attest does not set up.
+pub const MAX_CPUS: u32 = 255;
 
 /// QEMU's accelerator and CPU model options. The KVM probe boots with exactly these, because
 /// whether KVM works can depend on the CPU model (PVM hosts reject `-cpu host`'s MSRs).
@@ -57,6 +61,10 @@ impl Qemu {
 impl Backend for Qemu {
     fn name(&self) -> &'static str {
         "qemu"
+    }
+
+    fn vmm_name(&self) -> &'static str {
+        "QEMU"
     }
 
     /// All of them, through QMP and the monitor.
