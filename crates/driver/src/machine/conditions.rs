@@ -2,7 +2,7 @@
 //! logging in (and `sudo -i`) when its definition has a `login`. Each condition is checked until it
 //! holds or its time after the machine's start runs out; a failure gathers its evidence and the
 //! next condition is checked all the same. If the machine can no longer be reached, the rest are
-//! "not reached", and console conditions are still decided from the console's log.
+//! "not reached", and console conditions are still decided from the console of this start.
 
 use std::panic::Location;
 use std::time::{Duration, Instant};
@@ -132,7 +132,8 @@ impl Machine {
         Some(Evidence { command: "(screenshot)".into(), output: path.display().to_string() })
     }
 
-    /// Console text is decided from everything the console printed since the machine started.
+    /// Console text is decided from everything the console printed since the machine started,
+    /// woken by its output; a console that ended (the machine stopped) decides at once.
     fn check_console(
         &self,
         condition: &Condition,
@@ -141,22 +142,22 @@ impl Machine {
         deadline: Instant,
     ) -> ConditionResult {
         // A line matching, in what this start of the machine printed.
-        let pattern = regex::Regex::new(&format!("(?m){regex}")).expect("checked when the test was read");
-        let from = self.console_start.load(std::sync::atomic::Ordering::SeqCst) as usize;
-        loop {
-            let log = std::fs::read(self.console_log_path()).unwrap_or_default();
-            if pattern.is_match(&String::from_utf8_lossy(&log[from.min(log.len())..])) {
-                return verdict(condition, Outcome::Passed, started, None, Vec::new());
-            }
-            if Instant::now() + RECHECK >= deadline || !self.is_running() {
+        let pattern = regex::bytes::Regex::new(&format!("(?m){regex}")).expect("checked when the test was read");
+        let Some(console) = self.console() else {
+            let why = "the machine has no console (it never started)".to_string();
+            return verdict(condition, Outcome::NotReached, started, Some(why), Vec::new());
+        };
+        match console.wait_printed(&pattern, deadline) {
+            Ok(_) => verdict(condition, Outcome::Passed, started, None, Vec::new()),
+            Err(e) => {
                 let evidence = vec![Evidence {
                     command: "(the console's last lines)".into(),
                     output: self.console_tail().join("\n"),
                 }];
-                let reason = format!("expected {}, but it never did", condition.kind.describe());
-                return verdict(condition, Outcome::Failed, started, Some(reason), evidence);
+                let stopped = if e.ended { " (the machine stopped)" } else { "" };
+                let reason = format!("expected {}, but it never did{stopped}", condition.kind.describe());
+                verdict(condition, Outcome::Failed, started, Some(reason), evidence)
             }
-            std::thread::sleep(RECHECK);
         }
     }
 }
