@@ -1,7 +1,8 @@
 //! Checking a machine's conditions: through its backdoor shell, or through the serial console after
 //! logging in (and `sudo -i`) when its definition has a `login`. Each condition is checked until it
-//! holds or its time after the machine's start runs out; a failure gathers its evidence and the
-//! next condition is checked all the same. If the machine can no longer be reached, the rest are
+//! holds, cannot hold any more (`Kind::cannot_hold`: decided at once) or its time after the
+//! machine's start runs out; a failure gathers its evidence and the next condition is checked all
+//! the same. If the machine can no longer be reached, the rest are
 //! "not reached", and console conditions are still decided from the console of this start.
 
 use std::panic::Location;
@@ -86,6 +87,10 @@ impl Machine {
         }
     }
 
+    /// Probes `condition` until it holds, cannot hold any more (decided at once, see
+    /// [`Kind::cannot_hold`]) or its deadline comes. A machine that stopped is not probed again
+    /// (a probe would boot it anew): a condition already seen not holding then fails; one never
+    /// probed is an error, which the caller reports as "not reached".
     fn check_in_guest(
         &self,
         at: &'static Location<'static>,
@@ -94,21 +99,30 @@ impl Machine {
         deadline: Instant,
     ) -> Result<ConditionResult> {
         let probe = condition.kind.probe().expect("a guest condition has a probe");
+        let mut last: Option<String> = None;
         loop {
+            if !self.is_running() {
+                let Some(said) = last else {
+                    return Err(self.broken(at, "the machine stopped before it could be checked".into()));
+                };
+                let reason = format!("{said}; then the machine stopped, so it never will");
+                return Ok(verdict(condition, Outcome::Failed, started, Some(reason), Vec::new()));
+            }
             let (status, output) = self.condition_command(at, &probe)?;
             if condition.kind.holds(status, &output) {
                 return Ok(verdict(condition, Outcome::Passed, started, None, Vec::new()));
             }
-            if Instant::now() + RECHECK >= deadline {
-                let reason = format!(
-                    "expected {}, but `{probe}` exited {status}{}",
-                    condition.kind.describe(),
-                    if output.trim().is_empty() {
-                        String::new()
-                    } else {
-                        format!(" saying: {}", cut(&output).trim_end())
-                    }
-                );
+            let said = format!(
+                "expected {}, but `{probe}` exited {status}{}",
+                condition.kind.describe(),
+                if output.trim().is_empty() { String::new() } else { format!(" saying: {}", cut(&output).trim_end()) }
+            );
+            let hopeless = condition.kind.cannot_hold(&output);
+            if hopeless.is_some() || Instant::now() + RECHECK >= deadline {
+                let reason = match hopeless {
+                    Some(why) => format!("{said}; {why}"),
+                    None => said,
+                };
                 let mut evidence = Vec::new();
                 for command in condition.kind.evidence() {
                     let output = match self.condition_command(at, &command) {
@@ -120,6 +134,7 @@ impl Machine {
                 evidence.extend(self.failure_screenshot(condition));
                 return Ok(verdict(condition, Outcome::Failed, started, Some(reason), evidence));
             }
+            last = Some(said);
             std::thread::sleep(RECHECK);
         }
     }
