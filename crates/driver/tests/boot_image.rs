@@ -201,23 +201,7 @@ fn an_installer_provisioning_sda_fails_its_lvm_conditions_and_says_why() {
     let journal = unit.evidence.iter().find(|e| e.command.starts_with("journalctl")).expect("the unit's journal");
     assert!(journal.output.contains("no disk /dev/sda"), "{}", journal.output);
 
-    // When the unit failed, on the host's clock: the guest's monotonic clock now and at the unit's
-    // last state change, read over the serial console.
-    let asked = Instant::now();
-    let clocks = machine
-        .serial_succeed(
-            "cut -d' ' -f1 /proc/uptime; systemctl show -p StateChangeTimestampMonotonic --value provision.service",
-            None,
-        )
-        .unwrap();
-    let asked = asked + asked.elapsed() / 2;
-    let [uptime, changed]: [f64; 2] = clocks
-        .split_whitespace()
-        .map(|n| n.parse::<f64>().unwrap())
-        .collect::<Vec<_>>()
-        .try_into()
-        .unwrap_or_else(|_| panic!("uptime and timestamp: {clocks:?}"));
-    let failed_at = asked - Duration::from_secs_f64(uptime - changed / 1e6);
+    let failed_at = machine.unit_state_changed_at("provision.service").unwrap();
     // `started` is taken after the machine's own start, so this verdict time is if anything late.
     let decided_at = started + Duration::from_secs_f64(unit.after_seconds);
     let latency = decided_at.saturating_duration_since(failed_at.max(checking));

@@ -77,6 +77,33 @@ impl Machine {
         Ok(())
     }
 
+    /// When `unit` last changed state (e.g. failed), on the host's clock: the guest's monotonic
+    /// clock read now and at the change, through the channel its conditions use. For measuring how
+    /// soon a condition on the unit was decided.
+    #[track_caller]
+    pub fn unit_state_changed_at(&self, unit: &str) -> Result<Instant> {
+        let at = Location::caller();
+        let command = format!(
+            "cut -d' ' -f1 /proc/uptime; systemctl show -p StateChangeTimestampMonotonic --value -- {}",
+            attest_shell::quote(unit)
+        );
+        let asked = Instant::now();
+        let (status, output) = self.condition_command(at, &command)?;
+        // The guest read its clock about halfway through the round trip.
+        let asked = asked + asked.elapsed() / 2;
+        let numbers: Vec<f64> = output.split_whitespace().filter_map(|n| n.parse().ok()).collect();
+        match (status, numbers.as_slice()) {
+            (0, &[uptime, changed]) if changed > 0.0 => {
+                Ok(asked - Duration::from_secs_f64((uptime - changed / 1e6).max(0.0)))
+            }
+            _ => Err(self.assertion(
+                at,
+                format!("expected the guest's uptime and {unit}'s state change time, but `{command}` exited {status}: {output}"),
+                false,
+            )),
+        }
+    }
+
     /// Runs a command the way this machine's conditions are checked: exit status and output
     /// (stdout and stderr).
     fn condition_command(&self, at: &'static Location<'static>, command: &str) -> Result<(i32, String)> {
