@@ -2,8 +2,9 @@
 //! bench/boot_image.sh): (1) the time to a verdict on a broken ISO, `attest preflight` on the
 //! variant without `console=ttyS0`, median of RUNS; (2) one boot of the good ISO by BIOS and one by
 //! UEFI (one after the other), each phase timed: firmware and GRUB until "Linux version" on the
-//! console, kernel and systemd until the login prompt, login, `sudo -i`, each condition. Prints
-//! Markdown tables.
+//! console, kernel and systemd until the login prompt, login, `sudo -i`, each condition; (3) on the
+//! variant whose provisioning fails, the time from `provision.service` failing to the verdict on
+//! its condition (`inactive` within 400 s: decided at once). Prints Markdown tables.
 //!
 //!   boot_image_bench ATTEST_BINARY [RUNS]
 
@@ -24,6 +25,7 @@ fn main() {
     let mut progress = |line: &str| eprintln!("{line}");
     let quiet = installer::ensure(&cache, &kernel, Variant::NoSerialConsole, &mut progress).expect("the ISO builds");
     let good = installer::ensure(&cache, &kernel, Variant::Good, &mut progress).expect("the ISO builds");
+    let sda = installer::ensure(&cache, &kernel, Variant::ProvisionsSda, &mut progress).expect("the ISO builds");
 
     let dir = tempfile::tempdir().expect("a temporary directory");
     let test = dir.path().join("test.toml");
@@ -59,6 +61,43 @@ fn main() {
     for ((phase, b), (_, u)) in bios.iter().zip(&uefi) {
         println!("| {phase} | {b:.1} s | {u:.1} s |");
     }
+
+    let (latency, total) = failed_unit_verdict(&sda);
+    println!("\n| broken ISO (provisions /dev/sda), BIOS | |\n|---|---|");
+    println!("| `provision.service` failed → verdict on its condition (within 400 s) | {latency:.1} s |");
+    println!("| start → that verdict | {total:.1} s |");
+}
+
+/// A machine booting `iso` as the boot-image tests do, logging in as the installer's sudo user.
+fn installer(iso: &std::path::Path, firmware: FirmwareKind) -> Driver {
+    let machine = MachineConfig::iso("installer", iso)
+        .memory_mib(1024)
+        .firmware(firmware)
+        .blank_disk(1024, DiskFormat::Qcow2)
+        .login(installer::USER, Some(installer::PASSWORD), true);
+    let options = DriverOptions { log: Log::to(Box::new(std::io::sink())), ..DriverOptions::default() };
+    Driver::new(TestConfig::new(vec![machine]), options).expect("driver")
+}
+
+/// One boot of the ISO whose provisioning fails: seconds from the unit failing (or from the check
+/// starting, if later) to its condition's verdict, and from the start to that verdict.
+fn failed_unit_verdict(iso: &std::path::Path) -> (f64, f64) {
+    let driver = installer(iso, FirmwareKind::Bios);
+    let m = driver.machine("installer").expect("the machine");
+    m.start().expect("start");
+    let started = Instant::now();
+    m.login(installer::USER, Some(installer::PASSWORD), None).expect("login");
+    m.become_root(Some(installer::PASSWORD), None).expect("sudo -i");
+    let unit = Kind::Unit { unit: "provision.service".into(), state: "inactive".into() };
+    let condition =
+        Condition { name: "provisioning finished".into(), kind: unit, within: Some(Duration::from_secs(400)) };
+    let checking = Instant::now();
+    let report = m.check_conditions(&[condition]).expect("conditions");
+    assert_eq!(report.results[0].outcome, Outcome::Failed, "{}", report.text());
+    let failed_at = m.unit_state_changed_at("provision.service").expect("the unit's failure time");
+    let decided_at = started + Duration::from_secs_f64(report.results[0].after_seconds);
+    m.crash().ok();
+    (secs(decided_at.saturating_duration_since(failed_at.max(checking))), secs(decided_at - started))
 }
 
 fn secs(d: Duration) -> f64 {
@@ -67,13 +106,7 @@ fn secs(d: Duration) -> f64 {
 
 /// One boot of `iso`: the phases and their durations, then the totals.
 fn boot(iso: &std::path::Path, firmware: FirmwareKind) -> Vec<(String, f64)> {
-    let machine = MachineConfig::iso("installer", iso)
-        .memory_mib(1024)
-        .firmware(firmware)
-        .blank_disk(1024, DiskFormat::Qcow2)
-        .login(installer::USER, Some(installer::PASSWORD), true);
-    let options = DriverOptions { log: Log::to(Box::new(std::io::sink())), ..DriverOptions::default() };
-    let driver = Driver::new(TestConfig::new(vec![machine]), options).expect("driver");
+    let driver = installer(iso, firmware);
     let m = driver.machine("installer").expect("the machine");
     let within = Some(Duration::from_secs(300));
     let started = Instant::now();

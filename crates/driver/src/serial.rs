@@ -7,6 +7,10 @@
 //! them, so prompts, the echo and anything printed before can never be taken for it. After login
 //! the shell is set to `stty -echo -onlcr` (no echo, no `\r` added to newlines) and kernel messages
 //! are kept off the console (`dmesg -n 1`) where allowed.
+//!
+//! Every expectation is a console wait, so it decides on whole lines (`attest_machine::console::decide`):
+//! a marker counts once its line has ended, and a prompt, which ends no line, once the console has
+//! been quiet for a moment (the program printing it waits for input then).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;

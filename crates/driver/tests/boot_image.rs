@@ -154,12 +154,19 @@ fn the_installer_iso_provisions_lvm_by_bios_and_by_uefi() {
     assert_eq!(bios.serial_execute("test -d /sys/firmware/efi", None).unwrap().0, 1, "SeaBIOS boots without EFI");
 }
 
+/// How long the failing unit's condition may wait: far longer than the unit takes to fail.
+const UNIT_WITHIN: u64 = 400;
+
 /// One boot: first a wrong password, refused at the login prompt well within its deadline; then
-/// the conditions, of which exactly the provisioning ones fail.
+/// the conditions, of which exactly the provisioning ones fail. The unit's condition, given 400 s,
+/// is decided within 10 s of the unit failing (or of the check starting, if it failed before),
+/// since a failed oneshot nothing will start again cannot become inactive.
 #[test]
 fn an_installer_provisioning_sda_fails_its_lvm_conditions_and_says_why() {
     let Some(iso) = installer_iso(Variant::ProvisionsSda) else { return };
-    let Some(driver) = common::driver(vec![installer_machine("sda", &iso, FirmwareKind::Bios, 60)]) else { return };
+    let mut config = installer_machine("sda", &iso, FirmwareKind::Bios, 60);
+    config.conditions[0].within = Some(Duration::from_secs(UNIT_WITHIN));
+    let Some(driver) = common::driver(vec![config]) else { return };
     let machine = driver.machine("sda").unwrap();
     machine.start().unwrap();
     let (started, deadline) = (Instant::now(), Duration::from_secs(240));
@@ -168,8 +175,13 @@ fn an_installer_provisioning_sda_fails_its_lvm_conditions_and_says_why() {
     assert!(started.elapsed() < deadline, "refused before the deadline");
     assert!(refused.contains("login (password)") && refused.contains("Login incorrect"), "{refused}");
     assert!(refused.contains("login:"), "the error shows the console's login prompt: {refused}");
+    // Logged in before the clock starts, so the latency measured is the conditions' own.
+    machine.login(installer::USER, Some(installer::PASSWORD), None).unwrap();
+    machine.become_root(Some(installer::PASSWORD), None).unwrap();
 
+    let checking = Instant::now();
     let report = check_all(&driver).remove(0);
+    let table = checking.elapsed();
     let outcomes: Vec<(&str, Outcome)> = report.results.iter().map(|r| (r.name.as_str(), r.outcome)).collect();
     use Outcome::{Failed, Passed};
     let expected = [
@@ -183,7 +195,22 @@ fn an_installer_provisioning_sda_fails_its_lvm_conditions_and_says_why() {
     ];
     assert_eq!(outcomes, expected, "{}", report.text());
     let unit = &report.results[0];
-    assert!(unit.reason.as_deref().unwrap().contains("exited 3 saying: failed"), "{unit:?}");
+    let reason = unit.reason.as_deref().unwrap();
+    assert!(reason.contains("ActiveState=failed"), "{unit:?}");
+    assert!(reason.ends_with("cannot become inactive without someone acting"), "{unit:?}");
     let journal = unit.evidence.iter().find(|e| e.command.starts_with("journalctl")).expect("the unit's journal");
     assert!(journal.output.contains("no disk /dev/sda"), "{}", journal.output);
+
+    let failed_at = machine.unit_state_changed_at("provision.service").unwrap();
+    // `started` is taken after the machine's own start, so this verdict time is if anything late.
+    let decided_at = started + Duration::from_secs_f64(unit.after_seconds);
+    let latency = decided_at.saturating_duration_since(failed_at.max(checking));
+    println!(
+        "unit failed {:.1} s after the start, {:.1} s {} the check began; decided after {latency:.1?}; table in {table:.1?}",
+        (failed_at.saturating_duration_since(started)).as_secs_f64(),
+        if failed_at > checking { failed_at - checking } else { checking - failed_at }.as_secs_f64(),
+        if failed_at > checking { "after" } else { "before" },
+    );
+    assert!(latency < Duration::from_secs(10), "decided {latency:?} after the unit failed:\n{}", report.text());
+    assert!(table < Duration::from_secs(UNIT_WITHIN / 2), "the table took {table:?}:\n{}", report.text());
 }

@@ -2,12 +2,19 @@
 //! kept in a log file, a tail for error reports and a history that [`Console::wait_for`] matches
 //! as output arrives, optionally echoed live; and typing into the serial port ([`Console::send`]).
 //!
+//! Every wait on the console decides by one rule ([`decide`]): a match must not end in a line the
+//! guest has not finished, since the rest of the line may change it (`late console \w+` against
+//! `late console l`, then `ine`). Complete lines decide at once; the unfinished last line counts
+//! once the console has been quiet for [`QUIET`], which is how a prompt (`login: `, `# `), printed
+//! last and never ended by a newline, is told from the start of a longer line (`Last login: …`).
+//!
 //! The serial port is the VMM's stdio: QEMU, Firecracker and Cloud Hypervisor can all put it there
 //! (Cloud Hypervisor cannot put it on a socket), so typing is writing to the VMM's stdin.
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::ops::Range;
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -17,6 +24,10 @@ use regex::bytes::Regex;
 const TAIL_LINES: usize = 200;
 /// The history [`Console::wait_for`] searches keeps at most this much; older output is in the log.
 const HISTORY_LIMIT: usize = 16 << 20;
+/// How long the console must have printed nothing before its unfinished last line counts for a
+/// match: a program that prints a prompt then waits for input, and output that arrives in pieces
+/// (a serial port under TCG) pauses for milliseconds between them.
+pub const QUIET: Duration = Duration::from_millis(200);
 
 #[derive(Clone)]
 pub struct Console {
@@ -50,6 +61,8 @@ struct State {
     /// Recent output, and how far [`Console::wait_for`] has matched into it.
     history: Vec<u8>,
     matched_to: usize,
+    /// When output last arrived, for [`QUIET`].
+    last_output: Instant,
 }
 
 /// A [`Console::wait_for`] that did not match before its deadline or the console's end.
@@ -77,6 +90,7 @@ impl Console {
             attached: 0,
             history: Vec::new(),
             matched_to: 0,
+            last_output: Instant::now(),
         };
         Ok(Console {
             state: Arc::new(Mutex::new(state)),
@@ -99,29 +113,55 @@ impl Console {
     }
 
     /// Waits until output not matched before matches `pattern`, at most until `deadline`, and
-    /// returns the matching text. Woken by each new output, not polled; output that arrived before
-    /// the call counts, and each match consumes the output up to its end.
+    /// returns the matching text. Woken by each new output (or when the console has been quiet
+    /// long enough to decide on an unfinished line), not polled; output that arrived before the
+    /// call counts, and each match consumes the output up to its end. Decided by [`decide`].
     pub fn wait_for(&self, pattern: &Regex, deadline: Instant) -> Result<String, ConsoleTimeout> {
         self.wait_for_bytes(pattern, deadline).map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
     }
 
     /// [`Console::wait_for`], returning the matching bytes as they came.
     pub fn wait_for_bytes(&self, pattern: &Regex, deadline: Instant) -> Result<Vec<u8>, ConsoleTimeout> {
+        self.wait_matching(pattern, deadline, true)
+    }
+
+    /// Waits until anything this console printed, matched before or not, matches `pattern`
+    /// (e.g. a declared condition: "the console printed it since the machine started"), and
+    /// returns the matching text; consumes nothing. Decided as [`Console::wait_for`], on the
+    /// history (the last [`HISTORY_LIMIT`] bytes at most; a console that printed more keeps the
+    /// rest in its log only).
+    pub fn wait_printed(&self, pattern: &Regex, deadline: Instant) -> Result<String, ConsoleTimeout> {
+        self.wait_matching(pattern, deadline, false).map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// The one wait loop: [`decide`] on what arrived, then sleep until new output, the moment the
+    /// console counts as quiet (only when that would decide), the deadline or the console's end.
+    fn wait_matching(&self, pattern: &Regex, deadline: Instant, consume: bool) -> Result<Vec<u8>, ConsoleTimeout> {
         let started = Instant::now();
         let mut state = self.lock();
         loop {
-            let from = state.matched_to;
-            let found = pattern.find(&state.history[from..]).map(|m| (m.end(), m.as_bytes().to_vec()));
-            if let Some((end, text)) = found {
-                state.matched_to = from + end;
-                return Ok(text);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
+            let now = Instant::now();
+            // Once every source has ended, the last line is as complete as it will ever be.
             let ended = state.attached > 0 && state.open_sources == 0;
-            if left.is_zero() || ended {
+            let quiet_at = state.last_output + QUIET;
+            let from = if consume { state.matched_to } else { 0 };
+            let wake = match decide(&state.history[from..], pattern, ended || now >= quiet_at) {
+                Decision::Matched(range) => {
+                    let text = state.history[from + range.start..from + range.end].to_vec();
+                    if consume {
+                        state.matched_to = from + range.end;
+                    }
+                    return Ok(text);
+                }
+                Decision::WhenQuiet => quiet_at.min(deadline),
+                Decision::Waiting => deadline,
+            };
+            if now >= deadline || ended {
                 let pattern = pattern.as_str().to_string();
                 return Err(ConsoleTimeout { pattern, waited: started.elapsed(), ended });
             }
+            // A wake at `quiet_at` that finds new output just decides again.
+            let left = wake.saturating_duration_since(now).max(Duration::from_millis(1));
             state = self.changed.wait_timeout(state, left).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
@@ -167,6 +207,7 @@ impl Console {
             log.write_all(bytes).ok();
         }
         state.history.extend_from_slice(bytes);
+        state.last_output = Instant::now();
         if state.history.len() > HISTORY_LIMIT {
             let drop_len = state.history.len() - HISTORY_LIMIT / 2;
             state.history.drain(..drop_len);
@@ -215,6 +256,37 @@ impl State {
     }
 }
 
+/// What a wait on a stream can decide from the output it has, `text`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// The pattern matches `text` here, and more output cannot change that.
+    Matched(Range<usize>),
+    /// It matches only into the unfinished last line: decided once the stream is quiet.
+    WhenQuiet,
+    /// It does not match yet.
+    Waiting,
+}
+
+/// The rule for every wait on a stream, kept apart from the waiting: a match is searched in the
+/// complete lines of `text` (up to its last newline), so it never ends where the guest is still
+/// writing; the unfinished last line joins them only when `settled` (the stream has been quiet
+/// for [`QUIET`], or ended). Lines are whole, as NixOS matches them, and a prompt, which ends no
+/// line, is still found once the program printing it waits for input.
+pub fn decide(text: &[u8], pattern: &Regex, settled: bool) -> Decision {
+    let complete = text.iter().rposition(|&b| b == b'\n').map_or(0, |newline| newline + 1);
+    if let Some(found) = pattern.find(&text[..complete]) {
+        return Decision::Matched(found.range());
+    }
+    if complete == text.len() {
+        return Decision::Waiting;
+    }
+    match pattern.find(text) {
+        Some(found) if settled => Decision::Matched(found.range()),
+        Some(_) => Decision::WhenQuiet,
+        None => Decision::Waiting,
+    }
+}
+
 fn clean(line: &[u8]) -> String {
     String::from_utf8_lossy(line).trim_end_matches(['\n', '\r']).replace('\r', "")
 }
@@ -241,6 +313,69 @@ mod tests {
         });
         assert_eq!(console.wait_for(&Regex::new(r"\w+ login: ").unwrap(), soon()).unwrap(), "second login: ");
         assert!(sent.elapsed() < Duration::from_secs(2), "woken by the output, not by a poll");
+    }
+
+    fn decided(chunks: &[&[u8]], pattern: &str, settled: bool) -> Decision {
+        decide(&chunks.concat(), &Regex::new(pattern).unwrap(), settled)
+    }
+
+    #[test]
+    fn a_match_waits_for_its_line_to_end() {
+        let late = r"late console \w+";
+        for cut in ["late console l", "late console lin", "late console line", "late console line\r"] {
+            assert_eq!(decided(&[b"boot\n", cut.as_bytes()], late, false), Decision::WhenQuiet, "{cut:?}");
+        }
+        let text = b"boot\nlate console line\r\nmore";
+        assert_eq!(decided(&[b"boot\nlate console l", b"ine\r\n", b"more"], late, false), Decision::Matched(5..22));
+        assert_eq!(&text[5..22], b"late console line");
+        assert_eq!(decided(&[b"boot\n"], late, true), Decision::Waiting);
+        assert_eq!(decided(&[b"boot\nlate"], late, false), Decision::Waiting, "no match at all needs no quiet");
+    }
+
+    #[test]
+    fn a_prompt_is_decided_once_the_console_is_quiet() {
+        let login = r"(?m)(login: ?\r?$|[$#] ?\r?$)";
+        assert_eq!(decided(&[b"\r\nhost login: "], login, false), Decision::WhenQuiet);
+        assert_eq!(decided(&[b"\r\nhost login: "], login, true), Decision::Matched(7..14));
+        // The start of a longer line that looks like a prompt, cut where a chunk ended.
+        assert_eq!(decided(&[b"Last login:"], login, false), Decision::WhenQuiet);
+        assert_eq!(decided(&[b"Last login:", b" Mon Jan  1 on ttyS0\r\n"], login, false), Decision::Waiting);
+        assert_eq!(decided(&[b"Last login:", b" Mon\r\n", b"tester@host:~$ "], login, true), Decision::Matched(30..32));
+    }
+
+    #[test]
+    fn a_serial_frame_is_decided_on_its_final_newline() {
+        let frame = r"(?s-u)ATTEST-B1\r?\n(.*?)\r?\n?ATTEST-E1 (\d+)\r?\n";
+        let chunks: [&[u8]; 3] = [b"ATTEST-B1\nout\nATTEST-E1 1", b"27", b"\n"];
+        assert_eq!(decided(&chunks[..2], frame, true), Decision::Waiting);
+        let Decision::Matched(range) = decided(&chunks, frame, false) else { panic!() };
+        assert!(chunks.concat()[range].ends_with(b"ATTEST-E1 127\n"));
+    }
+
+    #[test]
+    fn a_match_split_across_chunks_is_the_whole_line() {
+        let console = Console::new(None, Echo::Off).unwrap();
+        console.record(b"late console l");
+        let writer = console.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            writer.record(b"ine\n");
+        });
+        let soon = Instant::now() + Duration::from_secs(10);
+        assert_eq!(console.wait_for(&Regex::new(r"late console \w+").unwrap(), soon).unwrap(), "late console line");
+    }
+
+    #[test]
+    fn an_unfinished_line_counts_once_the_console_is_quiet() {
+        let console = Console::new(None, Echo::Off).unwrap();
+        console.record(b"host login: ");
+        let asked = Instant::now();
+        let soon = asked + Duration::from_secs(10);
+        assert_eq!(console.wait_for(&Regex::new(r"login: $").unwrap(), soon).unwrap(), "login: ");
+        assert!(asked.elapsed() < QUIET + Duration::from_secs(1), "woken when quiet: {:?}", asked.elapsed());
+        let printed = Regex::new("(?m)^host").unwrap();
+        assert_eq!(console.wait_printed(&printed, soon).unwrap(), "host", "wait_printed consumes nothing");
+        assert_eq!(console.wait_printed(&printed, soon).unwrap(), "host");
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! an LVM volume group or logical volume, an interface's IPv4 address, console text) and how long
 //! after the machine's start it may take to hold. `Machine::check_conditions` checks them all,
 //! never stopping at the first failure, and gathers evidence for each that fails; [`report`] shows
-//! the verdicts as text, JSON and JUnit.
+//! the verdicts as text, JSON and JUnit. A condition that can no longer come to hold (a failed unit
+//! nothing will start again, see [`unit`]) is failed at once instead of at the end of its `within`.
 //!
 //! ```toml
 //! [[machines.installer.conditions]]
@@ -14,6 +15,7 @@
 //! ```
 
 pub mod report;
+mod unit;
 
 use std::time::Duration;
 
@@ -33,7 +35,7 @@ pub struct Condition {
 /// What a condition expects.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kind {
-    /// `systemctl is-active UNIT` prints `state`.
+    /// The unit's `ActiveState` (what `systemctl is-active UNIT` prints) is `state`.
     Unit {
         unit: String,
         state: String,
@@ -93,7 +95,7 @@ impl Kind {
     pub(crate) fn probe(&self) -> Option<String> {
         let quoted = |s: &str| attest_shell::quote(s);
         Some(match self {
-            Kind::Unit { unit, .. } => format!("systemctl is-active {}", quoted(unit)),
+            Kind::Unit { unit, .. } => unit::probe(unit),
             Kind::File { path, .. } => format!("cat {}", quoted(path)),
             Kind::Command { command, .. } => command.clone(),
             Kind::BlockDevice { path } => format!("test -b {}", quoted(path)),
@@ -112,12 +114,22 @@ impl Kind {
             regex.as_ref().is_none_or(|r| regex::Regex::new(r).is_ok_and(|r| r.is_match(text)))
         };
         match self {
-            Kind::Unit { state, .. } => output.trim() == state,
+            Kind::Unit { state, .. } => unit::UnitState::parse(output).active == *state,
             Kind::File { matches: regex, .. } => status == 0 && matches(regex),
             Kind::Command { status: expected, output: regex, .. } => status == *expected && matches(regex),
             Kind::Ipv4 { .. } => status == 0 && output.contains("inet "),
             Kind::BlockDevice { .. } | Kind::VolumeGroup { .. } | Kind::LogicalVolume { .. } => status == 0,
             Kind::Console { .. } => false,
+        }
+    }
+
+    /// Why the probe's result shows the condition can no longer hold without someone acting, if
+    /// it does: the condition is then failed at once. Only a unit's state tells (files, commands,
+    /// devices and addresses can always still appear).
+    pub(crate) fn cannot_hold(&self, output: &str) -> Option<String> {
+        match self {
+            Kind::Unit { state, .. } => unit::UnitState::parse(output).cannot_become(state),
+            _ => None,
         }
     }
 

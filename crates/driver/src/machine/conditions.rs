@@ -1,8 +1,9 @@
 //! Checking a machine's conditions: through its backdoor shell, or through the serial console after
 //! logging in (and `sudo -i`) when its definition has a `login`. Each condition is checked until it
-//! holds or its time after the machine's start runs out; a failure gathers its evidence and the
-//! next condition is checked all the same. If the machine can no longer be reached, the rest are
-//! "not reached", and console conditions are still decided from the console's log.
+//! holds, cannot hold any more (`Kind::cannot_hold`: decided at once) or its time after the
+//! machine's start runs out; a failure gathers its evidence and the next condition is checked all
+//! the same. If the machine can no longer be reached, the rest are
+//! "not reached", and console conditions are still decided from the console of this start.
 
 use std::panic::Location;
 use std::time::{Duration, Instant};
@@ -82,6 +83,33 @@ impl Machine {
         Ok(())
     }
 
+    /// When `unit` last changed state (e.g. failed), on the host's clock: the guest's monotonic
+    /// clock read now and at the change, through the channel its conditions use. For measuring how
+    /// soon a condition on the unit was decided.
+    #[track_caller]
+    pub fn unit_state_changed_at(&self, unit: &str) -> Result<Instant> {
+        let at = Location::caller();
+        let command = format!(
+            "cut -d' ' -f1 /proc/uptime; systemctl show -p StateChangeTimestampMonotonic --value -- {}",
+            attest_shell::quote(unit)
+        );
+        let asked = Instant::now();
+        let (status, output) = self.condition_command(at, &command)?;
+        // The guest read its clock about halfway through the round trip.
+        let asked = asked + asked.elapsed() / 2;
+        let numbers: Vec<f64> = output.split_whitespace().filter_map(|n| n.parse().ok()).collect();
+        match (status, numbers.as_slice()) {
+            (0, &[uptime, changed]) if changed > 0.0 => {
+                Ok(asked - Duration::from_secs_f64((uptime - changed / 1e6).max(0.0)))
+            }
+            _ => Err(self.assertion(
+                at,
+                format!("expected the guest's uptime and {unit}'s state change time, but `{command}` exited {status}: {output}"),
+                false,
+            )),
+        }
+    }
+
     /// Runs a command the way this machine's conditions are checked: exit status and output
     /// (stdout and stderr).
     fn condition_command(&self, at: &'static Location<'static>, command: &str) -> Result<(i32, String)> {
@@ -92,6 +120,10 @@ impl Machine {
         }
     }
 
+    /// Probes `condition` until it holds, cannot hold any more (decided at once, see
+    /// [`Kind::cannot_hold`]) or its deadline comes. A machine that stopped is not probed again
+    /// (a probe would boot it anew): a condition already seen not holding then fails; one never
+    /// probed is an error, which the caller reports as "not reached".
     fn check_in_guest(
         &self,
         at: &'static Location<'static>,
@@ -100,21 +132,30 @@ impl Machine {
         deadline: Instant,
     ) -> Result<ConditionResult> {
         let probe = condition.kind.probe().expect("a guest condition has a probe");
+        let mut last: Option<String> = None;
         loop {
+            if !self.is_running() {
+                let Some(said) = last else {
+                    return Err(self.broken(at, "the machine stopped before it could be checked".into()));
+                };
+                let reason = format!("{said}; then the machine stopped, so it never will");
+                return Ok(verdict(condition, Outcome::Failed, started, Some(reason), Vec::new()));
+            }
             let (status, output) = self.condition_command(at, &probe)?;
             if condition.kind.holds(status, &output) {
                 return Ok(verdict(condition, Outcome::Passed, started, None, Vec::new()));
             }
-            if Instant::now() + RECHECK >= deadline {
-                let reason = format!(
-                    "expected {}, but `{probe}` exited {status}{}",
-                    condition.kind.describe(),
-                    if output.trim().is_empty() {
-                        String::new()
-                    } else {
-                        format!(" saying: {}", cut(&output).trim_end())
-                    }
-                );
+            let said = format!(
+                "expected {}, but `{probe}` exited {status}{}",
+                condition.kind.describe(),
+                if output.trim().is_empty() { String::new() } else { format!(" saying: {}", cut(&output).trim_end()) }
+            );
+            let hopeless = condition.kind.cannot_hold(&output);
+            if hopeless.is_some() || Instant::now() + RECHECK >= deadline {
+                let reason = match hopeless {
+                    Some(why) => format!("{said}; {why}"),
+                    None => said,
+                };
                 let mut evidence = Vec::new();
                 for command in condition.kind.evidence() {
                     let output = match self.condition_command(at, &command) {
@@ -126,6 +167,7 @@ impl Machine {
                 evidence.extend(self.failure_screenshot(condition));
                 return Ok(verdict(condition, Outcome::Failed, started, Some(reason), evidence));
             }
+            last = Some(said);
             std::thread::sleep(RECHECK);
         }
     }
@@ -138,7 +180,8 @@ impl Machine {
         Some(Evidence { command: "(screenshot)".into(), output: path.display().to_string() })
     }
 
-    /// Console text is decided from everything the console printed since the machine started.
+    /// Console text is decided from everything the console printed since the machine started,
+    /// woken by its output; a console that ended (the machine stopped) decides at once.
     fn check_console(
         &self,
         condition: &Condition,
@@ -147,22 +190,22 @@ impl Machine {
         deadline: Instant,
     ) -> ConditionResult {
         // A line matching, in what this start of the machine printed.
-        let pattern = regex::Regex::new(&format!("(?m){regex}")).expect("checked when the test was read");
-        let from = self.console_start.load(std::sync::atomic::Ordering::SeqCst) as usize;
-        loop {
-            let log = std::fs::read(self.console_log_path()).unwrap_or_default();
-            if pattern.is_match(&String::from_utf8_lossy(&log[from.min(log.len())..])) {
-                return verdict(condition, Outcome::Passed, started, None, Vec::new());
-            }
-            if Instant::now() + RECHECK >= deadline || !self.is_running() {
+        let pattern = regex::bytes::Regex::new(&format!("(?m){regex}")).expect("checked when the test was read");
+        let Some(console) = self.console() else {
+            let why = "the machine has no console (it never started)".to_string();
+            return verdict(condition, Outcome::NotReached, started, Some(why), Vec::new());
+        };
+        match console.wait_printed(&pattern, deadline) {
+            Ok(_) => verdict(condition, Outcome::Passed, started, None, Vec::new()),
+            Err(e) => {
                 let evidence = vec![Evidence {
                     command: "(the console's last lines)".into(),
                     output: self.console_tail().join("\n"),
                 }];
-                let reason = format!("expected {}, but it never did", condition.kind.describe());
-                return verdict(condition, Outcome::Failed, started, Some(reason), evidence);
+                let stopped = if e.ended { " (the machine stopped)" } else { "" };
+                let reason = format!("expected {}, but it never did{stopped}", condition.kind.describe());
+                verdict(condition, Outcome::Failed, started, Some(reason), evidence)
             }
-            std::thread::sleep(RECHECK);
         }
     }
 }

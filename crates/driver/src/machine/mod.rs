@@ -69,8 +69,6 @@ pub struct Machine {
     connect_failure: Mutex<Option<(u64, String)>>,
     /// The shell on the serial console of the start it belongs to (guests without a backdoor).
     serial: Mutex<Option<(u64, Arc<crate::serial::SerialShell>)>>,
-    /// Where the latest start's output begins in the console log.
-    console_start: AtomicU64,
     /// This machine, for the thread that connects to a new start's shell.
     me: Weak<Machine>,
 }
@@ -112,7 +110,6 @@ impl Machine {
             network,
             connect_failure: Mutex::new(None),
             serial: Mutex::new(None),
-            console_start: AtomicU64::new(0),
             me,
         }
     }
@@ -137,9 +134,6 @@ impl Machine {
                 return Ok(());
             }
             self.shared.log.info(Some(&self.name), "starting vm");
-            // The log keeps every start; what this one prints begins here.
-            let logged = std::fs::metadata(vm.dir().path().join("console.log")).map(|m| m.len()).unwrap_or(0);
-            self.console_start.store(logged, Ordering::SeqCst);
             vm.start().map(|running| running.console().clone())
         };
         // Reported without the lock: a report reads the console tail, which takes it.
