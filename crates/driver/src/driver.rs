@@ -56,7 +56,18 @@ pub(crate) struct Shared {
     pub backend: Arc<dyn Backend + Send + Sync>,
 }
 
+/// How long after the global deadline a machine's own waits give up by themselves. The watchdog
+/// stops every machine at the deadline, and a wait ends as its machine dies; so the caller sees
+/// the global timeout only once everything is stopped, never a wait that raced the watchdog to it.
+const WATCHDOG_MARGIN: Duration = Duration::from_secs(5);
+
 impl Shared {
+    /// The latest a machine's wait may run to: the global deadline, plus the moment the watchdog
+    /// needs to stop every machine ([`WATCHDOG_MARGIN`]), which ends the wait first.
+    pub fn wait_deadline(&self) -> Instant {
+        self.deadline + WATCHDOG_MARGIN
+    }
+
     /// The global-timeout error, once it has expired: the watchdog has fired, or is about to (a
     /// wait bounded by the same deadline may end first).
     pub fn timed_out(&self) -> Option<DriverError> {

@@ -174,8 +174,8 @@ impl Machine {
     ) -> Result<(i32, Vec<u8>)> {
         let mut shell = self.shell(at)?;
         let deadline = match host_limit {
-            Some(limit) => self.shared.deadline.min(Instant::now() + limit + HOST_GRACE),
-            None => self.shared.deadline,
+            Some(limit) => self.shared.wait_deadline().min(Instant::now() + limit + HOST_GRACE),
+            None => self.shared.wait_deadline(),
         };
         shell.get().execute(command, guest_limit, deadline).map_err(|e| {
             drop(shell);

@@ -115,7 +115,7 @@ impl Machine {
     }
 
     fn wait_down(&self, at: &'static Location<'static>) -> Result<()> {
-        if !self.wait_exit(self.shared.deadline) {
+        if !self.wait_exit(self.shared.wait_deadline()) {
             let message = "expected the machine to power off, but it was still running at the global timeout";
             return Err(self.assertion(at, message.into(), true));
         }

@@ -219,7 +219,7 @@ impl Machine {
     /// Waits for the guest's backdoor shell: the channel, then the marker line.
     fn connect_shell(&self, at: &'static Location<'static>, generation: u64) -> Result<BackdoorShell> {
         let started = lock(&self.started).unwrap_or_else(Instant::now);
-        let deadline = self.shared.deadline.min(started + self.config.boot_timeout);
+        let deadline = self.shared.wait_deadline().min(started + self.config.boot_timeout);
         self.shared.log.nested(Some(&self.name), "waiting for the VM to finish booting", || {
             let rebooted = lock(&self.rebooting).take().filter(|(of, _)| *of == generation).map(|(_, stream)| stream);
             let stream = match rebooted {
@@ -253,7 +253,7 @@ impl Machine {
     /// Gives an attest guest its addresses and host names, before any command of the test runs.
     fn configure_network(&self, at: &'static Location<'static>, shell: &mut BackdoorShell) -> Result<()> {
         let Some(script) = &self.network.guest_script else { return Ok(()) };
-        let deadline = self.shared.deadline.min(Instant::now() + NETWORK_SETUP_TIMEOUT);
+        let deadline = self.shared.wait_deadline().min(Instant::now() + NETWORK_SETUP_TIMEOUT);
         match shell.execute(&format!("exec 2>&1\n{script}"), Some(NETWORK_SETUP_TIMEOUT), deadline) {
             Ok((0, _)) => Ok(()),
             Ok((status, output)) => Err(self.broken(
@@ -279,7 +279,7 @@ impl Machine {
             format!(
                 "expected the guest to print \"Spawning backdoor root shell...\" on its virtconsole within {:?} of starting, \
                  but after {waited:.1?}: {what}",
-                self.shared.deadline.min(started + self.config.boot_timeout).saturating_duration_since(started)
+                self.shared.wait_deadline().min(started + self.config.boot_timeout).saturating_duration_since(started)
             ),
         )
     }
@@ -318,7 +318,7 @@ impl Machine {
         let exit = exit.ok_or_else(|| self.broken(at, "it is not running".into()))?;
         let exit = exit.map_err(|e| self.broken(at, e.to_string()))?;
         let pending = pending.ok_or_else(|| self.broken(at, "its QMP connection was lost".into()))?;
-        let deadline = self.shared.deadline.min(Instant::now() + QMP_TIMEOUT);
+        let deadline = self.shared.wait_deadline().min(Instant::now() + QMP_TIMEOUT);
         match pending.connect(deadline, Some(exit.as_fd())) {
             Ok(Control::Qmp(qmp)) => {
                 *cached = Some((generation, qmp.clone()));

@@ -103,7 +103,7 @@ impl Machine {
         let at = Location::caller();
         let timeout = timeout.unwrap_or(Duration::from_secs(600));
         let qmp = self.qmp(at)?;
-        let deadline = self.shared.deadline.min(Instant::now() + timeout);
+        let deadline = self.shared.wait_deadline().min(Instant::now() + timeout);
         qmp.wait_for_event("a matching QMP event", filter, deadline)
             .map_err(|e| self.assertion(at, e.to_string(), true))
     }
@@ -146,7 +146,7 @@ impl Machine {
     }
 
     pub(super) fn monitor_deadline(&self) -> Instant {
-        self.shared.deadline.min(Instant::now() + MONITOR_TIMEOUT)
+        self.shared.wait_deadline().min(Instant::now() + MONITOR_TIMEOUT)
     }
 }
 

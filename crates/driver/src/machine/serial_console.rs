@@ -112,7 +112,7 @@ impl Machine {
     }
 
     fn deadline_in(&self, timeout: Duration) -> Instant {
-        self.shared.deadline.min(Instant::now() + timeout)
+        self.shared.wait_deadline().min(Instant::now() + timeout)
     }
 
     /// A serial-shell failure as the driver reports it: which step, how far the guest got when it

@@ -51,7 +51,8 @@ impl Machine {
         let at = Location::caller();
         let pattern = Regex::new(regex).map_err(|e| self.assertion(at, format!("bad regex {regex:?}: {e}"), false))?;
         self.start_at(at)?;
-        let deadline = timeout.map_or(self.shared.deadline, |t| self.shared.deadline.min(Instant::now() + t));
+        let deadline =
+            timeout.map_or(self.shared.wait_deadline(), |t| self.shared.wait_deadline().min(Instant::now() + t));
         let console = self.console().expect("started");
         self.shared.log.nested(Some(&self.name), &format!("waiting for {regex:?} to appear on the console"), || {
             console.wait_for(&pattern, deadline).map_err(|e| self.assertion(at, e.to_string(), true))
