@@ -14,15 +14,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
 runs=${1:-11}
-cargo build --release --quiet --bin attest
-attest=target/release/attest
-kernel=$($attest doctor --json | python3 -c 'import json, sys; print(next(c["path"] for c in json.load(sys.stdin) if c["name"] == "kernel"))')
-floor_initramfs=$($attest bench-floor-initramfs)
-qemu_line=$(ATTEST_LOG=attest_machine=debug $attest exec -q -- true 2>&1 | grep 'starting qemu')
-# The value after `"OPTION"` in attest's logged QEMU command.
-opt() { sed -n "s/.* \"$1\" \"\([^\"]*\)\".*/\1/p" <<<"$qemu_line"; }
+exec_floor_setup
 accel=$(opt -accel)
-[[ -n "$accel" ]] || { echo "could not read attest's QEMU command line" >&2; exit 1; }
 
 bare_floor() {
   qemu-system-x86_64 -kernel "$kernel" -initrd "$floor_initramfs" -append "console=ttyS0 panic=-1 quiet" -nographic

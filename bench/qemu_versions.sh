@@ -11,8 +11,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
 runs=${1:-7}
-cargo build --release --quiet --bin attest
-attest=target/release/attest
 
 # Debian 12's QEMU 7.2, unpacked: the newest version of each package from bookworm itself.
 old="${ATTEST_CACHE_DIR:-$HOME/.cache/attest}/bench/qemu-bookworm"
@@ -33,15 +31,11 @@ old_qemu() { QEMU_MODULE_DIR=$QEMU_MODULE_DIR_OLD "$old/root/usr/bin/qemu-system
 new_version=$($new --version | head -1)
 old_version=$(old_qemu --version | head -1)
 
-kernel=$($attest doctor --json | python3 -c 'import json, sys; print(next(c["path"] for c in json.load(sys.stdin) if c["name"] == "kernel"))')
-initramfs=$($attest bench-floor-initramfs)
-qemu_line=$(ATTEST_LOG=attest_machine=debug $attest exec -q -- true 2>&1 | grep 'starting qemu')
-opt() { sed -n "s/.* \"$1\" \"\([^\"]*\)\".*/\1/p" <<<"$qemu_line"; }
-[[ -n "$(opt -accel)" ]] || { echo "could not read attest's QEMU command line" >&2; exit 1; }
+exec_floor_setup
 vmlinux=$(opt -kernel)
-bare=(-kernel "$kernel" -initrd "$initramfs" -append "console=ttyS0 panic=-1 quiet" -nographic)
+bare=(-kernel "$kernel" -initrd "$floor_initramfs" -append "console=ttyS0 panic=-1 quiet" -nographic)
 matched=(-nodefaults -no-user-config -display none -no-reboot -accel "$(opt -accel)" -m "$(opt -m)"
-  -smp "$(opt -smp)" -kernel "$vmlinux" -initrd "$initramfs" -append "$(opt -append)" -serial null)
+  -smp "$(opt -smp)" -kernel "$vmlinux" -initrd "$floor_initramfs" -append "$(opt -append)" -serial null)
 cpu=$(opt -cpu)
 
 # name and command of each variant, in the order they run in each round.
