@@ -5,7 +5,8 @@
 use std::path::PathBuf;
 
 use attest_driver::conditions::Report;
-use attest_driver::{Driver, DriverOptions, TestConfig};
+use attest_driver::{Driver, DriverError, DriverOptions, TestConfig};
+use attest_machine::MachineError;
 
 use crate::exit_code;
 
@@ -27,6 +28,11 @@ pub fn run(config: TestConfig, out_dir: Option<PathBuf>, keep_vm_state: bool, ju
                 println!("{}: conditions\n{}", machine.name(), report.text());
                 passed &= report.passed();
                 done.push(report);
+            }
+            // A VMM's refusal leads with its own words, as everywhere else.
+            Err(e @ DriverError::Machine(MachineError::VmmRefused { .. })) => {
+                println!("{e}\n{}: so its conditions could not be checked", machine.name());
+                could_not_run = true;
             }
             Err(e) => {
                 println!("{}: the conditions could not be checked: {e}", machine.name());

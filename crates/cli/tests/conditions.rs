@@ -95,3 +95,26 @@ fn a_script_checks_the_same_conditions() {
     assert!(run.stderr.contains("test.py\", line 4"), "the failure points at the script's line: {}", run.stderr);
     assert!(run.stderr.contains("image: conditions failed") && run.stderr.contains("provisioned"), "{}", run.stderr);
 }
+
+/// QEMU refusing what preflight cannot judge (an option of the test's own `qemu_args`) is reported
+/// in QEMU's words first, at once, not as conditions that could not be checked for want of a shell.
+#[test]
+fn a_machine_qemu_refuses_leads_with_qemus_message() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let test = TEST.replace("memory = 256\n", "memory = 256\nqemu_args = [\"-attest-no-such-option\"]\n");
+    std::fs::write(dir.path().join("test.toml"), test).unwrap();
+    let mut command = Command::new(attest_bin());
+    command.arg("run").arg(dir.path().join("test.toml")).arg("-o").arg(dir.path().join("out"));
+    let started = std::time::Instant::now();
+    let run = run_command(command.stdin(Stdio::null()));
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert_eq!(run.code, 2, "the conditions could not be checked: {stdout}\n{}", run.stderr);
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "at once: {:?}", started.elapsed());
+    let refusal = stdout.lines().position(|l| l.starts_with("QEMU refused to start: "));
+    let refusal = refusal.unwrap_or_else(|| panic!("QEMU's refusal leads: {stdout}\n{}", run.stderr));
+    assert!(stdout.lines().nth(refusal).unwrap().contains("-attest-no-such-option"), "{stdout}");
+    assert!(stdout.contains("image: so its conditions could not be checked"), "{stdout}");
+}

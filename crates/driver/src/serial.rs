@@ -18,8 +18,16 @@ use std::time::Instant;
 use attest_machine::Console;
 use regex::bytes::Regex;
 
+/// The end of a prompt's line: its end, after any kernel messages printed onto it since. While
+/// getty waits, before `dmesg -n 1` is typed, the kernel writes onto the prompt's line
+/// (`(none) login: [    2.207306] tsc: Refined TSC clocksource …`), and the prompt still stands.
+macro_rules! prompt_end {
+    () => {
+        r"(?:\[ *\d+\.\d+\] [^\n]*\n)*\r?$"
+    };
+}
 /// The shell prompt of a login shell: a line ending in `$` or `#` and a space.
-const PROMPT: &str = r"[$#] ?\r?$";
+const PROMPT: &str = concat!(r"[$#] ?", prompt_end!());
 /// What the shell is told after login, on one line: quiet, exact output, no prompts.
 const SETUP: &str = "stty -echo -onlcr 2>/dev/null; PS1=''; PS2=''; unset HISTFILE; dmesg -n 1 2>/dev/null; \
      bind 'set enable-bracketed-paste off' 2>/dev/null; export SYSTEMD_COLORS=0 SYSTEMD_URLIFY=0; true";
@@ -108,10 +116,15 @@ impl SerialShell {
         if !self.refused.swap(false, Ordering::SeqCst) {
             self.type_line("")?;
         }
-        let first = self.expect(&format!(r"(?m)(login: ?\r?$|{PROMPT})"), deadline, Step::Login, "a login prompt")?;
+        let first = self.expect(
+            &format!(r"(?m)(login: ?{}|{PROMPT})", prompt_end!()),
+            deadline,
+            Step::Login,
+            "a login prompt",
+        )?;
         if first.trim_end().ends_with("login:") {
             self.type_line(user)?;
-            let pattern = format!(r"(?mi)(password: ?\r?$|login incorrect|{PROMPT})");
+            let pattern = format!(r"(?mi)(password: ?{}|login incorrect|{PROMPT})", prompt_end!());
             let next = self.expect(&pattern, deadline, Step::Password, "a password prompt or a shell")?;
             if next.to_ascii_lowercase().starts_with("password") {
                 let Some(password) = password else {
@@ -151,8 +164,10 @@ impl SerialShell {
             return Ok(());
         }
         self.type_line("sudo -i")?;
-        let pattern =
-            format!(r"(?m)(\[sudo\] password for [^:]*: ?\r?$|Password: ?\r?$|{PROMPT}|not in the sudoers file.*$)");
+        let pattern = format!(
+            r"(?m)(\[sudo\] password for [^:]*: ?{end}|Password: ?{end}|{PROMPT}|not in the sudoers file.*$)",
+            end = prompt_end!()
+        );
         let first = self.expect(&pattern, deadline, Step::Sudo, "sudo's password prompt or a root shell")?;
         if first.contains("sudoers") {
             return fail(Step::Sudo, first.trim().to_string());
@@ -245,10 +260,18 @@ impl SerialShell {
     fn expect(&self, pattern: &str, deadline: Instant, step: Step, what: &str) -> Result<String, SerialError> {
         let regex = Regex::new(pattern).expect("a valid regex");
         match self.console.wait_for_bytes(&regex, deadline) {
-            Ok(bytes) => Ok(String::from_utf8_lossy(&bytes).into_owned()),
+            Ok(bytes) => Ok(without_kernel_messages(&String::from_utf8_lossy(&bytes))),
             Err(e) => fail(step, format!("expected {what}, but got none in {:.1?}{}", e.waited, ended(&e))),
         }
     }
+}
+
+/// A prompt's match as the program printed it: without the kernel messages that [`prompt_end!`]
+/// let it carry, so `login: [ 2.2] tsc: …` reads as `login: `.
+fn without_kernel_messages(matched: &str) -> String {
+    static KERNEL_MESSAGE: std::sync::LazyLock<regex::Regex> =
+        std::sync::LazyLock::new(|| regex::Regex::new(r"\[ *\d+\.\d+\] [^\n]*\n").expect("a valid regex"));
+    KERNEL_MESSAGE.replace_all(matched, "").into_owned()
 }
 
 fn ended(e: &attest_machine::console::ConsoleTimeout) -> &'static str {
@@ -276,6 +299,23 @@ pub fn boot_stage(console_log: &str) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The kernel prints onto a getty's prompt line before `dmesg -n 1` can be typed; the prompt
+    /// still stands, and reads as the prompt alone.
+    #[test]
+    fn a_prompt_stands_with_kernel_messages_printed_onto_its_line() {
+        use attest_machine::console::{decide, Decision};
+        let login = Regex::new(&format!(r"(?m)(login: ?{}|{PROMPT})", prompt_end!())).unwrap();
+        let text = "serial-login-guest ready\r\n\r\r\n(none) login: [    2.207306] tsc: Refined TSC clocksource \
+                    calibration: 2596.152 MHz\r\n[    2.208601] clocksource: Switched to clocksource tsc\r\n";
+        let Decision::Matched(range) = decide(text.as_bytes(), &login, false) else { panic!("no prompt in {text:?}") };
+        assert_eq!(without_kernel_messages(&text[range]).trim_end(), "login:");
+        // Without kernel messages, and a prompt that is not one.
+        assert_eq!(decide(b"(none) login: ", &login, true), Decision::Matched(7..14));
+        assert_eq!(decide(b"Last login: Mon Dec  7 on ttyS0\r\n", &login, true), Decision::Waiting);
+        let root = decide(b"login: [    3.1] x\r\nroot@host:~# ", &login, true);
+        assert_eq!(root, Decision::Matched(0..20), "the first prompt, with the message after it");
+    }
 
     #[test]
     fn the_boot_stage_follows_the_console() {
