@@ -1,7 +1,7 @@
 //! `attest preflight TEST.toml`, which `attest run` also does first: every check of a test that
 //! needs no boot, in about a second, each `ok`/`warn`/`FAIL` with its fix. The definition's values
 //! by the config's own rules (vCPUs, memory, disk sizes, timeouts, VLANs: `TestConfig::problems`),
-//! every file it names as the driver will use it (`prepare::check_file`: a kernel must boot), the
+//! every file it names as the driver will use it (`prepare::check_files`: a kernel must boot), the
 //! host (QEMU, the devices this test's machines use, the accelerator, firmware, the machines'
 //! memory against the host's available memory and the cgroup's limit, their vCPUs against the
 //! host's, the blank disks against free space, TAP and switch networking), each ISO (a single ISO
@@ -263,12 +263,8 @@ fn check_declarations(machine: &MachineConfig) -> Vec<Check> {
 
 /// Each file a machine's definition names, checked as the driver will use it.
 fn check_files(machine: &MachineConfig) -> Vec<Check> {
+    let failed: Vec<Check> = prepare::check_files(machine).into_iter().map(|p| fail(p.key, p.what, p.fix)).collect();
     let named = prepare::named_files(machine);
-    let failed: Vec<Check> = named
-        .iter()
-        .filter_map(|(key, path)| prepare::check_file(&machine.name, key, path).err())
-        .map(|p| fail(p.key, p.what, p.fix))
-        .collect();
     if !failed.is_empty() || named.is_empty() {
         return failed;
     }

@@ -2,7 +2,7 @@
 //! the cache, disk images behind copy-on-write overlays and blank disks created in the machine's
 //! directory, the devices every test machine has (the backdoor's virtconsole, a display, an rng,
 //! a user-mode network card), and its cards on the test's VLANs. The files a definition names are
-//! checked here once ([`check_file`]), for this and for `attest preflight`.
+//! checked here once ([`check_files`]), for this and for `attest preflight`.
 
 use std::path::Path;
 
@@ -37,8 +37,8 @@ pub struct Context<'a> {
 const GUEST_PARAMS: &str = "console=tty0 console=ttyS0 panic=-1 cryptomgr.notests";
 
 pub fn spec(config: &MachineConfig, cx: &Context, dir: &MachineDir) -> Result<MachineSpec> {
-    for (key, path) in named_files(config) {
-        check_file(&config.name, key, path)?;
+    if let Some(problem) = check_files(config).into_iter().next() {
+        return Err(problem.into());
     }
     let boot = match &config.boot {
         BootConfig::StartScript { path, qemu_opts, kernel_params } => Boot::StartScript(StartScript {
@@ -168,10 +168,16 @@ pub fn named_files(config: &MachineConfig) -> Vec<(&'static str, &Path)> {
     }
 }
 
+/// Every file `config` names that [`spec`] could not use, one [`Problem`] each: what `spec` refuses
+/// first and `attest preflight` lists in full.
+pub fn check_files(config: &MachineConfig) -> Vec<Problem> {
+    named_files(config).into_iter().filter_map(|(key, path)| check_file(&config.name, key, path).err()).collect()
+}
+
 /// Whether the file that machine `machine`'s `key` names can be what [`spec`] makes of it: a file
 /// this user can read, and for `kernel` one QEMU boots (a bzImage, or an ELF vmlinux with the PVH
 /// entry note).
-pub fn check_file(machine: &str, key: &'static str, path: &Path) -> std::result::Result<(), Problem> {
+fn check_file(machine: &str, key: &'static str, path: &Path) -> std::result::Result<(), Problem> {
     let fix = "give the path of an existing file (a relative path starts at the test file's directory)";
     let at = format!("machine {machine}: {key} {}", path.display());
     match std::fs::File::open(path).and_then(|file| file.metadata()) {

@@ -35,8 +35,8 @@ impl Machine {
             let mut results = Vec::new();
             for condition in conditions {
                 let within = condition.within.unwrap_or_default();
-                let deadline =
-                    started.checked_add(within).unwrap_or(self.shared.wait_deadline()).min(self.shared.wait_deadline());
+                let latest = self.shared.wait_deadline();
+                let deadline = started.checked_add(within).map_or(latest, |at| at.min(latest));
                 let result = match (&condition.kind, &unreachable) {
                     (Kind::Console { regex }, _) => self.check_console(condition, regex, started, deadline),
                     (_, Some(why)) => verdict(condition, Outcome::NotReached, started, Some(why.clone()), Vec::new()),

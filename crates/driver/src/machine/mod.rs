@@ -239,7 +239,8 @@ impl Machine {
                     connected.map_err(|e| self.boot_failed(at, started, &e.to_string()))?
                 }
             };
-            // The VMM connects the channel as it sets up its devices, before it may still refuse.
+            // The VMM connects the channel while it sets up its devices, so it may still refuse
+            // after this: boot_failed asks it first.
             let (shell, _) =
                 BackdoorShell::connect(stream, deadline).map_err(|e| self.boot_failed(at, started, &e.to_string()))?;
             self.shared.log.info(
@@ -284,9 +285,9 @@ impl Machine {
         )
     }
 
-    /// The VMM's [`MachineError::VmmRefused`](attest_machine::MachineError) when it of the latest start exited by itself with a failure,
-    /// waiting for its exit at most until `deadline` (a channel closes as the VMM dies): for waits
-    /// that ended before the guest got anywhere.
+    /// The VMM's [`MachineError::VmmRefused`](attest_machine::MachineError) when the latest start's
+    /// VMM exited by itself with a failure, waiting for that exit at most until `deadline` (a
+    /// channel closes as the VMM dies): for waits that ended before the guest got anywhere.
     pub(crate) fn refused(&self, deadline: Instant) -> Option<DriverError> {
         if let Some(halted) = self.shared.halted() {
             return Some(halted);
