@@ -21,6 +21,7 @@ use crate::error::{DriverError, Result};
 use crate::log::{Log, SubtestRecord};
 use crate::machine::Machine;
 use crate::prepare;
+use crate::shared::Shared;
 
 /// How the driver runs, beyond the test's definition.
 #[derive(Clone)]
@@ -36,50 +37,6 @@ pub struct DriverOptions {
 impl Default for DriverOptions {
     fn default() -> Self {
         DriverOptions { keep_vm_state: false, out_dir: None, log: Log::stderr() }
-    }
-}
-
-/// What the driver's machines share.
-pub(crate) struct Shared {
-    pub log: Log,
-    /// When the global timeout expires: every wait ends by then.
-    pub deadline: Instant,
-    pub global_timeout: Duration,
-    timed_out: AtomicBool,
-    /// Why a network failed while the test ran, if one did.
-    network_failure: Mutex<Option<String>>,
-    pub out_dir: PathBuf,
-    /// `SHARED_DIR` of NixOS start scripts.
-    pub shared_dir: PathBuf,
-    /// Host-side scratch files (screen dumps).
-    pub scratch: PathBuf,
-    pub backend: Arc<dyn Backend + Send + Sync>,
-}
-
-/// How long after the global deadline a machine's own waits give up by themselves. The watchdog
-/// stops every machine at the deadline, and a wait ends as its machine dies; so the caller sees
-/// the global timeout only once everything is stopped, never a wait that raced the watchdog to it.
-const WATCHDOG_MARGIN: Duration = Duration::from_secs(5);
-
-impl Shared {
-    /// The latest a machine's wait may run to: the global deadline, plus the moment the watchdog
-    /// needs to stop every machine ([`WATCHDOG_MARGIN`]), which ends the wait first.
-    pub fn wait_deadline(&self) -> Instant {
-        self.deadline + WATCHDOG_MARGIN
-    }
-
-    /// The global-timeout error, once it has expired: the watchdog has fired, or is about to (a
-    /// wait bounded by the same deadline may end first).
-    pub fn timed_out(&self) -> Option<DriverError> {
-        let expired = self.timed_out.load(Ordering::SeqCst) || Instant::now() >= self.deadline;
-        expired.then_some(DriverError::GlobalTimeout(self.global_timeout))
-    }
-
-    /// Why every machine was stopped under the test, if they were: the global timeout, or a
-    /// network that died.
-    pub fn halted(&self) -> Option<DriverError> {
-        let failure = self.network_failure.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        self.timed_out().or(failure.map(DriverError::NetworkFailed))
     }
 }
 

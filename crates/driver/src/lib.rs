@@ -23,6 +23,7 @@ pub mod log;
 pub mod machine;
 pub mod prepare;
 pub mod serial;
+mod shared;
 
 pub use config::{BackendKind, BootConfig, BuiltinImage, FirmwareKind, Login, MachineConfig, NetworkMode, TestConfig};
 pub use driver::{Driver, DriverOptions};

@@ -13,12 +13,11 @@ use attest_machine::{
     Uefi,
 };
 use attest_network::guest::{configure_script, GuestNic};
-use attest_network::Networks;
+use attest_network::{Networks, VlanNic};
 
 use crate::config::{BootConfig, BuiltinImage, FirmwareKind, MachineConfig, Problem};
 use crate::error::Result;
 use crate::log::Log;
-use crate::machine::MachineNetwork;
 
 /// What every machine of a test shares.
 pub struct Context<'a> {
@@ -132,6 +131,14 @@ fn builtin(image: BuiltinImage, spec: &mut MachineSpec, cx: &Context, dir: &Mach
 /// The machine's VLAN cards, and the commands that give one of attest's guests (or a kernel +
 /// initrd machine, which speaks the backdoor protocol too) its addresses; other machines configure
 /// their own networks.
+/// A machine's place on the test's VLANs.
+pub(crate) struct MachineNetwork {
+    /// Its VLAN cards (none for a start script's machine, whose script chose them).
+    pub vlans: Vec<VlanNic>,
+    /// Commands that give an attest guest its addresses, run on each new shell.
+    pub guest_script: Option<String>,
+}
+
 pub(crate) fn network(config: &MachineConfig, networks: &Networks) -> MachineNetwork {
     let vlans = networks.plan().machine(&config.name).map(|m| m.nics.clone()).unwrap_or_default();
     MachineNetwork { vlans, guest_script: guest_script(config, networks) }

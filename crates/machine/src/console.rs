@@ -166,6 +166,12 @@ impl Console {
         }
     }
 
+    /// Writes a line of attest's own into the log, as if the console had printed it (a restore's
+    /// mark, say), so the log tells what happened where.
+    pub fn note(&self, line: &str) {
+        self.record(format!("{line}\n").as_bytes());
+    }
+
     /// Reads `source` on a thread until it ends.
     pub fn attach(&self, mut source: impl Read + Send + 'static) {
         {

@@ -33,10 +33,17 @@ pub enum MachineError {
     Unsupported { backend: &'static str, what: String },
     /// The VMM's control channel failed.
     #[error("{0}")]
-    Control(#[from] crate::qmp::QmpError),
+    Control(#[from] crate::backend::qemu::qmp::QmpError),
+    /// Saving or loading a snapshot failed; `why` is the VMM's reason (a device that cannot be
+    /// migrated names itself there).
+    #[error("{what} failed: {why}")]
+    SnapshotFailed { what: String, why: String },
     /// The machine has no guest command channel.
     #[error("machine {machine} has no guest command channel")]
     NoChannel { machine: String },
+    /// The machine must be running for this.
+    #[error("machine {machine} is not running")]
+    NotRunning { machine: String },
     /// The machine's backend gave it no control channel.
     #[error("machine {machine} has no control channel")]
     NoControl { machine: String },

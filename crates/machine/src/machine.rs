@@ -1,14 +1,18 @@
 //! A named machine that can be started, stopped and started again (the NixOS driver's
-//! `shutdown(); start()`): each start builds a fresh [`Vm`] from the same definition, in the same
-//! state directory, whose console log it appends to.
+//! `shutdown(); start()`), saved as a snapshot and restored from one: each start or restore builds
+//! a fresh [`Vm`] from the same definition, in the same state directory, whose console log it
+//! appends to. Its disks carry over from one VM to the next, wherever snapshots moved them.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::backend::Backend;
 use crate::console::Echo;
-use crate::error::Result;
+use crate::disk::{self, Media};
+use crate::error::{MachineError, Result};
 use crate::events::MachineEventSink;
+use crate::snapshot::{MemoryImage, RamBacking, SavePlan, Snapshot};
 use crate::spec::MachineSpec;
 use crate::state_dir::MachineDir;
 use crate::vm::Vm;
@@ -20,6 +24,13 @@ pub struct Machine {
     events: MachineEventSink,
     echo: Echo,
     vm: Option<Vm>,
+    /// The images the machine's disks are written to now: the spec's at first; a snapshot freezes
+    /// them and moves the VM onto new overlays, and a restore gives it overlays of the frozen ones.
+    live_disks: Vec<PathBuf>,
+    /// The RAM of the running VM, when it is a file (a template's, shared, or a clone's, private).
+    ram: RamBacking,
+    /// Numbers the overlays snapshots and restores create.
+    overlays: u32,
 }
 
 impl Machine {
@@ -30,7 +41,8 @@ impl Machine {
         events: MachineEventSink,
         echo: Echo,
     ) -> Self {
-        Machine { spec, backend, dir, events, echo, vm: None }
+        let live_disks = spec.disks.iter().map(|d| d.path.clone()).collect();
+        Machine { spec, backend, dir, events, echo, vm: None, live_disks, ram: RamBacking::Anonymous, overlays: 0 }
     }
 
     pub fn name(&self) -> &str {
@@ -52,12 +64,105 @@ impl Machine {
 
     /// Starts the machine unless it runs already, and returns its running VM.
     pub fn start(&mut self) -> Result<&mut Vm> {
+        self.start_with(RamBacking::Anonymous)
+    }
+
+    /// Starts the machine unless it runs already, its RAM in `ram`: a template to save with
+    /// [`MemoryImage::File`] maps a new file shared.
+    pub fn start_with(&mut self, ram: RamBacking) -> Result<&mut Vm> {
         if !self.is_running() {
-            self.vm = None;
-            let vm = Vm::start(self.backend.as_ref(), &self.spec, &self.dir, self.echo.clone(), self.events.clone())?;
-            self.vm = Some(vm);
+            let spec = MachineSpec { ram, ..self.live_spec() };
+            self.launch(spec)?;
         }
         Ok(self.vm.as_mut().expect("started above"))
+    }
+
+    /// The spec with the disks as they are now.
+    fn live_spec(&self) -> MachineSpec {
+        let mut spec = self.spec.clone();
+        for (disk, live) in spec.disks.iter_mut().zip(&self.live_disks) {
+            if disk.path != *live {
+                // Snapshots' overlays are qcow2 whatever the image under them.
+                (disk.path, disk.format) = (live.clone(), disk::DiskFormat::Qcow2);
+            }
+        }
+        spec
+    }
+
+    fn launch(&mut self, spec: MachineSpec) -> Result<&mut Vm> {
+        self.vm = None;
+        self.ram = spec.ram.clone();
+        let vm = Vm::start(self.backend.as_ref(), &spec, &self.dir, self.echo.clone(), self.events.clone())?;
+        Ok(self.vm.insert(vm))
+    }
+
+    /// Saves the running VM into the directory `into` (created) and leaves it paused: the caller
+    /// resumes it, or ends it. Its writable disks continue on new overlays; the images they had are
+    /// the snapshot's, never written again. The memory goes into the state file, unless the VM was
+    /// started as a template ([`Machine::start_with`] a shared file), whose file then holds it.
+    pub fn save_snapshot(&mut self, into: &Path, deadline: Instant) -> Result<Snapshot> {
+        let control = self.running_vm()?.control(deadline)?;
+        std::fs::create_dir_all(into).map_err(MachineError::io(format!("creating {}", into.display())))?;
+        let memory = match &self.ram {
+            RamBacking::File { path, shared: true } => MemoryImage::File(path.clone()),
+            _ => MemoryImage::InState,
+        };
+        let mut snapshot = Snapshot { state: into.join("state"), memory, disks: vec![None; self.spec.disks.len()] };
+        let mut continue_on = Vec::new();
+        let writable: Vec<usize> = (0..self.spec.disks.len())
+            .filter(|&i| self.spec.disks[i].media == Media::Disk && !self.spec.disks[i].read_only)
+            .collect();
+        for index in writable {
+            snapshot.disks[index] = Some(self.live_disks[index].clone());
+            continue_on.push((index, self.next_overlay(index)));
+        }
+        control.pause(deadline)?;
+        let plan = SavePlan { snapshot, continue_on };
+        control.save_snapshot(&plan, deadline).inspect_err(|_| drop(std::fs::remove_file(&plan.snapshot.state)))?;
+        for (index, overlay) in plan.continue_on {
+            self.live_disks[index] = overlay;
+        }
+        Ok(plan.snapshot)
+    }
+
+    /// Replaces the running VM (if any) with a fresh VMM that loads `snapshot`, on new overlays of
+    /// its frozen disks, and returns it paused: the caller resumes it once it is ready to talk to
+    /// the guest. A snapshot with its memory in a file maps that file private.
+    pub fn restore(&mut self, snapshot: &Snapshot, deadline: Instant) -> Result<&mut Vm> {
+        self.kill();
+        if snapshot.disks.len() != self.spec.disks.len() {
+            return Err(MachineError::SnapshotFailed {
+                what: format!("restoring machine {}", self.spec.name),
+                why: format!("the snapshot has {} disks, the machine {}", snapshot.disks.len(), self.spec.disks.len()),
+            });
+        }
+        for (index, frozen) in snapshot.disks.iter().enumerate() {
+            if let Some(frozen) = frozen {
+                let overlay = self.next_overlay(index);
+                disk::overlay(frozen, &overlay)?;
+                self.live_disks[index] = overlay;
+            }
+        }
+        let ram = match &snapshot.memory {
+            MemoryImage::File(path) => RamBacking::File { path: path.clone(), shared: false },
+            MemoryImage::InState => RamBacking::Anonymous,
+        };
+        let spec = MachineSpec { ram, receive_snapshot: true, ..self.live_spec() };
+        let vm = self.launch(spec)?;
+        vm.control(deadline)?.load_snapshot(snapshot, deadline)?;
+        Ok(vm)
+    }
+
+    fn running_vm(&mut self) -> Result<&mut Vm> {
+        if !self.is_running() {
+            return Err(MachineError::NotRunning { machine: self.spec.name.clone() });
+        }
+        Ok(self.vm.as_mut().expect("running"))
+    }
+
+    fn next_overlay(&mut self, index: usize) -> PathBuf {
+        self.overlays += 1;
+        self.dir.path().join(format!("disk{index}-{}.qcow2", self.overlays))
     }
 
     /// Whether the VMM of the latest start is still running.
@@ -137,8 +242,8 @@ mod tests {
         for start in ["first", "second"] {
             let deadline = Instant::now() + Duration::from_secs(30);
             let vm = machine.start().unwrap_or_else(|e| panic!("{start} start: {e}"));
-            let crate::backend::Control::Qmp(qmp) = vm.control(deadline).unwrap();
-            assert!(qmp.execute("query-status", None, deadline).is_ok(), "{start} start answers over QMP");
+            let control = vm.control(deadline).unwrap();
+            assert!(control.monitor_command("info status", deadline).is_ok(), "{start} start answers over QMP");
             machine.kill();
         }
     }

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 pub use attest_protocol::ShareFs;
 
+use crate::snapshot::RamBacking;
+
 use crate::accel::Accel;
 use crate::disk::Disk;
 use crate::network::Nic;
@@ -31,6 +33,10 @@ pub struct MachineSpec {
     pub allow_reboot: bool,
     /// Arguments passed to the VMM as they are, after attest's own.
     pub extra_args: Vec<String>,
+    /// What the guest's RAM is: set per start by [`crate::Machine`] for templates and clones.
+    pub ram: RamBacking,
+    /// Whether the VMM starts paused, waiting to load a snapshot ([`crate::control::VmControl::load_snapshot`]).
+    pub receive_snapshot: bool,
 }
 
 impl MachineSpec {
@@ -50,6 +56,8 @@ impl MachineSpec {
             rng: false,
             allow_reboot: false,
             extra_args: Vec::new(),
+            ram: RamBacking::Anonymous,
+            receive_snapshot: false,
         }
     }
 

@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 
 use attest_protocol::ExitStatus;
 
-use crate::backend::{Backend, Control, PendingControl};
+use crate::backend::Backend;
 use crate::console::{Console, Echo};
+use crate::control::{PendingControl, VmControl};
 use crate::error::{MachineError, Result};
 use crate::events::{EventSink, MachineEvent, MachineEventSink, VmEvent};
 use crate::process::ManagedChild;
@@ -170,14 +171,27 @@ impl Vm {
     }
 
     /// The VMM's control channel (QMP for QEMU), connected on first use, at most until `deadline`.
-    pub fn control(&mut self, deadline: Instant) -> Result<Control> {
+    pub fn control(&mut self, deadline: Instant) -> Result<Arc<dyn VmControl>> {
         if let Some(pending) = self.take_control() {
-            self.control = ControlState::Connected(pending.connect(deadline, Some(self.exit_fd.as_fd()))?);
+            self.control = ControlState::Connected(pending(deadline, Some(self.exit_fd.as_fd()))?);
         }
         match &self.control {
             ControlState::Connected(control) => Ok(control.clone()),
             _ => Err(MachineError::NoControl { machine: self.name.clone() }),
         }
+    }
+
+    /// The control channel once connected, without waiting for it.
+    pub fn connected_control(&self) -> Option<Arc<dyn VmControl>> {
+        match &self.control {
+            ControlState::Connected(control) => Some(control.clone()),
+            _ => None,
+        }
+    }
+
+    /// Keeps `control`, connected from [`Vm::take_control`] outside any lock, as this VM's.
+    pub fn keep_control(&mut self, control: Arc<dyn VmControl>) {
+        self.control = ControlState::Connected(control);
     }
 
     /// The control channel before it is connected, to connect (with [`Vm::exit_watch`]) outside
@@ -223,7 +237,7 @@ impl<R: Read> Read for Tee<R> {
 enum ControlState {
     None,
     Pending(PendingControl),
-    Connected(Control),
+    Connected(Arc<dyn VmControl>),
 }
 
 impl Drop for Vm {
@@ -347,13 +361,13 @@ pub(crate) mod tests {
         let dir = state.machine_dir(0, "controlled").unwrap();
         let mut vm = Vm::start(&qemu, &spec("controlled", &kernel.path), &dir, Echo::Off, Arc::new(|_| {})).unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
-        let Control::Qmp(qmp) = vm.control(deadline).unwrap();
-        let status = qmp.execute("query-status", None, deadline).unwrap();
-        assert!(status["status"].is_string(), "{status}");
-        qmp.execute("stop", None, deadline).unwrap();
-        let Control::Qmp(again) = vm.control(deadline).unwrap();
-        assert!(Arc::ptr_eq(&qmp, &again), "one connection per machine, kept");
-        assert_eq!(qmp.wait_for_event("STOP", |e| e.name == "STOP", deadline).unwrap().name, "STOP");
+        let control = vm.control(deadline).unwrap();
+        let status = control.monitor_command("info status", deadline).unwrap();
+        assert!(status.contains("running"), "{status}");
+        control.pause(deadline).unwrap();
+        let again = vm.control(deadline).unwrap();
+        assert!(Arc::ptr_eq(&control, &again), "one connection per machine, kept");
+        assert_eq!(again.wait_for_event(&|e| e.name == "STOP", deadline).unwrap().name, "STOP");
     }
 
     #[test]

@@ -179,6 +179,8 @@ fn machine_call(m: &Machine, call: &str, a: &Args) -> Result<Value, CallError> {
         "is_up" => json!(m.is_up()),
         "shutdown" => json!(m.shutdown()?),
         "crash" => json!(m.crash()?),
+        "snapshot" => json!(m.snapshot(a.str("name")?)?),
+        "restore" => json!(m.restore(a.str("name")?)?),
         "reboot" => json!(m.reboot()?),
         "wait_for_shutdown" => json!(m.wait_for_shutdown()?),
         "copy_from_host" => json!(m.copy_from_host(a.str("source")?.as_ref(), a.str("target")?)?),

@@ -85,6 +85,20 @@ impl BackdoorShell {
         }
     }
 
+    /// The shell of a guest restored from a snapshot taken while this shell was idle: it reads its
+    /// next command at once, and announces nothing.
+    pub fn resume(stream: UnixStream) -> BackdoorShell {
+        BackdoorShell {
+            stream,
+            buffered: Vec::new(),
+            out_of_step: false,
+            sent: 0,
+            // The files of the commands before the snapshot, which this connection never saw.
+            leftover_files: CLEANUP_FILES,
+            leftover_bytes: 0,
+        }
+    }
+
     /// Runs `command` in the guest as the NixOS driver does (`set -euo pipefail` first), with the
     /// guest-side `timeout` when given, and returns its exit status and stdout. `deadline` bounds
     /// the whole call on the host.

@@ -286,6 +286,6 @@ impl TestConfig {
 }
 
 mod file;
-mod rules;
+pub(crate) mod rules;
 #[cfg(test)]
 mod tests;

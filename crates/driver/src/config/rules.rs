@@ -109,3 +109,16 @@ impl MachineConfig {
         problems
     }
 }
+
+/// Ok if `name` can name a `kind` (a machine, a snapshot): an identifier (an ASCII letter or `_`,
+/// then letters, digits and `_`), since it becomes a file name and, for machines, a Python name.
+pub fn check_identifier(kind: &str, name: &str) -> Result<(), String> {
+    let mut chars = name.chars();
+    let starts = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    if starts && chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Ok(());
+    }
+    Err(format!(
+        "{kind} name {name:?} is not an identifier: use ASCII letters, digits and `_`, not starting with a digit"
+    ))
+}

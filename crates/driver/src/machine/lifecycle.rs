@@ -28,7 +28,7 @@ impl Machine {
     #[track_caller]
     pub fn start_allowing_reboot(&self, allow_reboot: bool) -> Result<()> {
         if allow_reboot {
-            lock(&self.vm).spec_mut().allow_reboot = true;
+            self.state().machine.spec_mut().allow_reboot = true;
         }
         self.start_at(Location::caller())
     }
@@ -47,7 +47,7 @@ impl Machine {
     /// Whether the machine runs and its backdoor shell is connected. Never waits, even while a
     /// command runs.
     pub fn is_up(&self) -> bool {
-        let generation = self.generation.load(Ordering::SeqCst);
+        let generation = self.generation();
         generation != 0 && self.connected.load(Ordering::SeqCst) == generation && self.is_running()
     }
 
@@ -76,16 +76,17 @@ impl Machine {
         let at = Location::caller();
         let mut shell = lock(&self.shell);
         self.send_key_at(at, "ctrl-alt-delete")?;
-        if let Some(Shell { shell, generation }) = shell.take() {
-            // The VMM keeps its end of the channel across the guest's reboot: reuse the stream.
-            let stream: UnixStream = shell.into_stream();
-            *lock(&self.rebooting) = Some((generation, stream));
-        }
+        // The VMM keeps its end of the channel across the guest's reboot: the stream carries over.
+        let stream: Option<UnixStream> = shell.take().map(|Shell { shell, .. }| shell.into_stream());
         self.connected.store(0, Ordering::SeqCst);
-        // The guest's serial login does not survive its reboot either.
-        *lock(&self.serial) = None;
-        // The boot deadline counts from here.
-        *lock(&self.started) = Some(Instant::now());
+        {
+            // A new start in the same VMM: the guest's serial login does not survive its reboot
+            // either, and the boot deadline counts from here.
+            let mut state = self.state();
+            let console = state.start.console.clone().expect("started");
+            state.begin(console, false);
+            state.start.rebooting = stream;
+        }
         drop(shell);
         self.connect_in_background();
         Ok(())
@@ -100,10 +101,10 @@ impl Machine {
             return Ok(());
         }
         self.shared.log.info(Some(&self.name), "forced crash");
-        if let Ok(qmp) = self.qmp(at) {
-            qmp.execute("quit", None, Instant::now() + Duration::from_secs(5)).ok();
+        if let Ok(control) = self.control(at) {
+            control.quit(Instant::now() + Duration::from_secs(5)).ok();
         }
-        lock(&self.vm).kill();
+        self.state().machine.kill();
         Ok(())
     }
 
@@ -125,11 +126,11 @@ impl Machine {
     /// Waits for the VMM's exit until `deadline` without holding the machine's lock; true if it
     /// exited (and is now reaped).
     pub(super) fn wait_exit(&self, deadline: Instant) -> bool {
-        let exit = lock(&self.vm).vm().and_then(|vm| vm.exit_watch().ok());
+        let exit = self.state().machine.vm().and_then(|vm| vm.exit_watch().ok());
         if let Some(exit) = exit {
             wait_readable(&exit, None, deadline).ok();
         }
-        lock(&self.vm).wait_exited(Instant::now())
+        self.state().machine.wait_exited(Instant::now())
     }
 
     /// Teardown: a `sync` if the shell is free, QMP `quit`, then a kill after the grace period.
@@ -143,15 +144,15 @@ impl Machine {
                 shell.execute("sync", None, grace).ok();
             }
         }
-        if let Ok(qmp) = self.qmp(Location::caller()) {
-            qmp.execute("quit", None, grace).ok();
+        if let Ok(control) = self.control(Location::caller()) {
+            control.quit(grace).ok();
         }
         self.wait_exit(grace);
-        lock(&self.vm).kill();
+        self.state().machine.kill();
     }
 
     /// Kills the VMM at once (the global timeout).
     pub(crate) fn kill(&self) {
-        lock(&self.vm).kill();
+        self.state().machine.kill();
     }
 }

@@ -1,11 +1,14 @@
 //! A test's machine: its state, its locks, and the channels every part of the machine API goes
-//! through: the backdoor shell (connected on the first command of each start), QMP (connected on
-//! first use) and the console, plus how failures are reported. The API itself is in the sibling
-//! modules: lifecycle, commands, units, waits, files, screen.
+//! through: the backdoor shell (connected on the first command of each start), the VMM's control
+//! ([`VmControl`], connected on first use) and the console, plus how failures are reported. The
+//! API itself is in the sibling modules: lifecycle, commands, units, waits, files, screen, network,
+//! snapshots.
 //!
-//! Lock order: `shell`, then `qmp`, then `vm`. `vm` is only ever held briefly, never across a wait
-//! on the guest: another thread (or the global-timeout watchdog) can always crash, kill or inspect
-//! a machine whose command or boot is in progress.
+//! Each start (a boot, a reboot's new boot, a restore) is one [`Start`] value, replaced whole under
+//! the `state` lock: nothing of an earlier start (its shell, control, serial login) can be
+//! mistaken for the current one's. Lock order: `shell`, then `connecting`, then `state`. `state` is
+//! only ever held briefly, never across a wait on the guest: another thread (or the global-timeout
+//! watchdog) can always crash, kill or inspect a machine whose command or boot is in progress.
 
 mod commands;
 mod conditions;
@@ -14,9 +17,11 @@ mod lifecycle;
 mod network;
 mod screen;
 mod serial_console;
+mod snapshots;
 mod units;
 mod waits;
 
+use std::collections::HashMap;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::panic::Location;
@@ -25,20 +30,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use attest_machine::backend::Control;
-use attest_machine::qmp::Qmp;
-use attest_machine::Console;
-use attest_network::VlanNic;
+use attest_machine::{Console, VmControl};
 use attest_shell::{BackdoorShell, ShellError};
 
 use crate::config::MachineConfig;
-use crate::driver::Shared;
 use crate::error::{DriverError, Failure, Result};
+use crate::prepare::MachineNetwork;
+use crate::serial::SerialShell;
+use crate::shared::Shared;
 
 pub use screen::key_for_char;
 
-/// How long the VMM may take to connect its QMP monitor.
-const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the VMM may take to connect its control channel.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long giving a guest its addresses may take.
 const NETWORK_SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a VMM whose channel closed may take to be seen exiting.
@@ -50,35 +54,52 @@ pub struct Machine {
     name: String,
     config: MachineConfig,
     shared: Arc<Shared>,
-    vm: Mutex<attest_machine::Machine>,
+    /// The machine (its definition and VM) and its current start.
+    state: Mutex<State>,
     shell: Mutex<Option<Shell>>,
-    /// QMP of the start it was connected in.
-    qmp: Mutex<Option<(u64, Arc<Qmp>)>>,
-    /// The channel of a rebooting guest, and its start: kept until its new shell announces itself.
-    rebooting: Mutex<Option<(u64, UnixStream)>>,
-    /// Counts starts (0: never started); a shell or QMP connection belongs to one start.
-    generation: AtomicU64,
+    /// Held while a start's control channel connects, so that only one thread connects it.
+    connecting: Mutex<()>,
     /// The start whose shell is connected (0: none), readable while a command holds the shell.
     connected: AtomicU64,
-    /// The console of the latest start; it outlives the VMM, for errors and `get_console_log`.
-    console: Mutex<Option<Console>>,
-    /// When the latest start (or reboot) happened, for the boot deadline.
-    started: Mutex<Option<Instant>>,
     network: MachineNetwork,
-    /// Why connecting to the shell of a start failed, when a background connect found out.
-    connect_failure: Mutex<Option<(u64, String)>>,
-    /// The shell on the serial console of the start it belongs to (guests without a backdoor).
-    serial: Mutex<Option<(u64, Arc<crate::serial::SerialShell>)>>,
+    /// The test's snapshots of this machine, by name.
+    snapshots: Mutex<HashMap<String, attest_machine::Snapshot>>,
+    /// What the test set up on the VMM's side, which a restored VMM is given again.
+    host_side: Mutex<HostSide>,
     /// This machine, for the thread that connects to a new start's shell.
     me: Weak<Machine>,
 }
 
-/// A machine's place on the test's VLANs.
-pub(crate) struct MachineNetwork {
-    /// Its VLAN cards (none for a start script's machine, whose script chose them).
-    pub vlans: Vec<VlanNic>,
-    /// Commands that give an attest guest its addresses, run on each new shell.
-    pub guest_script: Option<String>,
+struct State {
+    machine: attest_machine::Machine,
+    start: Start,
+}
+
+/// One start of the machine and what belongs to it alone.
+#[derive(Default)]
+struct Start {
+    /// Counts starts (0: never started).
+    generation: u64,
+    /// Its console; it outlives the VMM, for errors and `get_console_log`.
+    console: Option<Console>,
+    /// When it happened (or the guest rebooted), for the boot deadline.
+    at: Option<Instant>,
+    /// The channel of a rebooting guest: kept until its new shell announces itself.
+    rebooting: Option<UnixStream>,
+    /// A restored guest's shell is idle already: nothing announces it.
+    restored: bool,
+    /// Why connecting to its shell failed, when a background connect found out.
+    connect_failure: Option<String>,
+    /// Its shell on the serial console (guests without a backdoor).
+    serial: Option<Arc<SerialShell>>,
+}
+
+/// The VMM-side settings of the test, in the order made.
+#[derive(Default)]
+struct HostSide {
+    forwards: Vec<attest_machine::PortForward>,
+    /// Cards whose link the test took down.
+    links_down: Vec<String>,
 }
 
 /// A connected backdoor shell and the start it belongs to.
@@ -99,17 +120,13 @@ impl Machine {
             name: config.name.clone(),
             config,
             shared,
-            vm: Mutex::new(machine),
+            state: Mutex::new(State { machine, start: Start::default() }),
             shell: Mutex::new(None),
-            qmp: Mutex::new(None),
-            rebooting: Mutex::new(None),
-            generation: AtomicU64::new(0),
+            connecting: Mutex::new(()),
             connected: AtomicU64::new(0),
-            console: Mutex::new(None),
-            started: Mutex::new(None),
             network,
-            connect_failure: Mutex::new(None),
-            serial: Mutex::new(None),
+            snapshots: Mutex::new(HashMap::new()),
+            host_side: Mutex::new(HostSide::default()),
             me,
         }
     }
@@ -126,23 +143,34 @@ impl Machine {
     /// stopped everything then (checked under the machine's lock, which the watchdog's kill takes).
     fn start_at(&self, at: &'static Location<'static>) -> Result<()> {
         let started = {
-            let mut vm = lock(&self.vm);
+            let mut state = self.state();
             if let Some(timeout) = self.shared.halted() {
                 return Err(timeout);
             }
-            if vm.is_running() {
+            if state.machine.is_running() {
                 return Ok(());
             }
             self.shared.log.info(Some(&self.name), "starting vm");
-            vm.start().map(|running| running.console().clone())
+            let started = state.machine.start().map(|running| running.console().clone());
+            if let Ok(console) = &started {
+                state.begin(console.clone(), false);
+            }
+            started
         };
         // Reported without the lock: a report reads the console tail, which takes it.
-        let console = started.map_err(|e| self.broken(at, format!("could not start: {e}")))?;
-        *lock(&self.console) = Some(console);
-        *lock(&self.started) = Some(Instant::now());
-        self.generation.fetch_add(1, Ordering::SeqCst);
+        started.map_err(|e| self.broken(at, format!("could not start: {e}")))?;
         self.connect_in_background();
         Ok(())
+    }
+
+    /// The machine and its current start, for a moment.
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    /// The current start's number (0: never started).
+    fn generation(&self) -> u64 {
+        self.state().start.generation
     }
 
     /// An attest guest's network is configured through its shell; connecting as soon as the guest
@@ -155,7 +183,7 @@ impl Machine {
         if self.network.guest_script.is_none() || self.network.vlans.is_empty() {
             return;
         }
-        let (me, generation) = (self.me.clone(), self.generation.load(Ordering::SeqCst));
+        let (me, generation) = (self.me.clone(), self.generation());
         let connect = move || me.upgrade().map(|machine| machine.connect_start(Location::caller(), generation));
         if let Err(e) = std::thread::Builder::new().name(format!("connect-{}", self.name)).spawn(connect) {
             // The first command connects instead.
@@ -165,11 +193,11 @@ impl Machine {
 
     /// When the latest start (or reboot) happened.
     pub(crate) fn started_at(&self) -> Option<Instant> {
-        *lock(&self.started)
+        self.state().start.at
     }
 
     fn is_running(&self) -> bool {
-        lock(&self.vm).is_running()
+        self.state().machine.is_running()
     }
 
     /// The connected backdoor shell, booting the machine and connecting first if needed (as
@@ -177,7 +205,7 @@ impl Machine {
     fn shell(&self, at: &'static Location<'static>) -> Result<ShellGuard<'_>> {
         let mut shell = lock(&self.shell);
         self.start_at(at)?;
-        let generation = self.generation.load(Ordering::SeqCst);
+        let generation = self.generation();
         self.connect_locked(at, &mut shell, generation)?;
         Ok(ShellGuard(shell))
     }
@@ -186,7 +214,7 @@ impl Machine {
     /// the machine was stopped or started again meanwhile.
     fn connect_start(&self, at: &'static Location<'static>, generation: u64) -> Result<()> {
         let mut shell = lock(&self.shell);
-        if self.generation.load(Ordering::SeqCst) != generation || !self.is_running() {
+        if self.generation() != generation || !self.is_running() {
             return Ok(());
         }
         self.connect_locked(at, &mut shell, generation)
@@ -196,19 +224,29 @@ impl Machine {
     fn connect_locked(&self, at: &'static Location<'static>, shell: &mut Option<Shell>, generation: u64) -> Result<()> {
         if shell.as_ref().is_none_or(|s| s.generation != generation) {
             *shell = None;
-            if let Some((_, why)) = lock(&self.connect_failure).as_ref().filter(|(of, _)| *of == generation) {
-                return Err(self.broken(at, why.clone()));
+            let (failed, restored) = match self.state().in_start(generation) {
+                Some(start) => (start.connect_failure.clone(), start.restored),
+                None => (None, false),
+            };
+            if let Some(why) = failed {
+                return Err(self.broken(at, why));
             }
-            let connected = self.connect_shell(at, generation).and_then(|mut connected| {
-                self.configure_network(at, &mut connected)?;
-                Ok(connected)
-            });
+            // A restored guest has its addresses already: they are in the snapshot.
+            let connected = match restored {
+                true => self.connect_restored(at),
+                false => self.connect_shell(at, generation).and_then(|mut connected| {
+                    self.configure_network(at, &mut connected)?;
+                    Ok(connected)
+                }),
+            };
             let connected = connected.inspect_err(|e| {
                 let why = match e {
                     DriverError::Broken(failure) | DriverError::Assertion(failure) => failure.message.clone(),
                     other => other.to_string(),
                 };
-                *lock(&self.connect_failure) = Some((generation, why));
+                if let Some(start) = self.state().in_start(generation) {
+                    start.connect_failure = Some(why);
+                }
             })?;
             *shell = Some(Shell { generation, shell: connected });
             self.connected.store(generation, Ordering::SeqCst);
@@ -218,19 +256,15 @@ impl Machine {
 
     /// Waits for the guest's backdoor shell: the channel, then the marker line.
     fn connect_shell(&self, at: &'static Location<'static>, generation: u64) -> Result<BackdoorShell> {
-        let started = lock(&self.started).unwrap_or_else(Instant::now);
+        let started = self.started_at().unwrap_or_else(Instant::now);
         let deadline = self.shared.wait_deadline().min(started + self.config.boot_timeout);
+        let rebooted = self.state().in_start(generation).and_then(|start| start.rebooting.take());
         self.shared.log.nested(Some(&self.name), "waiting for the VM to finish booting", || {
-            let rebooted = lock(&self.rebooting).take().filter(|(of, _)| *of == generation).map(|(_, stream)| stream);
             let stream = match rebooted {
                 Some(stream) => stream,
                 None => {
                     // Waited on without the machine's lock, so other threads can crash or inspect it.
-                    let (channel, exit) = {
-                        let mut vm = lock(&self.vm);
-                        let vm = vm.vm().expect("started before");
-                        (vm.take_agent(), vm.exit_watch())
-                    };
+                    let (channel, exit) = self.take_channel();
                     let no_channel =
                         || self.broken(at, "it has no guest channel left (a previous connect failed)".into());
                     let mut channel = channel.ok_or_else(no_channel)?;
@@ -295,38 +329,54 @@ impl Machine {
         if !self.wait_exit(deadline) {
             return None;
         }
-        lock(&self.vm).vm().and_then(|vm| vm.refusal()).map(DriverError::Machine)
+        self.state().machine.vm().and_then(|vm| vm.refusal()).map(DriverError::Machine)
     }
 
-    /// The QMP connection of the running VM; connected on first use, outside the machine's lock.
-    /// A machine that is down is not started for it (NixOS does not either).
-    fn qmp(&self, at: &'static Location<'static>) -> Result<Arc<Qmp>> {
-        let mut cached = lock(&self.qmp);
-        let generation = self.generation.load(Ordering::SeqCst);
-        match &*cached {
-            Some((of, qmp)) if *of == generation && self.is_running() => return Ok(qmp.clone()),
-            _ => *cached = None,
-        }
-        let (pending, exit) = {
-            let mut vm = lock(&self.vm);
-            if !vm.is_running() {
-                (None, None)
-            } else {
-                let vm = vm.vm().expect("running");
-                (vm.take_control(), Some(vm.exit_watch()))
+    /// The guest channel of the current start and the VMM's exit watch, to wait on without the
+    /// machine's lock.
+    fn take_channel(
+        &self,
+    ) -> (Option<Box<dyn attest_machine::Transport>>, attest_machine::error::Result<std::os::fd::OwnedFd>) {
+        let mut state = self.state();
+        let vm = state.machine.vm().expect("started before");
+        (vm.take_agent(), vm.exit_watch())
+    }
+
+    /// The runtime control of the running VM; connected on first use, outside the machine's
+    /// lock. A machine that is down is not started for it (NixOS does not either).
+    fn control(&self, at: &'static Location<'static>) -> Result<Arc<dyn VmControl>> {
+        let _connecting = lock(&self.connecting);
+        let (generation, pending, exit) = {
+            let mut state = self.state();
+            if !state.machine.is_running() {
+                drop(state);
+                return Err(self.broken(at, "it is not running".into()));
             }
+            let generation = state.start.generation;
+            let vm = state.machine.vm().expect("running");
+            if let Some(control) = vm.connected_control() {
+                return Ok(control);
+            }
+            (generation, vm.take_control(), vm.exit_watch())
         };
-        let exit = exit.ok_or_else(|| self.broken(at, "it is not running".into()))?;
         let exit = exit.map_err(|e| self.broken(at, e.to_string()))?;
-        let pending = pending.ok_or_else(|| self.broken(at, "its QMP connection was lost".into()))?;
-        let deadline = self.shared.wait_deadline().min(Instant::now() + QMP_TIMEOUT);
-        match pending.connect(deadline, Some(exit.as_fd())) {
-            Ok(Control::Qmp(qmp)) => {
-                *cached = Some((generation, qmp.clone()));
-                Ok(qmp)
+        let pending = pending.ok_or_else(|| self.broken(at, "its control channel was lost".into()))?;
+        let deadline = self.shared.wait_deadline().min(Instant::now() + CONTROL_TIMEOUT);
+        match pending(deadline, Some(exit.as_fd())) {
+            Ok(control) => {
+                let mut state = self.state();
+                if state.start.generation == generation {
+                    state.machine.vm().expect("started").keep_control(control.clone());
+                }
+                Ok(control)
             }
-            Err(e) => Err(self.broken(at, format!("its QMP monitor is unusable: {e}"))),
+            Err(e) => Err(self.broken(at, format!("its {} control channel is unusable: {e}", self.vmm_name()))),
         }
+    }
+
+    /// The VMM as users know it ("QEMU").
+    fn vmm_name(&self) -> &'static str {
+        self.shared.backend.vmm_name()
     }
 
     /// Everything the console printed, every start of the machine (NixOS's `get_console_log`).
@@ -336,11 +386,11 @@ impl Machine {
 
     /// The machine's console log file, in its state directory.
     pub(crate) fn console_log_path(&self) -> PathBuf {
-        lock(&self.vm).dir().path().join("console.log")
+        self.state().machine.dir().path().join("console.log")
     }
 
     fn console(&self) -> Option<Console> {
-        lock(&self.console).clone()
+        self.state().start.console.clone()
     }
 
     fn console_tail(&self) -> Vec<String> {
@@ -400,6 +450,20 @@ fn brief(command: &str) -> std::borrow::Cow<'_, str> {
     }
     let cut = (0..=LIMIT).rev().find(|&i| command.is_char_boundary(i)).unwrap_or(0);
     format!("{}… ({} bytes)", &command[..cut], command.len()).into()
+}
+
+impl State {
+    /// A new start replaces the last one whole.
+    fn begin(&mut self, console: Console, restored: bool) {
+        let generation = self.start.generation + 1;
+        self.start =
+            Start { generation, console: Some(console), at: Some(Instant::now()), restored, ..Start::default() };
+    }
+
+    /// The current start, if it is still `generation`.
+    fn in_start(&mut self, generation: u64) -> Option<&mut Start> {
+        (self.start.generation == generation).then_some(&mut self.start)
+    }
 }
 
 /// The machine's connected shell, held for one command.

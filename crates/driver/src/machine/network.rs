@@ -8,10 +8,10 @@ use std::panic::Location;
 use std::time::Duration;
 
 use attest_machine::network::user_mode;
-use serde_json::json;
+use attest_machine::PortForward;
 
 use super::commands::guest_poll_loop;
-use super::Machine;
+use super::{lock, Machine};
 use crate::config::BootConfig;
 use crate::error::Result;
 
@@ -41,10 +41,16 @@ impl Machine {
         let verb = if up { "unblocking" } else { "blocking" };
         self.shared.log.nested(Some(&self.name), &format!("{verb} {what}"), || {
             let cards = self.vlan_cards(at, vlan)?;
-            let qmp = self.qmp(at)?;
+            let control = self.control(at)?;
             for (device, _) in &cards {
-                qmp.execute("set_link", Some(json!({ "name": device, "up": up })), self.monitor_deadline())
+                control
+                    .set_link(device, up, self.monitor_deadline())
                     .map_err(|e| self.broken(at, format!("{verb} {device}: {e}")))?;
+                let mut host_side = lock(&self.host_side);
+                host_side.links_down.retain(|d| d != device);
+                if !up {
+                    host_side.links_down.push(device.clone());
+                }
             }
             self.await_links(at, &cards, up)
         })
@@ -126,16 +132,21 @@ impl Machine {
         let at = Location::caller();
         let message = format!("forwarding host port {host_port} to guest port {guest_port}");
         self.shared.log.nested(Some(&self.name), &message, || {
-            let netdev = match self.config.boot {
-                // NixOS's scripts call it user.0; HMP picks it when none is named.
-                BootConfig::StartScript { .. } => String::new(),
-                _ => format!("{} ", user_mode::nic().netdev_id()),
-            };
-            let output = self.monitor(at, &format!("hostfwd_add {netdev}tcp:127.0.0.1:{host_port}-:{guest_port}"))?;
-            match output.trim() {
-                "" => Ok(()),
-                error => Err(self.broken(at, format!("{message} failed: {error}"))),
-            }
+            let forward = PortForward { host_port, guest_port };
+            self.control(at)?
+                .forward_port(self.user_netdev().as_deref(), forward, self.monitor_deadline())
+                .map_err(|e| self.broken(at, format!("{message} failed: {e}")))?;
+            lock(&self.host_side).forwards.push(forward);
+            Ok(())
         })
+    }
+
+    /// The user-mode card's netdev, for port forwards: `None` for a start script's machine,
+    /// whose VMM has only the one NixOS calls user.0.
+    pub(super) fn user_netdev(&self) -> Option<String> {
+        match self.config.boot {
+            BootConfig::StartScript { .. } => None,
+            _ => Some(user_mode::nic().netdev_id()),
+        }
     }
 }

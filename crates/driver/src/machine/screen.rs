@@ -8,9 +8,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use attest_machine::backend::{require, Capability};
-use attest_machine::qmp::QmpEvent;
+use attest_machine::VmmEvent;
 use regex::Regex;
-use serde_json::json;
 
 use super::commands::DEFAULT_TIMEOUT;
 use super::Machine;
@@ -33,8 +32,8 @@ impl Machine {
         }
         self.shared.log.nested(Some(&self.name), &format!("making screenshot {}", path.display()), || {
             let ppm = self.shared.scratch.join(format!("{}-screen.ppm", self.name));
-            let qmp = self.qmp(at)?;
-            qmp.execute("screendump", Some(json!({ "filename": ppm })), self.monitor_deadline())
+            self.control(at)?
+                .screendump(&ppm, self.monitor_deadline())
                 .map_err(|e| self.broken(at, format!("screendump failed: {e}")))?;
             let image = image::open(&ppm).map_err(|e| self.broken(at, format!("reading the screen dump: {e}")))?;
             std::fs::remove_file(&ppm).ok();
@@ -60,7 +59,10 @@ impl Machine {
             (Some(c), None) => key_for_char(c),
             _ => key.to_string(),
         };
-        self.monitor(at, &format!("sendkey {key}")).map(drop)
+        let keys: Vec<&str> = key.split('-').collect();
+        self.control(at)?
+            .send_keys(&keys, self.monitor_deadline())
+            .map_err(|e| self.broken(at, format!("sending key {key:?}: {e}")))
     }
 
     /// Types `chars` on the guest's keyboard, one key per character (US layout).
@@ -88,8 +90,8 @@ impl Machine {
     }
 
     pub(super) fn monitor(&self, at: &'static Location<'static>, command: &str) -> Result<String> {
-        let qmp = self.qmp(at)?;
-        qmp.human_monitor_command(command, self.monitor_deadline())
+        self.control(at)?
+            .monitor_command(command, self.monitor_deadline())
             .map_err(|e| self.broken(at, format!("monitor command {command:?} failed: {e}")))
     }
 
@@ -97,15 +99,14 @@ impl Machine {
     #[track_caller]
     pub fn wait_for_qmp_event(
         &self,
-        filter: impl Fn(&QmpEvent) -> bool,
+        filter: impl Fn(&VmmEvent) -> bool,
         timeout: Option<Duration>,
-    ) -> Result<QmpEvent> {
+    ) -> Result<VmmEvent> {
         let at = Location::caller();
         let timeout = timeout.unwrap_or(Duration::from_secs(600));
-        let qmp = self.qmp(at)?;
+        let control = self.control(at)?;
         let deadline = self.shared.wait_deadline().min(Instant::now() + timeout);
-        qmp.wait_for_event("a matching QMP event", filter, deadline)
-            .map_err(|e| self.assertion(at, e.to_string(), true))
+        control.wait_for_event(&filter, deadline).map_err(|e| self.assertion(at, e.to_string(), true))
     }
 
     /// The text on virtual terminal `tty`, wrapped at its width.

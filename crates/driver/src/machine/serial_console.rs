@@ -3,12 +3,11 @@
 //! has its own [`SerialShell`] on that start's console.
 
 use std::panic::Location;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::commands::DEFAULT_TIMEOUT;
-use super::{brief, lock, Machine};
+use super::{brief, Machine};
 use crate::error::Result;
 use crate::serial::{boot_stage, SerialError, SerialShell, Step};
 
@@ -99,16 +98,10 @@ impl Machine {
     /// The serial shell of the current start, booting the machine if it is down.
     fn serial_shell(&self, at: &'static Location<'static>) -> Result<Arc<SerialShell>> {
         self.start_at(at)?;
-        let generation = self.generation.load(Ordering::SeqCst);
-        let mut serial = lock(&self.serial);
-        match &*serial {
-            Some((of, shell)) if *of == generation => Ok(shell.clone()),
-            _ => {
-                let shell = Arc::new(SerialShell::new(self.console().expect("started")));
-                *serial = Some((generation, shell.clone()));
-                Ok(shell)
-            }
-        }
+        let mut state = self.state();
+        let start = &mut state.start;
+        let console = start.console.clone().expect("started");
+        Ok(start.serial.get_or_insert_with(|| Arc::new(SerialShell::new(console))).clone())
     }
 
     fn deadline_in(&self, timeout: Duration) -> Instant {

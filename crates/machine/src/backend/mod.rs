@@ -2,24 +2,23 @@
 //!
 //! A backend turns a [`MachineSpec`] into host-side plumbing (sockets, helper daemons) and the VMM
 //! command line; [`crate::Vm`] then spawns, watches and tears down the result the same way for all.
-//! To add a backend: implement this trait in `backend/<name>.rs` and select it where the CLI builds
-//! machines. Firecracker and Cloud Hypervisor, which are configured over a REST API after spawning,
-//! will add a post-spawn step here.
+//! After spawning, the driver acts on a VM only through the [`VmControl`](crate::control::VmControl)
+//! the backend hands back ([`Prepared::control`]). To add a backend: implement [`Backend`] (and its
+//! `VmControl`) in `backend/<name>/`, and select it where the driver and the CLI build machines.
+//! Firecracker and Cloud Hypervisor, configured over a REST API after spawning, do that in
+//! [`Prepared::after_spawn`].
 
 pub mod qemu;
 
-use std::os::fd::BorrowedFd;
 use std::process::Command;
-use std::time::Instant;
 
 use crate::error::{MachineError, Result};
 
+use crate::control::PendingControl;
 use crate::events::EventSink;
 use crate::process::ManagedChild;
-use crate::qmp::Qmp;
 use crate::spec::MachineSpec;
 use crate::state_dir::MachineDir;
-use crate::transport::ListeningSocket;
 use crate::transport::Transport;
 
 pub use qemu::Qemu;
@@ -88,31 +87,3 @@ pub struct Prepared {
 }
 
 pub type AfterSpawn = Box<dyn FnOnce(u32) -> Result<()> + Send>;
-
-/// A control channel the VMM connects to once it runs.
-pub enum PendingControl {
-    /// QEMU's QMP: QEMU connects to this socket as a client.
-    Qmp(ListeningSocket),
-}
-
-impl PendingControl {
-    /// Waits, at most until `deadline`, for the VMM to connect and completes the handshake; gives up
-    /// at once when `unless` (the VMM's exit watch) fires.
-    pub fn connect(self, deadline: Instant, unless: Option<BorrowedFd<'_>>) -> Result<Control> {
-        match self {
-            PendingControl::Qmp(mut socket) => {
-                let stream =
-                    socket.connect(deadline, unless).map_err(MachineError::io("waiting for QEMU's QMP connection"))?;
-                Ok(Control::Qmp(std::sync::Arc::new(Qmp::handshake(stream, deadline)?)))
-            }
-        }
-    }
-}
-
-/// How attest drives a running VMM beyond its process: QEMU's QMP today; the REST APIs of
-/// Firecracker and Cloud Hypervisor join as variants. Cheap to clone and usable from any thread, so
-/// a long wait on it (for an event) never holds the machine.
-#[derive(Clone)]
-pub enum Control {
-    Qmp(std::sync::Arc<Qmp>),
-}

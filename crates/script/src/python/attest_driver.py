@@ -214,6 +214,15 @@ class Machine:
     def send_console(self, chars: str) -> None:
         self._call("send_console", chars=chars)
 
+    # Snapshots (attest's own: the NixOS driver has none).
+    def snapshot(self, name: str) -> None:
+        """Saves the running machine (memory, devices, disks) as snapshot `name`; it runs on."""
+        self._call("snapshot", name=name)
+
+    def restore(self, name: str) -> None:
+        """Puts the machine back as it was at snapshot `name`; the shell works at once."""
+        self._call("restore", name=name)
+
     # The serial console, for guests without a backdoor (attest's own).
     def login(self, user: str, password: Optional[str] = None, timeout: Optional[float] = None) -> None:
         """Logs in at the serial console's getty (or accepts an autologin as `user`)."""

@@ -11,17 +11,21 @@ use std::sync::Arc;
 
 use crate::error::{MachineError, Result};
 
-use super::{Backend, Capability, PendingControl, Prepared};
+use super::{Backend, Capability, Prepared};
 use crate::accel::Accel;
+use crate::control::PendingControl;
 use crate::disk::{DiskBus, Media};
 use crate::events::EventSink;
 use crate::network::{mac_text, NetBackend};
+use crate::snapshot::RamBacking;
 use crate::spec::{Boot, Firmware, GuestChannel, MachineSpec, ShareFs, StartScript};
 use crate::state_dir::MachineDir;
 use crate::transport::{ListeningSocket, Transport};
 use crate::{vhost_vsock, virtiofsd};
 
+pub mod control;
 pub mod kvm_probe;
+pub mod qmp;
 pub mod version;
 
 /// q35 for every VM attest starts, the KVM probe included.
@@ -214,10 +218,40 @@ impl Backend for Qemu {
         push(&["-mon", "chardev=qmp,mode=control"]);
 
         let vhost_user_vsock = matches!(spec.guest_channel, Some(GuestChannel::Vsock { .. }));
-        if vhost_user_vsock || spec.shares.iter().any(|s| s.fs == ShareFs::Virtiofs) {
-            // vhost-user devices need guest RAM the daemon can map.
-            push(&["-object", &format!("memory-backend-memfd,id=mem,size={}M,share=on", spec.memory_mib)]);
-            push(&["-numa", "node,memdev=mem"]);
+        let vhost_user = vhost_user_vsock || spec.shares.iter().any(|s| s.fs == ShareFs::Virtiofs);
+        match &spec.ram {
+            RamBacking::File { path, shared } => {
+                if script.is_some() || (vhost_user && !shared) {
+                    let why = if script.is_some() { "a start script's machine" } else { "vhost-user devices" };
+                    return Err(MachineError::Unsupported {
+                        backend: "qemu",
+                        what: format!("file-backed RAM for {why}"),
+                    });
+                }
+                // `pc.ram` is the id of q35's own RAM: a VM with it migrates to and from one without.
+                let share = if *shared { "on" } else { "off" };
+                let mem_path = option_path(path)?;
+                push(&[
+                    "-object",
+                    &format!(
+                        "memory-backend-file,id=pc.ram,size={}M,mem-path={mem_path},share={share}",
+                        spec.memory_mib
+                    ),
+                ]);
+                push(&["-machine", "memory-backend=pc.ram"]);
+            }
+            RamBacking::Anonymous if vhost_user => {
+                // vhost-user devices need guest RAM the daemon can map.
+                push(&["-object", &format!("memory-backend-memfd,id=mem,size={}M,share=on", spec.memory_mib)]);
+                push(&["-numa", "node,memdev=mem"]);
+            }
+            RamBacking::Anonymous => {}
+        }
+        // A new generation ID on every start, restores included: Linux (≥ 5.18, with its vmgenid
+        // driver) reseeds its random number generator when it changes, so clones do not share it.
+        push(&["-device", "vmgenid,guid=auto"]);
+        if spec.receive_snapshot {
+            push(&["-incoming", "defer"]);
         }
         for (index, share) in spec.shares.iter().enumerate() {
             let id = format!("fs{index}");
@@ -254,8 +288,18 @@ impl Backend for Qemu {
         };
         command.args(&args).current_dir(dir.path());
         inherit_fds(&mut command, tap_fds);
-        Ok(Prepared { command, helpers, agent, control: Some(PendingControl::Qmp(qmp)), after_spawn: None })
+        Ok(Prepared { command, helpers, agent, control: Some(qmp_control(qmp)), after_spawn: None })
     }
+}
+
+/// QMP as the machine's [`PendingControl`]: QEMU connects to `socket` as it starts.
+fn qmp_control(mut socket: ListeningSocket) -> PendingControl {
+    Box::new(move |deadline, unless| {
+        let stream = socket.connect(deadline, unless).map_err(MachineError::io("waiting for QEMU's QMP connection"))?;
+        let control: Arc<dyn crate::control::VmControl> =
+            Arc::new(control::QemuControl::new(qmp::Qmp::handshake(stream, deadline)?));
+        Ok(control)
+    })
 }
 
 /// The block devices, in boot order when firmware boots the machine.
@@ -265,7 +309,7 @@ fn push_disks(push: &mut impl FnMut(&[&str]), spec: &MachineSpec) -> Result<()> 
     }
     let firmware_boot = matches!(spec.boot, Boot::Firmware(_));
     for (index, disk) in spec.disks.iter().enumerate() {
-        let id = format!("disk{index}");
+        let id = control::drive_id(index);
         let mut drive = format!("file={},format={},if=none,id={id}", option_path(&disk.path)?, disk.format.name());
         if disk.media == Media::Cdrom {
             drive.push_str(",media=cdrom");

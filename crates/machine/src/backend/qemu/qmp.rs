@@ -27,11 +27,7 @@ pub enum QmpError {
 }
 
 /// An asynchronous event QEMU sent, such as `STOP`, `RESET` or `SHUTDOWN`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct QmpEvent {
-    pub name: String,
-    pub data: Value,
-}
+pub use crate::control::VmmEvent as QmpEvent;
 
 pub struct Qmp {
     writer: Mutex<UnixStream>,
