@@ -141,7 +141,14 @@ fn devices_of(binary: &Path, machine: &MachineConfig, vlans: usize) -> Result<Ve
     if matches!(machine.boot, BootConfig::StartScript { .. }) {
         return Ok(Vec::new());
     }
-    let stand_in = |media, bus| Disk { path: "/dev/null".into(), format: DiskFormat::Raw, media, bus, read_only: true };
+    let stand_in = |media, bus| Disk {
+        path: "/dev/null".into(),
+        format: DiskFormat::Raw,
+        media,
+        bus,
+        read_only: true,
+        backing: None,
+    };
     let mut disks: Vec<Disk> = machine.blank_disks.iter().map(|d| stand_in(Media::Disk, d.bus)).collect();
     if let BootConfig::Iso(_) = machine.boot {
         disks.push(stand_in(Media::Cdrom, Default::default()));

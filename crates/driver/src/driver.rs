@@ -22,6 +22,7 @@ use crate::log::{Log, SubtestRecord};
 use crate::machine::Machine;
 use crate::prepare;
 use crate::shared::Shared;
+use attest_machine::snapshot::cache::SnapshotCache;
 
 /// How the driver runs, beyond the test's definition.
 #[derive(Clone)]
@@ -32,11 +33,13 @@ pub struct DriverOptions {
     /// `$ATTEST_OUT_DIR` if set, else a temporary directory removed with the driver.
     pub out_dir: Option<PathBuf>,
     pub log: Log,
+    /// Boot every machine cold: ignore the cache of ready machines (`attest run --fresh`).
+    pub fresh: bool,
 }
 
 impl Default for DriverOptions {
     fn default() -> Self {
-        DriverOptions { keep_vm_state: false, out_dir: None, log: Log::stderr() }
+        DriverOptions { keep_vm_state: false, out_dir: None, log: Log::stderr(), fresh: false }
     }
 }
 
@@ -105,6 +108,7 @@ impl Driver {
             shared_dir: shared_dir.clone(),
             scratch,
             backend: backend.clone(),
+            snapshot_cache: (!options.fresh).then(|| SnapshotCache::new(&cache)),
         });
 
         let machines = Arc::new(RwLock::new(Vec::new()));

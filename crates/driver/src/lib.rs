@@ -25,7 +25,10 @@ pub mod prepare;
 pub mod serial;
 mod shared;
 
-pub use config::{BackendKind, BootConfig, BuiltinImage, FirmwareKind, Login, MachineConfig, NetworkMode, TestConfig};
+pub use config::{
+    BackendKind, BootConfig, BuiltinImage, FirmwareKind, Login, MachineConfig, NetworkMode, Ready, ReadyWord,
+    TestConfig,
+};
 pub use driver::{Driver, DriverOptions};
 pub use error::{DriverError, Failure, Result};
 pub use log::Log;

@@ -85,13 +85,14 @@ pub fn spec(config: &MachineConfig, cx: &Context, dir: &MachineDir) -> Result<Ma
             media: Media::Cdrom,
             bus: Default::default(),
             read_only: true,
+            backing: None,
         });
     }
     for (index, blank) in config.blank_disks.iter().enumerate() {
         let path = dir.path().join(format!("blank-{index}.{}", blank.format.name()));
         // A machine that starts again gets its disks as it left them, as real disks would be.
         let mut made = if path.exists() {
-            Disk { path, format: blank.format, media: Media::Disk, bus: blank.bus, read_only: false }
+            Disk { path, format: blank.format, media: Media::Disk, bus: blank.bus, read_only: false, backing: None }
         } else {
             disk::blank(&path, blank.size_mib, blank.format)?
         };

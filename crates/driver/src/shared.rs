@@ -27,6 +27,8 @@ pub(crate) struct Shared {
     /// Host-side scratch files (screen dumps).
     pub scratch: PathBuf,
     pub backend: Arc<dyn Backend + Send + Sync>,
+    /// The cache of ready machines; `None` with `--fresh`.
+    pub snapshot_cache: Option<attest_machine::snapshot::cache::SnapshotCache>,
 }
 
 /// How long after the global deadline a machine's own waits give up by themselves. The watchdog

@@ -75,3 +75,57 @@ fn a_machine_rolls_back_to_its_snapshot() {
         })
         .unwrap();
 }
+
+/// The cache of ready machines across runs: the first run boots and saves at the ready point, the
+/// next restores it, with nothing of the first run's after-ready writes, the host's time and its
+/// own randomness; a truncated entry is reported, booted past and replaced.
+#[test]
+fn a_ready_machine_is_cached_by_the_first_run_and_restored_by_the_next() {
+    if let Some(why) = common::missing_debian_prerequisite() {
+        return eprintln!("SKIP: {why}");
+    }
+    let cache = tempfile::tempdir().unwrap();
+    std::env::set_var("ATTEST_SNAPSHOT_CACHE", cache.path());
+    let ready = attest_driver::Ready::Unit { unit: "multi-user.target".into() };
+    let run = |check: &dyn Fn(&attest_driver::Machine) -> (String, String)| -> (Duration, String, String, String) {
+        let config = MachineConfig::image("server", BuiltinImage::Debian).ready(ready.clone());
+        let driver = common::driver(vec![config]).unwrap();
+        let m = driver.machine("server").unwrap();
+        let started = Instant::now();
+        let random = m.succeed("head -c 16 /dev/urandom | od -An -tx1", None).unwrap();
+        let took = started.elapsed();
+        let (log, extra) = check(&m);
+        (took, random, log, extra)
+    };
+
+    let (cold, random1, log1, _) = run(&|m| {
+        m.succeed("echo first > /root/after-ready", None).unwrap();
+        (m.get_console_log(), String::new())
+    });
+    assert!(log1.contains("Linux version") && log1.contains("[attest] restored the ready machine"), "{log1}");
+    let entries: Vec<_> = std::fs::read_dir(cache.path()).unwrap().flatten().filter(|e| e.path().is_dir()).collect();
+    assert_eq!(entries.len(), 1, "one entry: {entries:?}");
+    let entry = entries[0].path();
+
+    let (warm, random2, log2, clock) = run(&|m| {
+        assert_eq!(m.execute("test -e /root/after-ready", None).unwrap().0, 1, "the first run's write is not here");
+        assert_eq!(m.succeed("systemctl is-active multi-user.target", None).unwrap(), "active\n");
+        let guest = m.succeed("date +%s", None).unwrap();
+        let host = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        (m.get_console_log(), format!("{} {host}", guest.trim()))
+    });
+    assert!(!log2.contains("Linux version"), "the second run did not boot: {log2}");
+    let (guest, host) = clock.split_once(' ').unwrap();
+    let (guest, host): (u64, u64) = (guest.parse().unwrap(), host.parse().unwrap());
+    assert!(guest.abs_diff(host) <= 2, "guest {guest}, host {host}");
+    assert_ne!(random1, random2, "two restores draw different random bytes");
+    assert!(warm * 4 < cold, "a restore ({warm:?}) is much faster than the cold boot ({cold:?})");
+
+    // A truncated state file: reported, a cold boot, and a whole entry again.
+    let state = entry.join("state");
+    let len = std::fs::metadata(&state).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&state).unwrap().set_len(len / 2).unwrap();
+    let (_, _, log3, _) = run(&|m| (m.get_console_log(), String::new()));
+    assert!(log3.contains("Linux version"), "booted cold: {log3}");
+    assert_eq!(std::fs::metadata(&state).unwrap().len(), len, "the entry was made anew");
+}

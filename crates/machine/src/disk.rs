@@ -13,6 +13,8 @@ pub struct Disk {
     pub media: Media,
     pub bus: DiskBus,
     pub read_only: bool,
+    /// The image an overlay made by [`overlay`] reads through to (what the disk holds at first).
+    pub backing: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
@@ -80,6 +82,7 @@ pub fn overlay(base: &Path, overlay: &Path) -> Result<Disk> {
         media: Media::Disk,
         bus: DiskBus::Virtio,
         read_only: false,
+        backing: Some(base),
     })
 }
 
@@ -98,7 +101,7 @@ pub fn blank(path: &Path, size_mib: u64, format: DiskFormat) -> Result<Disk> {
             run(command, &format!("creating the blank disk {}", path.display()))?;
         }
     }
-    Ok(Disk { path: path.into(), format, media: Media::Disk, bus: DiskBus::Virtio, read_only: false })
+    Ok(Disk { path: path.into(), format, media: Media::Disk, bus: DiskBus::Virtio, read_only: false, backing: None })
 }
 
 fn run(mut command: Command, what: &str) -> Result<()> {

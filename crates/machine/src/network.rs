@@ -22,6 +22,17 @@ pub enum NetBackend {
     Tap(Arc<OwnedFd>),
 }
 
+impl NetBackend {
+    /// What kind of network it is, without the run's own socket or fd.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            NetBackend::User => "user",
+            NetBackend::Vde(_) => "vde",
+            NetBackend::Tap(_) => "tap",
+        }
+    }
+}
+
 /// One network card of a machine.
 #[derive(Debug, Clone)]
 pub struct Nic {

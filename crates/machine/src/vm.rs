@@ -271,6 +271,10 @@ pub(crate) mod tests {
             "sleep"
         }
 
+        fn vmm_binary(&self) -> &std::path::Path {
+            "/bin/sleep".as_ref()
+        }
+
         fn supports(&self, _: crate::backend::Capability) -> bool {
             false
         }

@@ -89,6 +89,7 @@ struct RawMachine {
     firmware: Option<FirmwareKind>,
     #[serde(default)]
     conditions: Vec<RawCondition>,
+    ready: Option<super::Ready>,
 }
 
 #[derive(Deserialize)]
@@ -233,6 +234,7 @@ impl RawMachine {
             login: self.login,
             firmware: self.firmware.unwrap_or_default(),
             conditions,
+            ready: self.ready,
             ..defaults
         })
     }

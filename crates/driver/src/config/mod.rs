@@ -112,6 +112,29 @@ pub struct MachineConfig {
     pub firmware: FirmwareKind,
     /// What the guest must have set up, checked by [`Machine::check_conditions`](crate::Machine).
     pub conditions: Vec<Condition>,
+    /// When the booted machine is ready: its snapshot at that point is cached, and later runs
+    /// of the same definition restore it instead of booting.
+    pub ready: Option<Ready>,
+}
+
+/// The point a machine is ready at, for the cache of ready machines. TOML: `ready = "shell"`,
+/// `ready = { unit = "multi-user.target" }` or `ready = { command = "test -e /run/ok" }`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(untagged, deny_unknown_fields)]
+pub enum Ready {
+    /// Its first shell prompt (`"shell"`).
+    Shell(ReadyWord),
+    /// A systemd unit is active.
+    Unit { unit: String },
+    /// A shell command succeeds.
+    Command { command: String },
+}
+
+/// The one word `ready` takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadyWord {
+    Shell,
 }
 
 /// BIOS (SeaBIOS) or UEFI (OVMF).
@@ -150,6 +173,7 @@ impl MachineConfig {
             login: None,
             firmware: FirmwareKind::Bios,
             conditions: Vec::new(),
+            ready: None,
         }
     }
 
@@ -212,6 +236,12 @@ impl MachineConfig {
 
     pub fn blank_disk(mut self, size_mib: u64, format: DiskFormat) -> Self {
         self.blank_disks.push(BlankDisk { size_mib, format, bus: DiskBus::Virtio });
+        self
+    }
+
+    /// Caches the machine once it is `ready` (see [`Ready`]).
+    pub fn ready(mut self, ready: Ready) -> Self {
+        self.ready = Some(ready);
         self
     }
 

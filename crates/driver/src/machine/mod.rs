@@ -92,6 +92,8 @@ struct Start {
     connect_failure: Option<String>,
     /// Its shell on the serial console (guests without a backdoor).
     serial: Option<Arc<SerialShell>>,
+    /// A first boot that becomes a cached ready machine once it is ready.
+    template: Option<attest_machine::snapshot::cache::Builder>,
 }
 
 /// The VMM-side settings of the test, in the order made.
@@ -150,12 +152,18 @@ impl Machine {
             if state.machine.is_running() {
                 return Ok(());
             }
-            self.shared.log.info(Some(&self.name), "starting vm");
-            let started = state.machine.start().map(|running| running.console().clone());
-            if let Ok(console) = &started {
-                state.begin(console.clone(), false);
+            let first_of_ready = state.start.generation == 0 && self.config.ready.is_some();
+            match first_of_ready.then(|| self.start_ready(&mut state)).flatten() {
+                Some(started) => started,
+                None => {
+                    self.shared.log.info(Some(&self.name), "starting vm");
+                    let started = state.machine.start().map(|running| running.console().clone());
+                    if let Ok(console) = &started {
+                        state.begin(console.clone(), false);
+                    }
+                    started
+                }
             }
-            started
         };
         // Reported without the lock: a report reads the console tail, which takes it.
         started.map_err(|e| self.broken(at, format!("could not start: {e}")))?;
@@ -232,11 +240,20 @@ impl Machine {
                 return Err(self.broken(at, why));
             }
             // A restored guest has its addresses already: they are in the snapshot.
+            let mut generation = generation;
             let connected = match restored {
                 true => self.connect_restored(at),
                 false => self.connect_shell(at, generation).and_then(|mut connected| {
                     self.configure_network(at, &mut connected)?;
-                    Ok(connected)
+                    let template = self.state().in_start(generation).and_then(|start| start.template.take());
+                    match template {
+                        Some(builder) => {
+                            let (ready, shell) = self.make_ready(at, connected, builder)?;
+                            generation = ready;
+                            Ok(shell)
+                        }
+                        None => Ok(connected),
+                    }
                 }),
             };
             let connected = connected.inspect_err(|e| {
@@ -428,7 +445,9 @@ impl Machine {
 
     /// A shell error while `what`, as the driver reports it: a guest that died says so.
     fn shell_failed(&self, at: &'static Location<'static>, what: &str, error: ShellError) -> DriverError {
-        let dead = !self.is_running();
+        // A channel closes as its VMM exits: give the exit a moment to be seen (an event, not a poll).
+        let closed = matches!(error, ShellError::Closed { .. });
+        let dead = closed && self.wait_exit(Instant::now() + REFUSAL_GRACE);
         let message = match (&error, dead) {
             (ShellError::Closed { .. }, true) => format!("{what}: the machine stopped while the command ran"),
             _ => format!("{what}: {error}"),

@@ -1,15 +1,23 @@
-//! Snapshots inside a test, attest's addition to the NixOS machine API: `snapshot(name)` saves the
+//! Snapshots, attest's addition to the NixOS machine API. Inside a test, `snapshot(name)` saves the
 //! running machine (memory, devices, disks) and `restore(name)` puts it back as it was then, in a
 //! fresh VMM, with the shell usable at once, the console log carrying on, the host's time, a
 //! reseeded random number generator, and the test's port forwards and blocked links as they are.
+//! Across runs, a machine that declares when it is `ready` is saved at that point into the cache
+//! of ready machines on its first boot, and restored from there by every later run of the same
+//! definition: the first run restores it too, so every run sees the same machine.
 
 use std::panic::Location;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use attest_shell::BackdoorShell;
+use attest_machine::snapshot::cache::{Builder, Entry, Lookup, SnapshotCache};
+use attest_machine::{Boot, Console, MachineSpec, RamBacking, ShareFs};
+use attest_shell::{quote, BackdoorShell};
+use serde_json::json;
 
-use super::{lock, Machine};
+use super::commands::guest_poll_loop;
+use super::{lock, Machine, State};
+use crate::config::Ready;
 use crate::error::Result;
 
 /// How long saving or loading a snapshot may take.
@@ -151,9 +159,149 @@ impl Machine {
         }
     }
 
+    /// The first start of a machine with a ready point, when there is a cache: a restore of its
+    /// cached snapshot, or else a cold boot that will be saved once ready (the start's
+    /// `template`). `None`: start as usual (no key, or another run is building the entry).
+    pub(super) fn start_ready(&self, state: &mut State) -> Option<attest_machine::error::Result<Console>> {
+        let cache = self.shared.snapshot_cache.as_ref()?;
+        let extra = json!({ "ready": self.config.ready, "network": self.network.guest_script });
+        let spec = state.machine.spec().clone();
+        let key = SnapshotCache::key(&spec, state.machine.dir().path(), self.shared.backend.vmm_binary(), &extra);
+        let key = key.inspect_err(|e| self.log(&format!("not caching this machine: {e}"))).ok()?;
+        match cache.lookup(&key) {
+            Lookup::Hit(entry) => {
+                let started = Instant::now();
+                let deadline = self.shared.wait_deadline().min(started + SNAPSHOT_TIMEOUT);
+                match restore_entry(state, &entry, deadline) {
+                    Ok(console) => {
+                        state.begin(console.clone(), true);
+                        let took = started.elapsed().as_secs_f64();
+                        self.log(&format!("restored the ready machine {} in {took:.2} s", entry.dir.display()));
+                        console.note(&format!("[attest] restored the ready machine {}", entry.dir.display()));
+                        return Some(Ok(console));
+                    }
+                    Err(e) => {
+                        state.machine.kill();
+                        cache.remove(&entry.dir);
+                        self.log(&format!(
+                            "WARNING: the cached snapshot {} could not be restored ({e}): booting cold and replacing it",
+                            entry.dir.display()
+                        ));
+                    }
+                }
+            }
+            Lookup::Unusable { dir, why } => self.log(&format!(
+                "WARNING: ignoring the cached snapshot {}: {why}; booting cold and replacing it",
+                dir.display()
+            )),
+            Lookup::Miss => {}
+        }
+        let builder = match cache.begin(&key, &self.name) {
+            Ok(Some(builder)) => builder,
+            Ok(None) => {
+                self.log("another run is caching this machine now: booting it cold");
+                return None;
+            }
+            Err(e) => {
+                self.log(&format!("not caching this machine: {e}"));
+                return None;
+            }
+        };
+        let ram = match ram_can_be_a_file(&spec) {
+            true => RamBacking::File { path: builder.memory_file(), shared: true },
+            false => RamBacking::Anonymous,
+        };
+        self.log(&format!("starting vm, to be cached once ready (key {key})"));
+        let started = state.machine.start_with(ram).map(|vm| vm.console().clone());
+        if let Ok(console) = &started {
+            state.begin(console.clone(), false);
+            state.start.template = Some(builder);
+        }
+        Some(started)
+    }
+
+    /// A template's first shell: waits until the machine is ready, saves it into the cache, and
+    /// goes on, as every later run will, from a restore of what it saved. Returns the restored
+    /// start and its shell.
+    pub(super) fn make_ready(
+        &self,
+        at: &'static Location<'static>,
+        mut shell: BackdoorShell,
+        builder: Builder,
+    ) -> Result<(u64, BackdoorShell)> {
+        let started = self.started_at().unwrap_or_else(Instant::now);
+        let deadline = self.shared.wait_deadline().min(started + self.config.boot_timeout);
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (what, check) = match self.config.ready.as_ref().expect("a template has a ready point") {
+            Ready::Shell(_) => ("its shell".to_string(), None),
+            Ready::Unit { unit } => (
+                format!("unit {unit} to be active"),
+                Some(format!("[ \"$(systemctl is-active {})\" = active ]", quote(unit))),
+            ),
+            Ready::Command { command } => {
+                (format!("`{command}` to succeed"), Some(format!("( {command} ) >/dev/null 2>&1")))
+            }
+        };
+        if let Some(check) = check {
+            self.shared.log.nested(Some(&self.name), &format!("waiting for {what}, to cache the machine"), || {
+                match shell.execute(&guest_poll_loop(&format!("if {check}; then exit 0; fi"), left), None, deadline) {
+                    Ok((0, _)) => Ok(()),
+                    Ok(_) => Err(self.assertion(
+                        at,
+                        format!("expected {what} within {left:.0?} (its ready point), but it was not"),
+                        true,
+                    )),
+                    Err(e) => Err(self.shell_failed(at, "waiting for its ready point", e)),
+                }
+            })?;
+        }
+        let control = self.control(at)?;
+        let saving = Instant::now();
+        let saved = {
+            let mut state = self.state();
+            state.machine.save_snapshot(builder.dir(), deadline).and_then(|snapshot| builder.commit(&snapshot))
+        };
+        let entry = saved.map_err(|e| {
+            control.resume(deadline).ok();
+            self.broken(at, format!("caching the ready machine failed: {e}"))
+        })?;
+        self.log(&format!(
+            "saved the ready machine in {:.2} s: {}",
+            saving.elapsed().as_secs_f64(),
+            entry.dir.display()
+        ));
+        let restored = {
+            let mut state = self.state();
+            let restored = restore_entry(&mut state, &entry, deadline);
+            if let Ok(console) = &restored {
+                state.begin(console.clone(), true);
+            }
+            restored
+        };
+        let console = restored.map_err(|e| self.broken(at, format!("restoring the ready machine just saved: {e}")))?;
+        console.note(&format!("[attest] restored the ready machine {}", entry.dir.display()));
+        let generation = self.generation();
+        Ok((generation, self.connect_restored(at)?))
+    }
+
     fn check_snapshot_name(&self, at: &'static Location<'static>, name: &str) -> Result<()> {
         crate::config::rules::check_identifier("snapshot", name).map_err(|message| self.assertion(at, message, false))
     }
+}
+
+/// Replaces the machine's VM with a restore of a cache entry, running.
+fn restore_entry(state: &mut State, entry: &Entry, deadline: Instant) -> attest_machine::error::Result<Console> {
+    let vm = state.machine.restore(&entry.snapshot(), deadline)?;
+    vm.control(deadline)?.resume(deadline)?;
+    Ok(vm.console().clone())
+}
+
+/// Whether the VM's RAM can be a file its clones map: not for a start script's QEMU (whose
+/// memory options are the script's) nor beside vhost-user devices (which need it shared).
+fn ram_can_be_a_file(spec: &MachineSpec) -> bool {
+    let vhost_user = matches!(spec.guest_channel, Some(attest_machine::GuestChannel::Vsock { .. }))
+        || spec.shares.iter().any(|s| s.fs == ShareFs::Virtiofs);
+    !matches!(spec.boot, Boot::StartScript(_)) && !vhost_user
 }
 
 /// What a restored guest runs first. Its clock stood still while it was saved: it gets the host's
@@ -168,7 +316,7 @@ fn after_restore_script() -> String {
         "exec 2>&1\n\
          date -u -s @{secs}.{millis:03} >/dev/null 2>&1 || date -u -s @{rounded} >/dev/null\n\
          printf '{seed}' > /dev/urandom\n\
-         if command -v perl >/dev/null; then perl -e 'open(my $f, \"<\", \"/dev/urandom\") and ioctl($f, 0x5207, 0)' || true\n\
+         if command -v perl >/dev/null; then perl -e 'open(my $f, \"<\", \"/dev/urandom\") or exit 1; ioctl($f, 0x5207, 0) or exit 1' || true\n\
          elif command -v python3 >/dev/null; then python3 -c 'import fcntl; fcntl.ioctl(open(\"/dev/urandom\"), 0x5207)' || true; fi\n",
         secs = now.as_secs(),
         millis = now.subsec_millis(),

@@ -31,6 +31,10 @@ pub trait Backend {
         self.name()
     }
 
+    /// The VMM's program, whose identity is part of a cached snapshot's key (a snapshot loads
+    /// only into the VMM version that saved it).
+    fn vmm_binary(&self) -> &std::path::Path;
+
     /// Whether this backend's machines can do `capability`; see [`require`].
     fn supports(&self, capability: Capability) -> bool;
 

@@ -71,6 +71,10 @@ impl Backend for Qemu {
         "QEMU"
     }
 
+    fn vmm_binary(&self) -> &Path {
+        &self.binary
+    }
+
     /// All of them, through QMP and the monitor.
     fn supports(&self, _: Capability) -> bool {
         true

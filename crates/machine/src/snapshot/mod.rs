@@ -3,6 +3,8 @@
 //! that instant. Saving and loading are the backend's ([`crate::control::VmControl`]); starting a
 //! VMM that receives a snapshot is [`crate::Machine::restore`].
 
+pub mod cache;
+
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
