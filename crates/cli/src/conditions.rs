@@ -11,8 +11,9 @@ use attest_machine::MachineError;
 use crate::exit_code;
 
 /// Exit 0 when every condition held, 1 when one did not, 2 when the test could not run.
-pub fn run(config: TestConfig, out_dir: Option<PathBuf>, keep_vm_state: bool, junit_xml: Option<PathBuf>) -> i32 {
-    let options = DriverOptions { keep_vm_state, out_dir, ..Default::default() };
+pub fn run(config: TestConfig, out_dir: Option<PathBuf>, args: &crate::run::ScriptArgs) -> i32 {
+    let options = DriverOptions { keep_vm_state: args.keep_vm_state, fresh: args.fresh, out_dir, ..Default::default() };
+    let junit_xml = args.junit_xml.clone();
     let driver = match Driver::new(config, options) {
         Ok(driver) => driver,
         Err(e) => return exit_code::setup_error(&e),

@@ -17,6 +17,7 @@ macro_rules! out {
     }};
 }
 
+mod cache;
 mod checks;
 mod conditions;
 mod doctor;
@@ -57,6 +58,8 @@ enum Command {
     Preflight(preflight::PreflightArgs),
     /// Build guest images for system tests (cached) and print their paths.
     Image(image::ImageArgs),
+    /// The cache of ready machines (`ready = …`): list or clear it.
+    Cache(cache::CacheArgs),
     /// Print the path of the benchmark floor initramfs (busybox init that powers off at once).
     #[command(hide = true, name = "bench-floor-initramfs")]
     BenchFloorInitramfs,
@@ -72,6 +75,7 @@ fn main() {
         Command::Doctor(args) => doctor::run(args),
         Command::Preflight(args) => preflight::run(args),
         Command::Image(args) => image::run(args),
+        Command::Cache(args) => cache::run(args),
         Command::BenchFloorInitramfs => bench_floor_initramfs(),
     };
     std::process::exit(code);

@@ -23,13 +23,16 @@ pub struct RunArgs {
 
 /// What `attest run` and `attest driver` share: what to do with the script, and how.
 #[derive(clap::Args)]
-struct ScriptArgs {
+pub(crate) struct ScriptArgs {
     /// Keep the machines' state directories.
     #[arg(short = 'K', long, alias = "keep-machine-state")]
-    keep_vm_state: bool,
+    pub(crate) keep_vm_state: bool,
+    /// Boot every machine cold, ignoring (and not filling) the cache of ready machines.
+    #[arg(long)]
+    pub(crate) fresh: bool,
     /// Write a JUnit report here: one case per subtest.
     #[arg(long, value_name = "PATH")]
-    junit_xml: Option<PathBuf>,
+    pub(crate) junit_xml: Option<PathBuf>,
     /// Only type-check the script (mypy, as NixOS does), booting nothing.
     #[arg(long)]
     check: bool,
@@ -77,7 +80,7 @@ pub fn run(args: RunArgs) -> i32 {
     if has_conditions && !config.extra.contains_key("script") {
         return match script_of(&config, &args.test, false) {
             Ok(_) => {
-                crate::conditions::run(config, args.output_directory, args.script.keep_vm_state, args.script.junit_xml)
+                crate::conditions::run(config, args.output_directory, &args.script)
             }
             Err(e) => exit_code::setup_error(&e),
         };
@@ -137,7 +140,7 @@ fn run_test(config: TestConfig, script: PathBuf, out_dir: Option<PathBuf>, args:
     if !script.is_file() {
         return exit_code::setup_error(&format!("the test script {} cannot be read", script.display()));
     }
-    let options = DriverOptions { keep_vm_state: args.keep_vm_state, out_dir, ..Default::default() };
+    let options = DriverOptions { keep_vm_state: args.keep_vm_state, fresh: args.fresh, out_dir, ..Default::default() };
     let script = ScriptOptions { script, junit_xml: args.junit_xml, interactive: args.interactive };
     let driver = match Driver::new(config, options) {
         Ok(driver) => driver,

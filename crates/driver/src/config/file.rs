@@ -116,22 +116,27 @@ enum Size {
 
 impl Size {
     fn mib(&self) -> std::result::Result<u64, String> {
-        let text = match self {
-            Size::Mib(mib) => return Ok(*mib),
-            Size::Text(text) => text.trim(),
-        };
-        let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-        let (number, unit) = text.split_at(split);
-        let number: u64 = number.parse().map_err(|_| format!("size {text:?} is not a number with K, M, G or T"))?;
-        let kib = match unit.trim().trim_end_matches(['i', 'B']).to_ascii_uppercase().as_str() {
-            "K" => number,
-            "" | "M" => number << 10,
-            "G" => number << 20,
-            "T" => number << 30,
-            _ => return Err(format!("size {text:?}: the unit must be K, M, G or T")),
-        };
-        Ok(kib.div_ceil(1024))
+        match self {
+            Size::Mib(mib) => Ok(*mib),
+            Size::Text(text) => size_mib(text),
+        }
     }
+}
+
+/// A size with a K, M (the default), G or T suffix, in MiB (rounded up): `"2G"`, `"512"`, `"64 MiB"`.
+pub fn size_mib(text: &str) -> std::result::Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| format!("size {text:?} is not a number with K, M, G or T"))?;
+    let kib = match unit.trim().trim_end_matches(['i', 'B']).to_ascii_uppercase().as_str() {
+        "K" => number,
+        "" | "M" => number << 10,
+        "G" => number << 20,
+        "T" => number << 30,
+        _ => return Err(format!("size {text:?}: the unit must be K, M, G or T")),
+    };
+    Ok(kib.div_ceil(1024))
 }
 
 impl RawMachine {

@@ -316,6 +316,7 @@ impl TestConfig {
 }
 
 mod file;
+pub use file::size_mib;
 pub(crate) mod rules;
 #[cfg(test)]
 mod tests;
