@@ -88,6 +88,34 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// Both machines of a VLAN restored from snapshots: their links, names, and a `block()` and a
+/// port forward made before the snapshot all hold as before it, in the fresh VMMs.
+#[test]
+fn switch_mode_two_machines_after_a_restore() {
+    let machines = vec![minimal("client"), minimal("server")];
+    let Some(driver) = vlan_driver(NetworkMode::Switch, &[1], machines) else { return };
+    let (server, client) = (driver.machine("server").unwrap(), driver.machine("client").unwrap());
+    driver.start_all().unwrap();
+    let port = free_port();
+    server.forward_port(port, 80).unwrap();
+    client.succeed("ping -c 1 -W 10 server", None).unwrap();
+    client.block(None).unwrap();
+    for m in [&server, &client] {
+        m.snapshot("networked").unwrap();
+    }
+    client.succeed("ip link set eth1 down", None).unwrap();
+    for m in [&server, &client] {
+        m.restore("networked").unwrap();
+    }
+    client.fail("ping -c 1 -W 2 server", None).unwrap();
+    client.unblock(None).unwrap();
+    two_machines_talk(&driver);
+    let mut body = Vec::new();
+    let response = ureq::get(&format!("http://127.0.0.1:{port}/blob")).timeout(Duration::from_secs(30)).call();
+    response.unwrap().into_reader().read_to_end(&mut body).unwrap();
+    assert_eq!(body.len(), 1_000_000, "the port forwarded before the snapshot");
+}
+
 #[test]
 fn switch_mode_two_machines() {
     let machines = vec![minimal("client"), minimal("server")];
