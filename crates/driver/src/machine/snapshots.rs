@@ -99,11 +99,19 @@ impl Machine {
             console.note(&format!("[attest] restored snapshot {name:?}"));
             self.reapply_host_side(at, control.as_ref(), deadline)?;
             control.resume(deadline).map_err(|e| self.broken(at, format!("resuming snapshot {name:?}: {e}")))?;
+            let loaded = started.elapsed();
             let generation = self.generation();
             self.connect_locked(at, &mut shell, generation)?;
+            let (took, guest) = (started.elapsed(), started.elapsed() - loaded);
             self.shared.log.info(
                 Some(&self.name),
-                &format!("restored snapshot {name:?} in {:.2} s", started.elapsed().as_secs_f64()),
+                &format!(
+                    "restored snapshot {name:?} in {:.2} s ({} {:.2} s, guest's first command {:.2} s)",
+                    took.as_secs_f64(),
+                    self.vmm_name(),
+                    loaded.as_secs_f64(),
+                    guest.as_secs_f64()
+                ),
             );
             Ok(())
         })
