@@ -7,7 +7,7 @@
 //! vlans = [1, 2]                 # the test's VLANs (1 to 255)
 //! network = "switch"             # or "tap": how VLANs are carried
 //!
-//! [machines.server]
+//! [machines.server]              # a name is an identifier (`check_name`), as in NixOS
 //! image = "debian"               # or: kernel/initrd/cmdline, disk, iso, start_script
 //! memory = 1024                  # MiB
 //! cpus = 1
@@ -29,7 +29,7 @@ use attest_machine::{DiskBus, DiskFormat, StartScript};
 pub use attest_network::Mode as NetworkMode;
 use serde::Deserialize;
 
-pub use rules::Problem;
+pub use rules::{check_name, Problem};
 
 use crate::conditions::Condition;
 use crate::error::{DriverError, Result};
