@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use attest_machine::{DiskBus, DiskFormat, StartScript};
 pub use attest_network::Mode as NetworkMode;
+use attest_network::{NetworkError, Plan};
 use serde::Deserialize;
 
 pub use rules::{check_name, Problem};
@@ -282,6 +283,13 @@ impl TestConfig {
     pub fn network(mut self, mode: NetworkMode) -> Self {
         self.network = mode;
         self
+    }
+
+    /// The test's network plan: its VLANs and what each machine joins, as [`crate::Driver`] plans it.
+    pub fn plan(&self) -> std::result::Result<Plan, NetworkError> {
+        let joins: Vec<(&str, Vec<u32>)> =
+            self.machines.iter().map(|m| (m.name.as_str(), m.joins(&self.vlans))).collect();
+        Plan::new(&self.vlans, joins.iter().map(|(name, vlans)| (*name, vlans.as_slice())))
     }
 }
 

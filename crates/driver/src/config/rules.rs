@@ -6,7 +6,7 @@
 
 use attest_machine::backend::qemu::{MACHINE_TYPE, MAX_CPUS};
 use attest_machine::spec::MIN_MEMORY_MIB;
-use attest_network::{NetworkError, Plan};
+use attest_network::NetworkError;
 
 use super::{MachineConfig, TestConfig};
 
@@ -66,10 +66,8 @@ impl TestConfig {
                 "give the test's time limit in seconds, e.g. global_timeout = 600 (default 3600)",
             ));
         }
-        let joins: Vec<(&str, Vec<u32>)> =
-            self.machines.iter().map(|m| (m.name.as_str(), m.joins(&self.vlans))).collect();
         // The very plan `Driver::new` makes: the same rule, not a copy of it.
-        if let Err(e) = Plan::new(&self.vlans, joins.iter().map(|(name, vlans)| (*name, vlans.as_slice()))) {
+        if let Err(e) = self.plan() {
             let fix = match e {
                 NetworkError::VlanOutOfRange { .. } => "number the VLANs from 1 to 255",
                 NetworkError::UndeclaredVlan { .. } => {
