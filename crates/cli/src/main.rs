@@ -1,5 +1,7 @@
-//! The `attest` command line: `exec` runs one program in a fresh VM, `doctor` checks the host,
-//! `image` builds guest images.
+//! The `attest` command line: `exec` runs one program in a fresh VM; `run` a system test (its
+//! script, or its machines' declared `conditions`) and `driver` one given as the NixOS test
+//! driver's command line; `doctor` checks the host and `preflight` a test before it boots (with the
+//! `checks` they share); `image` builds guest images. `exit_code` holds the statuses of them all.
 
 /// Like eprintln!, but a closed stderr must not turn a report into a panic (and exit 101).
 macro_rules! say {

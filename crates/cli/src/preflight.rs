@@ -1,10 +1,11 @@
 //! `attest preflight TEST.toml`, which `attest run` also does first: every check of a test that
 //! needs no boot, in about a second, each `ok`/`warn`/`FAIL` with its fix. The definition's values
-//! by the config's own rules (vCPUs, memory, disk sizes, timeouts, VLANs: `TestConfig::problems`),
-//! every file it names as the driver will use it (`prepare::check_files`: a kernel must boot), the
-//! host (QEMU, the devices this test's machines use, the accelerator, firmware, the machines'
-//! memory against the host's available memory and the cgroup's limit, their vCPUs against the
-//! host's, the blank disks against free space, TAP and switch networking), each ISO (a single ISO
+//! by the config's own rules (names, vCPUs, memory, disk sizes, timeouts, VLANs:
+//! `TestConfig::problems`), every file it names as the driver will use it (`prepare::check_files`:
+//! a kernel must boot), the host (QEMU; the devices of each machine's spec as the driver makes it
+//! for a run, `prepare::planned_spec`, with the test's networks started for real; the accelerator,
+//! firmware, the machines' memory against the host's available memory and the cgroup's limit,
+//! their vCPUs against the host's, the blank disks against free space), each ISO (a single ISO
 //! 9660 file, bootable by the machine's firmware, its kernels' console on the serial port attest
 //! reads), and the test's own declarations.
 
@@ -14,15 +15,12 @@ use std::process::Command;
 
 use attest_driver::conditions::Kind;
 use attest_driver::config::{BootConfig, FirmwareKind, MachineConfig, NetworkMode, TestConfig};
+use attest_driver::{prepare, DriverError, Log};
 use attest_image::iso::{self, Platform};
 use attest_machine::backend::qemu::kvm_probe;
-use attest_machine::network::user_mode;
 use attest_machine::state_dir;
-use attest_machine::{
-    Backend, Boot, Disk, DiskFormat, Firmware, GuestChannel, MachineSpec, Media, Qemu, StateDir, Uefi,
-};
-
-use attest_driver::prepare;
+use attest_machine::{Accel, Backend, Boot, MachineDir, MachineSpec, Qemu, StateDir, Uefi};
+use attest_network::{Networks, Plan};
 
 use crate::checks::{
     available_memory_mib, check_disk, check_qemu, fail, free_space, ok, report, warn, Check, Status, APT,
@@ -51,131 +49,165 @@ pub fn run(args: PreflightArgs) -> i32 {
 pub fn checks(config: &TestConfig) -> Vec<Check> {
     let qemu = Qemu::find_binary().filter(|p| p.is_file());
     let mut checks = vec![check_qemu(qemu.as_deref())];
-    if let Some(binary) = &qemu {
-        checks.push(check_accel(binary));
-        checks.push(check_devices(binary, config));
-    }
     let problems = config.problems();
     let vlans_wrong = problems.iter().any(|p| p.key == "vlans");
+    // A scratch run directory like the driver's, for the networks' sockets and the machines'
+    // directories; declared before what is in it, so it goes last.
+    let state = StateDir::create(false);
+    let (networks, vlans) = match &state {
+        Ok(state) => start_networks(config, state, vlans_wrong),
+        Err(e) => (None, Some(fail("state", format!("creating a state directory: {e}"), "free space there"))),
+    };
+    let mut specs = Vec::new();
+    if let Some(binary) = &qemu {
+        let (check, accel) = check_accel(binary);
+        checks.push(check);
+        if let (Ok(state), Some(networks)) = (&state, &networks) {
+            let backend = Qemu { binary: binary.clone(), virtiofsd: None, vhost_vsock: None };
+            specs = planned_specs(config, &backend, accel, state, networks);
+            checks.extend(check_devices(&backend, &specs));
+        }
+    }
     checks.extend(problems.into_iter().map(|p| fail(p.key, p.what, p.fix)));
-    for machine in &config.machines {
-        let files = check_files(machine);
-        let files_ok = files.iter().all(|c| c.status != Status::Fail);
-        checks.extend(files);
+    for (index, machine) in config.machines.iter().enumerate() {
+        let mut own = check_files(machine);
+        let files_ok = own.iter().all(|c| c.status != Status::Fail);
         if let (BootConfig::Iso(path), true) = (&machine.boot, files_ok) {
-            checks.extend(check_iso(machine, path));
+            own.extend(check_iso(machine, path));
         }
         if machine.firmware == FirmwareKind::Uefi {
-            checks.push(match Uefi::find() {
+            own.push(match Uefi::find() {
                 Ok(uefi) => ok("firmware", format!("{}: OVMF {}", machine.name, uefi.code.display())),
                 Err(e) => fail("firmware", format!("{}: {e}", machine.name), format!("{APT} ovmf")),
             });
         }
-        checks.extend(check_declarations(machine));
+        own.extend(check_declarations(machine));
+        // What else keeps its spec from being made (no kernel for a built-in guest), unless a FAIL
+        // above says it already.
+        if let Some(Err(e)) = specs.get(index) {
+            if own.iter().all(|c| c.status != Status::Fail) {
+                own.push(fail("machine", format!("{}: {e}", machine.name), "a run would stop here: fix what it names"));
+            }
+        }
+        checks.extend(own);
     }
     checks.extend(check_memory_for(config));
     checks.extend(check_cpus(config));
     checks.push(check_disk(&attest_image::cache_dir()));
     checks.extend(check_blank_disks(config));
-    if !config.vlans.is_empty() && !vlans_wrong {
-        checks.push(match config.network {
-            NetworkMode::Switch => match attest_network::switch::VdeSwitch::find() {
-                Ok(path) => ok("vlans", format!("VLANs {:?} on vde_switch ({})", config.vlans, path.display())),
-                Err(e) => fail("vlans", e.to_string(), format!("{APT} vde2, or network = \"tap\"")),
-            },
-            // Makes an empty namespace for real: a host that refuses namespaces shows here.
-            NetworkMode::Tap => {
-                let tun = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun");
-                match (attest_network::tap::TapNetwork::create(&BTreeSet::new(), &[]), tun) {
-                    (Ok(_), Ok(_)) => {
-                        ok("vlans", format!("VLANs {:?} on TAP devices in a user+net namespace", config.vlans))
-                    }
-                    (Err(e), _) => fail("vlans", e.to_string(), "allow user namespaces, or network = \"switch\""),
-                    (_, Err(e)) => fail("vlans", format!("/dev/net/tun: {e}"), "modprobe tun, or network = \"switch\""),
-                }
-            }
-        });
-    }
+    checks.extend(vlans);
     checks
 }
 
-fn check_accel(qemu: &Path) -> Check {
+/// The test's networks, started for real as a run starts them (its switches or its TAP namespace,
+/// stopped when dropped), and the check saying how that went. A test without VLANs, or whose VLANs
+/// are wrong (a FAIL of its own) or cannot start, gets networks without VLANs, so that its machines'
+/// other devices are still checked.
+fn start_networks(config: &TestConfig, state: &StateDir, vlans_wrong: bool) -> (Option<Networks>, Option<Check>) {
+    let none = || Networks::start(Plan::new(&[], []).expect("an empty plan"), config.network, state.path(), |_| {});
+    let plan = match config.plan() {
+        Ok(plan) if !config.vlans.is_empty() && !vlans_wrong => plan,
+        _ => return (none().ok(), None),
+    };
+    let started = Networks::start(plan, config.network, state.path(), |_| {});
+    let check = match (config.network, &started) {
+        (NetworkMode::Switch, Ok(_)) => ok("vlans", format!("VLANs {:?}: a vde_switch each, started", config.vlans)),
+        (NetworkMode::Switch, Err(e)) => fail("vlans", e.to_string(), format!("{APT} vde2, or network = \"tap\"")),
+        (NetworkMode::Tap, _) => {
+            let tun = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun");
+            match (&started, tun) {
+                (Ok(_), Ok(_)) => ok(
+                    "vlans",
+                    format!("VLANs {:?}: bridges and TAP devices in a user+net namespace, made", config.vlans),
+                ),
+                (_, Err(e)) => fail("vlans", format!("/dev/net/tun: {e}"), "modprobe tun, or network = \"switch\""),
+                (Err(e), _) => fail("vlans", e.to_string(), "allow user namespaces, or network = \"switch\""),
+            }
+        }
+    };
+    match started {
+        Ok(networks) => (Some(networks), Some(check)),
+        Err(_) => (none().ok(), Some(check)),
+    }
+}
+
+/// The accelerator check, and the accelerator a run would choose.
+fn check_accel(qemu: &Path) -> (Check, Accel) {
     let probe = kvm_probe::probe_kvm(qemu);
     match probe.usable {
-        true => ok("accelerator", "KVM"),
-        false => warn(
-            "accelerator",
-            format!("TCG: boots and commands run some 5 to 20 times slower than under KVM ({})", probe.detail),
-            "on a host with KVM: load kvm_intel or kvm_amd and give this user rw access to /dev/kvm",
+        true => (ok("accelerator", "KVM"), Accel::Kvm),
+        false => (
+            warn(
+                "accelerator",
+                format!("TCG: boots and commands run some 5 to 20 times slower than under KVM ({})", probe.detail),
+                "on a host with KVM: load kvm_intel or kvm_amd and give this user rw access to /dev/kvm",
+            ),
+            Accel::Tcg,
         ),
     }
 }
 
-/// Whether this QEMU has every device the test's machines use, as the backend would ask for them.
-fn check_devices(binary: &Path, config: &TestConfig) -> Check {
+/// A machine's spec as a run would start it, and its directory; or why it cannot be made.
+type Planned = Result<(MachineSpec, MachineDir), DriverError>;
+
+/// Each machine's spec as the driver makes it for a run (`prepare::planned_spec`: the same
+/// devices, no files made), in its own directory of `state`, numbered as the driver numbers them.
+fn planned_specs(
+    config: &TestConfig,
+    backend: &Qemu,
+    accel: Accel,
+    state: &StateDir,
+    networks: &Networks,
+) -> Vec<Planned> {
+    // Only a Debian build would log, and a planned spec builds nothing.
+    let log = Log::to(Box::new(std::io::sink()));
+    let cache = attest_image::cache_dir();
+    let shared_dir = state.path().join("shared-xchg");
+    let cx = prepare::Context { backend, accel, cache: &cache, shared_dir: &shared_dir, log: &log, networks };
+    let spec = |index: usize, machine: &MachineConfig| -> Planned {
+        let dir = state.machine_dir(index, &machine.name)?;
+        Ok((prepare::planned_spec(machine, &cx, &dir)?, dir))
+    };
+    config.machines.iter().enumerate().map(|(index, machine)| spec(index, machine)).collect()
+}
+
+/// Whether this QEMU has every device the test's machines use: the `-device`s of the command line
+/// the backend makes of each machine's spec. None when no machine has one to check: a machine
+/// whose spec cannot be made has a FAIL of its own, and a start script's machine runs the script's
+/// own QEMU, not this one.
+fn check_devices(backend: &Qemu, specs: &[Planned]) -> Option<Check> {
+    let specs: Vec<_> = specs.iter().flatten().filter(|(spec, _)| !matches!(spec.boot, Boot::StartScript(_))).collect();
+    if specs.is_empty() {
+        return None;
+    }
+    let binary = &backend.binary;
     let help = match Command::new(binary).args(["-device", "help"]).output() {
         Ok(out) => String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-        Err(e) => return fail("devices", format!("{} -device help: {e}", binary.display()), "reinstall QEMU"),
+        Err(e) => return Some(fail("devices", format!("{} -device help: {e}", binary.display()), "reinstall QEMU")),
     };
     let mut wanted = BTreeSet::new();
-    for machine in &config.machines {
-        match devices_of(binary, machine, config.vlans.len()) {
-            Ok(devices) => wanted.extend(devices),
-            Err(e) => return fail("devices", format!("{}: {e}", machine.name), "see the error"),
+    for (spec, dir) in specs {
+        let events: attest_machine::EventSink = std::sync::Arc::new(|_| {});
+        match backend.prepare(spec, dir, &events) {
+            Ok(prepared) => {
+                let args: Vec<String> = prepared.command.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+                let devices = args.windows(2).filter(|w| w[0] == "-device");
+                wanted.extend(devices.map(|w| w[1].split(',').next().unwrap_or("").to_string()));
+            }
+            Err(e) => return Some(fail("devices", format!("{}: {e}", spec.name), "see the error")),
         }
     }
-    let missing: Vec<&String> = wanted.iter().filter(|d| !help.contains(&format!("name \"{d}\""))).collect();
-    match missing.as_slice() {
+    // A test's own `-device` in qemu_args may give an alias (virtio-balloon for virtio-balloon-pci).
+    let known = |d: &String| ["name", "alias"].iter().any(|what| help.contains(&format!("{what} \"{d}\"")));
+    let missing: Vec<&String> = wanted.iter().filter(|d| !known(d)).collect();
+    Some(match missing.as_slice() {
         [] => ok("devices", wanted.into_iter().collect::<Vec<_>>().join(", ")),
         _ => fail(
             "devices",
             format!("this QEMU lacks {}", missing.iter().map(|d| d.as_str()).collect::<Vec<_>>().join(", ")),
-            format!("{APT} qemu-system-x86 (a full build), or set ATTEST_QEMU"),
+            format!("{APT} qemu-system-x86 (a full build), or set ATTEST_QEMU (or correct a -device of qemu_args)"),
         ),
-    }
-}
-
-/// The `-device` names the QEMU backend gives `machine`: it builds the machine's command line in a
-/// scratch directory, with stand-ins for its files.
-fn devices_of(binary: &Path, machine: &MachineConfig, vlans: usize) -> Result<Vec<String>, String> {
-    if matches!(machine.boot, BootConfig::StartScript { .. }) {
-        return Ok(Vec::new());
-    }
-    let stand_in = |media, bus| Disk {
-        path: "/dev/null".into(),
-        format: DiskFormat::Raw,
-        media,
-        bus,
-        read_only: true,
-        backing: None,
-    };
-    let mut disks: Vec<Disk> = machine.blank_disks.iter().map(|d| stand_in(Media::Disk, d.bus)).collect();
-    if let BootConfig::Iso(_) = machine.boot {
-        disks.push(stand_in(Media::Cdrom, Default::default()));
-    }
-    let boot = match machine.boot {
-        BootConfig::Disk(_) | BootConfig::Iso(_) => Boot::Firmware(Firmware::Bios),
-        _ => Boot::kernel("/dev/null", None, ""),
-    };
-    let mut nics = vec![user_mode::nic()];
-    nics.extend((0..vlans).map(|_| user_mode::nic()));
-    let spec = MachineSpec {
-        disks,
-        nics,
-        rng: true,
-        display: true,
-        guest_channel: Some(GuestChannel::VirtConsole),
-        ..MachineSpec::new(machine.name.clone(), boot)
-    };
-    let state = StateDir::create(false).map_err(|e| format!("a scratch directory: {e}"))?;
-    let dir = state.machine_dir(0, &machine.name).map_err(|e| e.to_string())?;
-    let qemu = Qemu { binary: binary.to_path_buf(), virtiofsd: None, vhost_vsock: None };
-    let events: attest_machine::EventSink = std::sync::Arc::new(|_| {});
-    let prepared = qemu.prepare(&spec, &dir, &events).map_err(|e| e.to_string())?;
-    let args: Vec<String> = prepared.command.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
-    let devices =
-        args.windows(2).filter(|w| w[0] == "-device").map(|w| w[1].split(',').next().unwrap_or("").to_string());
-    Ok(devices.collect())
+    })
 }
 
 /// The ISO itself: a single ISO 9660 file, bootable by the machine's firmware, whose boot entries

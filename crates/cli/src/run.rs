@@ -79,9 +79,7 @@ pub fn run(args: RunArgs) -> i32 {
     let has_conditions = config.machines.iter().any(|m| !m.conditions.is_empty());
     if has_conditions && !config.extra.contains_key("script") {
         return match script_of(&config, &args.test, false) {
-            Ok(_) => {
-                crate::conditions::run(config, args.output_directory, &args.script)
-            }
+            Ok(_) => crate::conditions::run(config, args.output_directory, &args.script),
             Err(e) => exit_code::setup_error(&e),
         };
     }

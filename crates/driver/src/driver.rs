@@ -319,9 +319,7 @@ fn start_networks(
     shared: &Arc<Shared>,
     machines: &Arc<RwLock<Vec<Arc<Machine>>>>,
 ) -> Result<Networks> {
-    let joins: Vec<(String, Vec<u32>)> =
-        config.machines.iter().map(|m| (m.name.clone(), m.joins(&config.vlans))).collect();
-    let plan = Plan::new(&config.vlans, joins.iter().map(|(name, vlans)| (name.as_str(), vlans.as_slice())))?;
+    let plan = config.plan()?;
     if !config.vlans.is_empty() {
         let how = match config.network {
             NetworkMode::Switch => "a vde_switch each",

@@ -2,7 +2,8 @@
 //! the cache, disk images behind copy-on-write overlays and blank disks created in the machine's
 //! directory, the devices every test machine has (the backdoor's virtconsole, a display, an rng,
 //! a user-mode network card), and its cards on the test's VLANs. The files a definition names are
-//! checked here once ([`check_files`]), for this and for `attest preflight`.
+//! checked here once ([`check_files`]), for this and for `attest preflight`, which checks the
+//! devices of the very spec a run starts ([`planned_spec`]: the same one, without its files made).
 
 use std::path::Path;
 
@@ -34,11 +35,35 @@ pub struct Context<'a> {
 /// and screenshots (as NixOS has both), a panic that ends the VMM, and no crypto self-tests (a
 /// quarter second under TCG).
 const GUEST_PARAMS: &str = "console=tty0 console=ttyS0 panic=-1 cryptomgr.notests";
+/// The minimal guest's own: its init is the initramfs's.
+const MINIMAL_PARAMS: &str = "quiet rdinit=/init";
 
+/// Whether a spec's files are made (a run) or only named where a run makes them (preflight).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Files {
+    Make,
+    Name,
+}
+
+/// What a run of `config` boots, in `dir`: its overlays and blank disks made, a built-in guest built
+/// or taken from the cache.
 pub fn spec(config: &MachineConfig, cx: &Context, dir: &MachineDir) -> Result<MachineSpec> {
     if let Some(problem) = check_files(config).into_iter().next() {
         return Err(problem.into());
     }
+    build(config, cx, dir, Files::Make)
+}
+
+/// The spec [`spec`] makes of `config`, device for device, without making a file: overlays and
+/// blank disks are named where `spec` makes them, and a built-in guest boots the kernel `spec`
+/// boots but without the initramfs or Debian image that only a run builds or takes from the cache
+/// (a build can take minutes), and a Debian guest's command line without its machine's hostname
+/// and id. For `attest preflight`, which checks the named files with [`check_files`].
+pub fn planned_spec(config: &MachineConfig, cx: &Context, dir: &MachineDir) -> Result<MachineSpec> {
+    build(config, cx, dir, Files::Name)
+}
+
+fn build(config: &MachineConfig, cx: &Context, dir: &MachineDir, files: Files) -> Result<MachineSpec> {
     let boot = match &config.boot {
         BootConfig::StartScript { path, qemu_opts, kernel_params } => Boot::StartScript(StartScript {
             path: path.clone(),
@@ -76,7 +101,7 @@ pub fn spec(config: &MachineConfig, cx: &Context, dir: &MachineDir) -> Result<Ma
         _ => None,
     };
     if let Some(image) = root_image {
-        spec.disks.push(disk::overlay(&image, &dir.path().join("root-overlay.qcow2"))?);
+        spec.disks.push(overlay(&image, &dir.path().join("root-overlay.qcow2"), files)?);
     }
     if let BootConfig::Iso(iso) = &config.boot {
         spec.disks.push(Disk {
@@ -91,39 +116,59 @@ pub fn spec(config: &MachineConfig, cx: &Context, dir: &MachineDir) -> Result<Ma
     for (index, blank) in config.blank_disks.iter().enumerate() {
         let path = dir.path().join(format!("blank-{index}.{}", blank.format.name()));
         // A machine that starts again gets its disks as it left them, as real disks would be.
-        let mut made = if path.exists() {
-            Disk { path, format: blank.format, media: Media::Disk, bus: blank.bus, read_only: false, backing: None }
-        } else {
-            disk::blank(&path, blank.size_mib, blank.format)?
-        };
-        made.bus = blank.bus;
-        spec.disks.push(made);
+        if files == Files::Make && !path.exists() {
+            disk::blank(&path, blank.size_mib, blank.format)?;
+        }
+        spec.disks.push(Disk {
+            path,
+            format: blank.format,
+            media: Media::Disk,
+            bus: blank.bus,
+            read_only: false,
+            backing: None,
+        });
     }
     if let BootConfig::Image(image) = config.boot {
-        builtin(image, &mut spec, cx, dir)?;
+        builtin(image, &mut spec, cx, dir, files)?;
     }
     Ok(spec)
 }
 
+/// The overlay of `image` at `path`, made for a run.
+fn overlay(image: &Path, path: &Path, files: Files) -> Result<Disk> {
+    Ok(match files {
+        Files::Make => disk::overlay(image, path)?,
+        Files::Name => disk::overlay_disk(path),
+    })
+}
+
 /// Boots `spec` as one of attest's own guests, with exactly the drivers its devices need.
-fn builtin(image: BuiltinImage, spec: &mut MachineSpec, cx: &Context, dir: &MachineDir) -> Result<()> {
+fn builtin(image: BuiltinImage, spec: &mut MachineSpec, cx: &Context, dir: &MachineDir, files: Files) -> Result<()> {
     let kernel = attest_image::kernel::locate(None, cx.cache)?;
-    match image {
-        BuiltinImage::Minimal => {
+    let root = dir.path().join("root-overlay.qcow2");
+    match (image, files) {
+        (BuiltinImage::Minimal, Files::Make) => {
             let modules = kernel.module_tree()?.resolve(&cx.backend.guest_drivers(spec))?.load;
             let initramfs = backdoor_initramfs(&attest_image::find_busybox()?, &find_static_bash()?, &modules)?
                 .write_cached(&cx.cache.join("initramfs"))?;
-            spec.boot = Boot::kernel(&kernel.path, Some(initramfs), format!("{GUEST_PARAMS} quiet rdinit=/init"));
+            spec.boot = Boot::kernel(&kernel.path, Some(initramfs), format!("{GUEST_PARAMS} {MINIMAL_PARAMS}"));
         }
-        BuiltinImage::Debian => {
+        (BuiltinImage::Minimal, Files::Name) => {
+            spec.boot = Boot::kernel(&kernel.path, None, format!("{GUEST_PARAMS} {MINIMAL_PARAMS}"));
+        }
+        (BuiltinImage::Debian, Files::Make) => {
             // virtio_blk for the root disk is among the image's own boot drivers.
             let name = spec.name.clone();
             let mut progress = |step: &str| cx.log.info(Some(&name), step);
             let guest =
                 attest_image::debian::ensure(cx.cache, &kernel, &cx.backend.guest_drivers(spec), &mut progress)?;
             // The root disk comes first: the guest mounts /dev/vda.
-            spec.disks.insert(0, disk::overlay(&guest.disk, &dir.path().join("root-overlay.qcow2"))?);
+            spec.disks.insert(0, disk::overlay(&guest.disk, &root)?);
             spec.boot = Boot::kernel(&guest.kernel, Some(guest.initrd.clone()), guest.cmdline_for(&spec.name));
+        }
+        (BuiltinImage::Debian, Files::Name) => {
+            spec.disks.insert(0, disk::overlay_disk(&root));
+            spec.boot = Boot::kernel(&kernel.path, None, attest_image::debian::CMDLINE);
         }
     }
     Ok(())
@@ -203,4 +248,61 @@ fn check_file(machine: &str, key: &'static str, path: &Path) -> std::result::Res
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use attest_machine::{Qemu, StateDir};
+    use attest_network::{Mode, Plan};
+
+    use super::*;
+
+    /// A planned spec is the run's, but for the files: the same disks at the same paths, and
+    /// nothing made.
+    #[test]
+    fn a_planned_spec_is_the_spec_without_its_files_made() {
+        if disk::qemu_img().is_err() {
+            return eprintln!("SKIP: qemu-img is missing");
+        }
+        let files = tempfile::tempdir().unwrap();
+        let (image, iso) = (files.path().join("root.raw"), files.path().join("boot.iso"));
+        std::fs::File::create(&image).unwrap().set_len(1 << 20).unwrap();
+        std::fs::write(&iso, b"an ISO as far as check_files goes").unwrap();
+        let state = StateDir::create(false).unwrap();
+        let networks = Networks::start(Plan::new(&[], []).unwrap(), Mode::Switch, state.path(), |_| {}).unwrap();
+        let backend = Qemu { binary: "/usr/bin/qemu-system-x86_64".into(), virtiofsd: None, vhost_vsock: None };
+        let log = Log::to(Box::new(std::io::sink()));
+        let cx = Context {
+            backend: &backend,
+            accel: Accel::Tcg,
+            cache: files.path(),
+            shared_dir: files.path(),
+            log: &log,
+            networks: &networks,
+        };
+        let mut installer = MachineConfig::iso("installer", &iso).qemu_args(["-device", "virtio-balloon"]);
+        installer.blank_disks.push(crate::config::BlankDisk {
+            size_mib: 8,
+            format: DiskFormat::Raw,
+            bus: Default::default(),
+        });
+        installer.blank_disks.push(crate::config::BlankDisk {
+            size_mib: 8,
+            format: DiskFormat::Qcow2,
+            bus: attest_machine::DiskBus::Scsi,
+        });
+        for (index, config) in [installer, MachineConfig::disk("legacy", &image)].iter().enumerate() {
+            let dir = state.machine_dir(index, &config.name).unwrap();
+            let planned = planned_spec(config, &cx, &dir).unwrap();
+            assert_eq!(
+                std::fs::read_dir(dir.path()).unwrap().count(),
+                0,
+                "{}: a planned spec makes no file",
+                config.name
+            );
+            let made = spec(config, &cx, &dir).unwrap();
+            assert_eq!(format!("{planned:?}"), format!("{made:?}"), "{}", config.name);
+            assert!(made.disks.iter().all(|d| d.path.exists()), "{made:?}");
+        }
+    }
 }

@@ -261,6 +261,22 @@ fn the_global_timeout_stops_everything_within_seconds() {
 }
 
 #[test]
+fn a_retry_ends_when_its_machine_stops_and_does_not_boot_it_again() {
+    let Some(driver) = common::driver(vec![minimal("stopping")]) else { return };
+    let m = driver.machine("stopping").unwrap();
+    m.succeed("(sleep 1; echo o > /proc/sysrq-trigger) >/dev/null 2>&1 &", None).unwrap();
+    let asked = Instant::now();
+    let err = m.wait_until_succeeds("false", Some(Duration::from_secs(120))).unwrap_err();
+    // Between two attempts ("the machine stopped while it waited") or during one (its channel closed).
+    assert!(matches!(err, DriverError::Broken(_)), "{err}");
+    assert!(asked.elapsed() < Duration::from_secs(30), "ended with the machine: {:?}", asked.elapsed());
+    // The latest start is still the one that powered off: the wait did not boot the machine again.
+    assert!(m.get_console_log().contains("reboot: Power down"), "{}", m.get_console_log());
+    m.wait_for_shutdown().unwrap();
+    assert!(!m.is_up());
+}
+
+#[test]
 fn a_guest_that_never_announces_its_shell_fails_within_the_boot_timeout() {
     let Some(why) = common::missing_prerequisite() else {
         let kernel = attest_image::kernel::locate(None, &attest_image::cache_dir()).unwrap();

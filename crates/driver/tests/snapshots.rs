@@ -19,10 +19,12 @@ fn a_machine_rolls_back_to_its_snapshot() {
     let err = m.snapshot("early").unwrap_err().to_string();
     assert!(err.contains("cannot save snapshot \"early\": the machine is not running"), "{err}");
     m.wait_for_unit("multi-user.target", None, None).unwrap();
-    for bad in ["../x", "a/b", "", "1st"] {
+    for (bad, why) in [("../x", "starts with '.'"), ("a/b", "has '/' in it"), ("1st", "starts with '1'")] {
         let err = m.snapshot(bad).unwrap_err().to_string();
-        assert!(err.contains(&format!("snapshot name {bad:?} is not an identifier")), "{err}");
+        assert!(err.contains(&format!("snapshot name {bad:?} {why}: a name is an ASCII letter")), "{err}");
     }
+    let err = m.restore("").unwrap_err().to_string();
+    assert!(err.contains("the snapshot name is empty"), "{err}");
     let err = m.restore("never").unwrap_err().to_string();
     assert!(err.contains("there is no snapshot \"never\" to restore"), "{err}");
 

@@ -76,14 +76,20 @@ pub fn overlay(base: &Path, overlay: &Path) -> Result<Disk> {
     let mut command = Command::new(qemu_img()?);
     command.args(["create", "-q", "-f", "qcow2", "-F", format.name(), "-b"]).arg(&base).arg(overlay);
     run(command, &format!("creating an overlay of {}", base.display()))?;
-    Ok(Disk {
-        path: overlay.into(),
+    Ok(Disk { backing: Some(base), ..overlay_disk(overlay) })
+}
+
+/// The disk an overlay at `path` is, as [`overlay`] makes it (for a spec that names its disks
+/// without making them).
+pub fn overlay_disk(path: &Path) -> Disk {
+    Disk {
+        path: path.into(),
         format: DiskFormat::Qcow2,
         media: Media::Disk,
         bus: DiskBus::Virtio,
         read_only: false,
-        backing: Some(base),
-    })
+        backing: None,
+    }
 }
 
 /// A new, empty disk of `size_mib` at `path`: a sparse file (raw) or an empty qcow2.

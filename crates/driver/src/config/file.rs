@@ -29,6 +29,8 @@ impl TestConfig {
         let mut machines = Vec::new();
         for (name, machine) in raw.machines {
             let line = line_of(text, machine.span().start);
+            // Before anything uses the name: it becomes file names and a script's variable.
+            check_name("machine", &name).map_err(|e| DriverError::Config(format!("{line}: {e}")))?;
             let machine = machine
                 .into_inner()
                 .into_config(name, base)

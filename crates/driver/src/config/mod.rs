@@ -7,7 +7,7 @@
 //! vlans = [1, 2]                 # the test's VLANs (1 to 255)
 //! network = "switch"             # or "tap": how VLANs are carried
 //!
-//! [machines.server]
+//! [machines.server]              # a name is an identifier (`check_name`), as in NixOS
 //! image = "debian"               # or: kernel/initrd/cmdline, disk, iso, start_script
 //! memory = 1024                  # MiB
 //! cpus = 1
@@ -27,9 +27,10 @@ use std::time::Duration;
 
 use attest_machine::{DiskBus, DiskFormat, StartScript};
 pub use attest_network::Mode as NetworkMode;
+use attest_network::{NetworkError, Plan};
 use serde::Deserialize;
 
-pub use rules::Problem;
+pub use rules::{check_name, Problem};
 
 use crate::conditions::Condition;
 use crate::error::{DriverError, Result};
@@ -313,10 +314,17 @@ impl TestConfig {
         self.network = mode;
         self
     }
+
+    /// The test's network plan: its VLANs and what each machine joins, as [`crate::Driver`] plans it.
+    pub fn plan(&self) -> std::result::Result<Plan, NetworkError> {
+        let joins: Vec<(&str, Vec<u32>)> =
+            self.machines.iter().map(|m| (m.name.as_str(), m.joins(&self.vlans))).collect();
+        Plan::new(&self.vlans, joins.iter().map(|(name, vlans)| (*name, vlans.as_slice())))
+    }
 }
 
 mod file;
 pub use file::size_mib;
-pub(crate) mod rules;
+mod rules;
 #[cfg(test)]
 mod tests;

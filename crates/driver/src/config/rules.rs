@@ -1,11 +1,12 @@
 //! The rules a definition's values must follow that reading it cannot see (a TOML file and the
-//! builder make the same values): vCPUs, memory, disk sizes, timeouts and VLANs. Each broken rule
-//! is a [`Problem`] naming the key and its fix; `attest preflight` lists them all as FAILs, and
-//! [`crate::Driver`] refuses the first before anything boots.
+//! builder make the same values): names, vCPUs, memory, disk sizes, timeouts and VLANs. Each broken
+//! rule is a [`Problem`] naming the key and its fix; `attest preflight` lists them all as FAILs, and
+//! [`crate::Driver`] refuses the first before anything boots. [`check_name`] is the one rule for
+//! the names a test gives things (machines, snapshots).
 
 use attest_machine::backend::qemu::{MACHINE_TYPE, MAX_CPUS};
 use attest_machine::spec::MIN_MEMORY_MIB;
-use attest_network::{NetworkError, Plan};
+use attest_network::NetworkError;
 
 use super::{MachineConfig, TestConfig};
 
@@ -25,6 +26,35 @@ impl Problem {
     }
 }
 
+/// Whether `name` may name a `kind` of thing (`"machine"`, `"snapshot"`): the message saying why
+/// not, and what a name is, if it may not.
+///
+/// Names become file names (`<name>-console.log` in the output directory, a state directory) and
+/// a test script's variables, so a name is an identifier: an ASCII letter or `_`, then ASCII
+/// letters, digits, `_` or `-`. Nothing in it can leave a directory (`/`, `..`) or be read as an
+/// option (a leading `-`). `-` is allowed, as NixOS allows it in node names (and a start script
+/// `run-my-client-vm` names its machine `my-client`); a script knows that machine as `my_client`,
+/// as NixOS's `pythonize_name` makes it.
+pub fn check_name(kind: &str, name: &str) -> Result<(), String> {
+    const RULE: &str = "a name is an ASCII letter or _, then letters, digits, _ or -";
+    let mut chars = name.chars();
+    let Some(first) = chars.next() else {
+        return Err(format!("the {kind} name is empty: {RULE}"));
+    };
+    if !(first.is_ascii_alphabetic() || first == '_') {
+        return Err(format!("{kind} name {name:?} starts with {first:?}: {RULE}"));
+    }
+    match chars.find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-')) {
+        Some(c) => Err(format!("{kind} name {name:?} has {c:?} in it: {RULE}")),
+        None => Ok(()),
+    }
+}
+
+/// A machine's name in a test script (NixOS's `pythonize_name`, for the names [`check_name`] allows).
+fn python_name(name: &str) -> String {
+    name.replace('-', "_")
+}
+
 impl TestConfig {
     /// Every rule the test's values break, the test's own and each machine's.
     pub fn problems(&self) -> Vec<Problem> {
@@ -36,10 +66,8 @@ impl TestConfig {
                 "give the test's time limit in seconds, e.g. global_timeout = 600 (default 3600)",
             ));
         }
-        let joins: Vec<(&str, Vec<u32>)> =
-            self.machines.iter().map(|m| (m.name.as_str(), m.joins(&self.vlans))).collect();
         // The very plan `Driver::new` makes: the same rule, not a copy of it.
-        if let Err(e) = Plan::new(&self.vlans, joins.iter().map(|(name, vlans)| (*name, vlans.as_slice()))) {
+        if let Err(e) = self.plan() {
             let fix = match e {
                 NetworkError::VlanOutOfRange { .. } => "number the VLANs from 1 to 255",
                 NetworkError::UndeclaredVlan { .. } => {
@@ -51,6 +79,19 @@ impl TestConfig {
             problems.push(Problem::new("vlans", e.to_string(), fix));
         }
         problems.extend(self.machines.iter().flat_map(MachineConfig::problems));
+        // `a-b` and `a_b` would be one variable of the script: the second would hide the first.
+        for (index, machine) in self.machines.iter().enumerate() {
+            let python = python_name(&machine.name);
+            if let Some(other) =
+                self.machines[..index].iter().find(|m| m.name != machine.name && python_name(&m.name) == python)
+            {
+                problems.push(Problem::new(
+                    "name",
+                    format!("machines {} and {} are both `{python}` in a test script", other.name, machine.name),
+                    "rename one of them",
+                ));
+            }
+        }
         problems
     }
 
@@ -68,6 +109,9 @@ impl MachineConfig {
     pub fn problems(&self) -> Vec<Problem> {
         let name = &self.name;
         let mut problems = Vec::new();
+        if let Err(what) = check_name("machine", name) {
+            problems.push(Problem::new("name", what, "rename the machine, e.g. web_server or web-server"));
+        }
         if self.cpus == 0 || self.cpus > MAX_CPUS {
             problems.push(Problem::new(
                 "cpus",
@@ -108,17 +152,4 @@ impl MachineConfig {
         }
         problems
     }
-}
-
-/// Ok if `name` can name a `kind` (a machine, a snapshot): an identifier (an ASCII letter or `_`,
-/// then letters, digits and `_`), since it becomes a file name and, for machines, a Python name.
-pub fn check_identifier(kind: &str, name: &str) -> Result<(), String> {
-    let mut chars = name.chars();
-    let starts = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
-    if starts && chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
-        return Ok(());
-    }
-    Err(format!(
-        "{kind} name {name:?} is not an identifier: use ASCII letters, digits and `_`, not starting with a digit"
-    ))
 }

@@ -200,3 +200,43 @@ fn values_that_cannot_work_are_problems_with_their_fix() {
     // The builder's values follow the same rules.
     assert_eq!(MachineConfig::image("b", BuiltinImage::Minimal).cpus(0).problems()[0].key, "cpus");
 }
+
+#[test]
+fn machine_names_are_identifiers() {
+    // A TOML name that could leave the output directory is refused at its table's line.
+    let escape = error("global_timeout = 60\n\n[machines.\"../x\"]\nimage = \"minimal\"\n");
+    assert_eq!(
+        escape,
+        "3: machine name \"../x\" starts with '.': a name is an ASCII letter or _, then letters, digits, _ or -"
+    );
+    let slash = error("[machines.\"a/b\"]\nimage = \"minimal\"\n");
+    assert!(slash.starts_with("1: machine name \"a/b\" has '/' in it"), "{slash}");
+    assert!(error("[machines.\"\"]\nimage = \"minimal\"\n").starts_with("1: the machine name is empty"));
+    assert!(error("[machines.1st]\nimage = \"minimal\"\n").starts_with("1: machine name \"1st\" starts with '1'"));
+    // NixOS's node names: `-` is allowed after the first character.
+    let names = parse("[machines.my-client]\nimage = \"minimal\"\n[machines._b2]\nimage = \"minimal\"\n").unwrap();
+    assert_eq!(names.machines.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), ["_b2", "my-client"]);
+
+    for bad in ["..", "a/b", "../x", "a.b", "-a", "a b", "é", ""] {
+        assert!(check_name("snapshot", bad).is_err(), "{bad:?}");
+    }
+    for good in ["a", "server", "_x", "my-client", "node_2", "A1-b_c"] {
+        assert_eq!(check_name("snapshot", good), Ok(()), "{good:?}");
+    }
+
+    // The builder's names go through the same rule.
+    let problem = &MachineConfig::image("../x", BuiltinImage::Minimal).problems()[0];
+    assert_eq!(
+        (problem.key, problem.what.as_str()),
+        ("name", "machine name \"../x\" starts with '.': a name is an ASCII letter or _, then letters, digits, _ or -")
+    );
+    let test = TestConfig::new(vec![MachineConfig::image("a/b", BuiltinImage::Minimal)]);
+    assert!(test.validate().unwrap_err().to_string().starts_with("machine name \"a/b\" has '/' in it"));
+    // Two names a script would see as one variable.
+    let twins = ["a-b", "a_b"].map(|n| MachineConfig::image(n, BuiltinImage::Minimal));
+    let problems = TestConfig::new(twins.to_vec()).problems();
+    assert_eq!(
+        problems.iter().map(|p| p.what.as_str()).collect::<Vec<_>>(),
+        ["machines a-b and a_b are both `a_b` in a test script"]
+    );
+}

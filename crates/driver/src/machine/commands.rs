@@ -3,6 +3,7 @@
 //!
 //! Every call has a host-side deadline: the command's timeout plus [`HOST_GRACE`] when it has one,
 //! else the global timeout. The guest enforces the timeout itself too (`timeout N`), as in NixOS.
+//! [`Machine::pace`] is the pause of the host's retry loops, for what no event announces.
 
 use std::panic::Location;
 use std::time::{Duration, Instant};
@@ -14,7 +15,8 @@ use crate::error::Result;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(900);
 /// How long past a command's own timeout the host waits for the guest's `timeout` to report.
 const HOST_GRACE: Duration = Duration::from_secs(30);
-/// Pause between attempts of `wait_until_*` (NixOS: 1 s).
+/// Pause between attempts of `wait_until_*` (NixOS: 1 s): a pacing, as nothing announces that a
+/// test's command would now succeed; each attempt is a guest round trip of 20 to 100 ms.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 impl Machine {
@@ -135,9 +137,25 @@ impl Machine {
                         format!("{what}: timed out after {timeout:?} (last exit code {status}){}", shown(&output));
                     return Err(self.assertion(at, message, true));
                 }
-                std::thread::sleep(RETRY_PAUSE);
+                // The next attempt would boot a machine that stopped anew.
+                if self.pace(RETRY_PAUSE, deadline) {
+                    let output = String::from_utf8_lossy(&output);
+                    let message = format!(
+                        "{what}: the machine stopped while it waited (last exit code {status}){}",
+                        shown(&output)
+                    );
+                    return Err(self.broken(at, message));
+                }
             }
         })
+    }
+
+    /// The pause of a loop that re-checks what no event announces (a test's command succeeding, a
+    /// condition starting to hold, a tty's text): `pause`, at most until `deadline`, ended early by
+    /// the VMM's exit (woken by it, not polled). True if the machine stopped, so that the loop
+    /// ends rather than boot it again with its next check.
+    pub(super) fn pace(&self, pause: Duration, deadline: Instant) -> bool {
+        self.wait_exit((Instant::now() + pause).min(deadline))
     }
 
     /// Runs `command` through the backdoor shell, with the guest's `timeout` when given.

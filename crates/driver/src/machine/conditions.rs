@@ -13,7 +13,9 @@ use crate::conditions::report::{ConditionResult, Evidence, Outcome, Report};
 use crate::conditions::{Condition, Kind};
 use crate::error::Result;
 
-/// Pause between two checks of a condition that does not hold yet (no guest event tells).
+/// Pause between two checks of a condition that does not hold yet: a pacing, as no guest event
+/// tells (a probe is any command, and `holds` decides on the host); ended early by the machine's
+/// stop ([`Machine::pace`]).
 const RECHECK: Duration = Duration::from_millis(250);
 /// How long one check or one evidence command may take.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -169,7 +171,8 @@ impl Machine {
                 return Ok(verdict(condition, Outcome::Failed, started, Some(reason), evidence));
             }
             last = Some(said);
-            std::thread::sleep(RECHECK);
+            // A machine that stops meanwhile is seen at the top of the loop.
+            self.pace(RECHECK, deadline);
         }
     }
 

@@ -138,7 +138,13 @@ impl Machine {
                     timeout,
                 ));
             }
-            std::thread::sleep(Duration::from_millis(100));
+            // A pacing: a tty's change is an event only to a poll(2) in the guest, which the
+            // backdoor's bash cannot make. A machine that stopped would boot anew on the next read.
+            if self.pace(Duration::from_millis(100), deadline) {
+                let message =
+                    format!("waiting for {regex:?} on tty{tty}: the machine stopped; it showed:\n{}", text.trim_end());
+                return Err(self.broken(at, message));
+            }
         })
     }
 

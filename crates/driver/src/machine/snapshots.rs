@@ -293,7 +293,7 @@ impl Machine {
     }
 
     fn check_snapshot_name(&self, at: &'static Location<'static>, name: &str) -> Result<()> {
-        crate::config::rules::check_identifier("snapshot", name).map_err(|message| self.assertion(at, message, false))
+        crate::config::check_name("snapshot", name).map_err(|message| self.assertion(at, message, false))
     }
 }
 
