@@ -138,7 +138,10 @@ fn build(config: &MachineConfig, cx: &Context, dir: &MachineDir, files: Files) -
 fn overlay(image: &Path, path: &Path, files: Files) -> Result<Disk> {
     Ok(match files {
         Files::Make => disk::overlay(image, path)?,
-        Files::Name => disk::overlay_disk(path),
+        // The same backing as a made overlay records, so both specs say what the disk holds.
+        Files::Name => {
+            Disk { backing: Some(image.canonicalize().unwrap_or_else(|_| image.into())), ..disk::overlay_disk(path) }
+        }
     })
 }
 
