@@ -106,12 +106,7 @@ pub fn check_tool(program: &'static str, why: &str, package: &str) -> Check {
     }
 }
 
-/// The free bytes of the filesystem `dir` is (or will be) on, and the directory asked about.
-pub fn free_space(dir: &Path) -> Option<(u64, PathBuf)> {
-    let probe = dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/")).to_path_buf();
-    let stat = nix::sys::statvfs::statvfs(&probe).ok()?;
-    Some((stat.blocks_available() * stat.fragment_size(), probe))
-}
+pub use attest_machine::state_dir::free_space;
 
 pub fn check_disk(cache: &Path) -> Check {
     let dirs = [state_dir::base_dir().ok(), Some(cache.to_path_buf())];

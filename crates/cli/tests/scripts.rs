@@ -367,3 +367,80 @@ fn stubs_for_editors_declare_the_api_and_the_scripts_globals() {
     assert!(globals.contains("server: Machine\n") && globals.contains("web_client: Machine\n"), "{globals}");
     assert!(!globals.contains("\nmachine: Machine"), "`machine` only for a single machine: {globals}");
 }
+
+/// A test whose minimal-guest machine is cached at its first shell. Its files live in the guest's
+/// memory (the guest has no disk), so runs at once test that each clone's memory is its own.
+fn cached_test_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = "script = \"test.py\"\n[machines.server]\nimage = \"minimal\"\nmemory = 256\nready = \"shell\"\n";
+    std::fs::write(dir.path().join("test.toml"), toml).unwrap();
+    // Each run writes its own file and must see no other run's, while both run at once.
+    let script = r#"
+import os, time
+token = os.environ["TOKEN"]
+server.succeed(f"mkdir -p /tmp/runs && test -z \"$(ls /tmp/runs)\" && echo {token} > /tmp/runs/{token}")
+time.sleep(2)
+t.assertEqual(server.succeed("ls /tmp/runs"), f"{token}\n")
+"#;
+    std::fs::write(dir.path().join("test.py"), script).unwrap();
+    dir
+}
+
+fn cached_run(dir: &Path, cache: &Path, token: &str) -> Command {
+    let mut command = Command::new(attest_bin());
+    command.arg("run").arg(dir.join("test.toml")).env("ATTEST_SNAPSHOT_CACHE", cache).env("TOKEN", token);
+    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    command
+}
+
+#[test]
+fn two_runs_restore_one_cached_machine_at_once_and_each_sees_only_its_own_writes() {
+    if let Some(why) = missing_prerequisite() {
+        return eprintln!("SKIP: {why}");
+    }
+    let (dir, cache) = (cached_test_dir(), tempfile::tempdir().unwrap());
+    let first = run_command(&mut cached_run(dir.path(), cache.path(), "first"));
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    assert!(first.stderr.contains("to be cached once ready"), "{}", first.stderr);
+    let runs: Vec<_> =
+        ["left", "right"].iter().map(|token| cached_run(dir.path(), cache.path(), token).spawn().unwrap()).collect();
+    for run in runs {
+        let output = run.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(0), "{stderr}");
+        assert!(stderr.contains("restored the ready machine"), "{stderr}");
+    }
+}
+
+/// A run killed while it builds the cached machine leaves nothing the next run would use: that
+/// one builds the entry anew, and it is whole.
+#[test]
+fn a_run_killed_while_caching_leaves_nothing_to_use() {
+    if let Some(why) = missing_prerequisite() {
+        return eprintln!("SKIP: {why}");
+    }
+    let (dir, cache) = (cached_test_dir(), tempfile::tempdir().unwrap());
+    let mut child = cached_run(dir.path(), cache.path(), "killed").spawn().unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    let started = Instant::now();
+    while !seen.contains("to be cached once ready") {
+        assert!(started.elapsed() < Duration::from_secs(120), "the build never started: {seen}");
+        assert!(stderr.read_line(&mut seen).unwrap() > 0, "attest ended: {seen}");
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGKILL).unwrap();
+    child.wait().unwrap();
+    let complete: Vec<_> = std::fs::read_dir(cache.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_dir() && e.path().extension().is_none())
+        .collect();
+    assert!(complete.is_empty(), "no complete entry after the kill: {complete:?}");
+
+    let next = run_command(&mut cached_run(dir.path(), cache.path(), "next"));
+    assert_eq!(next.code, 0, "{}", next.stderr);
+    assert!(next.stderr.contains("to be cached once ready"), "built anew: {}", next.stderr);
+    let names: Vec<String> =
+        std::fs::read_dir(cache.path()).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into()).collect();
+    assert!(!names.iter().any(|n| n.ends_with(".partial")), "the killed build's files are gone: {names:?}");
+}

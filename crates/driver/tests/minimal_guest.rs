@@ -386,6 +386,20 @@ fn a_nixos_start_script_runs_under_its_environment_contract() {
     let note = driver.state_dir().join("00-nixos/shared-dir-was");
     let shared = std::fs::read_to_string(note).expect("the script ran in the machine's directory as TMPDIR");
     assert_eq!(shared.trim_end(), driver.state_dir().join("shared-xchg").to_str().unwrap(), "SHARED_DIR");
+
+    // The script's QEMU, with attest's additions, can be saved and restored: the rollback holds,
+    // and its card is still blocked in the fresh QEMU.
+    m.succeed("echo before > /tmp/kept", None).unwrap();
+    m.snapshot("scripted").unwrap();
+    m.succeed("echo after > /tmp/gone", None).unwrap();
+    m.restore("scripted").unwrap();
+    assert_eq!(
+        m.succeed("cat /tmp/kept; test ! -e /tmp/gone && echo rolled back", None).unwrap(),
+        "before\nrolled back\n"
+    );
+    m.succeed(&format!("{card}; grep 0 $c/carrier"), None).unwrap();
+    m.unblock(None).unwrap();
+    m.wait_until_succeeds(&format!("{card}; grep 1 $c/carrier"), None).unwrap();
 }
 
 #[test]

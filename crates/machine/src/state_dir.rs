@@ -148,6 +148,13 @@ fn spawn_reaper(dir: &Path) -> io::Result<Child> {
         .spawn()
 }
 
+/// The free bytes of the filesystem `dir` is (or will be) on, and the directory asked about.
+pub fn free_space(dir: &Path) -> Option<(u64, PathBuf)> {
+    let probe = dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/")).to_path_buf();
+    let stat = nix::sys::statvfs::statvfs(&probe).ok()?;
+    Some((stat.blocks_available() * stat.fragment_size(), probe))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

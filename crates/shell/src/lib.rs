@@ -142,6 +142,31 @@ impl BackdoorShell {
         Ok((status, output))
     }
 
+    /// Runs `line` in the backdoor shell itself, outside the command protocol (no `bash -c`, no
+    /// output file, no base64): for the few builtins a restored guest needs before anything else,
+    /// where each program exec'd costs a fresh translation under TCG. Returns what the line printed
+    /// before the end mark this adds; its exit status is not reported.
+    pub fn run_in_shell(&mut self, line: &str, deadline: Instant) -> Result<Vec<u8>, ShellError> {
+        if self.out_of_step {
+            return Err(ShellError::OutOfStep);
+        }
+        self.sent += 1;
+        let mark = format!("attest-done-{}", self.sent);
+        self.send(format!("{line}\necho {mark}\n").as_bytes(), deadline)?;
+        self.out_of_step = true;
+        let started = Instant::now();
+        let mut printed = Vec::new();
+        loop {
+            let read = self.read_line(deadline, started, "finish a line")?;
+            if read == mark.as_bytes() {
+                self.out_of_step = false;
+                return Ok(printed);
+            }
+            printed.extend_from_slice(&read);
+            printed.push(b'\n');
+        }
+    }
+
     /// Writes `bytes` to the shell as they are, outside the command protocol: NixOS's `shutdown`
     /// sends a bare `poweroff` line this way, whose reply never comes.
     pub fn write_raw(&mut self, bytes: &[u8]) -> Result<(), ShellError> {

@@ -10,7 +10,7 @@ use std::panic::Location;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use attest_machine::snapshot::cache::{Builder, Entry, Lookup, SnapshotCache};
+use attest_machine::snapshot::cache::{Begin, Builder, Entry, Lookup, SnapshotCache};
 use attest_machine::{Boot, Console, MachineSpec, RamBacking, ShareFs};
 use attest_shell::{quote, BackdoorShell};
 use serde_json::json;
@@ -22,6 +22,8 @@ use crate::error::Result;
 
 /// How long saving or loading a snapshot may take.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Room for a cached machine's disk writes, besides its memory.
+const CACHE_DISK_ROOM_MIB: u64 = 512;
 /// How long the restored guest may take for its first command (setting its clock).
 const RESUME_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -154,14 +156,11 @@ impl Machine {
             .connect(deadline, Some(std::os::fd::AsFd::as_fd(&exit)))
             .map_err(|e| self.broken(at, format!("connecting to the restored guest's shell: {e}")))?;
         let mut shell = BackdoorShell::resume(stream);
-        match shell.execute(&after_restore_script(), Some(RESUME_TIMEOUT), deadline) {
-            Ok((0, _)) => Ok(shell),
-            Ok((status, output)) => Err(self.broken(
+        match shell.run_in_shell(&after_restore_line(), deadline) {
+            Ok(printed) if printed.is_empty() => Ok(shell),
+            Ok(printed) => Err(self.broken(
                 at,
-                format!(
-                    "setting the restored guest's clock failed (exit code {status}): {}",
-                    String::from_utf8_lossy(&output).trim()
-                ),
+                format!("setting the restored guest's clock failed: {}", String::from_utf8_lossy(&printed).trim()),
             )),
             Err(e) => Err(self.shell_failed(at, "the restored guest's first command", e)),
         }
@@ -204,10 +203,22 @@ impl Machine {
             )),
             Lookup::Miss => {}
         }
-        let builder = match cache.begin(&key, &self.name) {
-            Ok(Some(builder)) => builder,
-            Ok(None) => {
+        // At most its RAM, its disks' writes and the state; the disks' room is a guess.
+        let needed = (spec.memory_mib + CACHE_DISK_ROOM_MIB) << 20;
+        let builder = match cache.begin(&key, &self.name, needed) {
+            Ok(Begin::Building(builder)) => builder,
+            Ok(Begin::Busy) => {
                 self.log("another run is caching this machine now: booting it cold");
+                return None;
+            }
+            Ok(Begin::NoRoom { free, needed, dir }) => {
+                self.log(&format!(
+                    "WARNING: not caching this machine: {} has {} MiB free, and its snapshot may take {} MiB \
+                     (free some space, or `attest cache clear`)",
+                    dir.display(),
+                    free >> 20,
+                    needed >> 20
+                ));
                 return None;
             }
             Err(e) => {
@@ -312,23 +323,26 @@ fn ram_can_be_a_file(spec: &MachineSpec) -> bool {
     !matches!(spec.boot, Boot::StartScript(_)) && !vhost_user
 }
 
-/// What a restored guest runs first. Its clock stood still while it was saved: it gets the host's
-/// time. Its random number generator would repeat the snapshot's output in every clone: a kernel
-/// with the vmgenid driver has reseeded it already (the VMM's generation ID changed); otherwise
-/// host randomness is mixed in and, where perl or python3 can make the call, the kernel reseeds
-/// at once (`RNDRESEEDCRNG`), as it otherwise would only within a minute.
-fn after_restore_script() -> String {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+/// What a restored guest runs first, as one line in its backdoor shell: its clock stood still
+/// while it was saved, and gets the host's time; its random number generator would repeat the
+/// snapshot's output in every clone. A kernel with the vmgenid driver has reseeded it already (the
+/// VMM's generation ID changed); otherwise host randomness is mixed in and the kernel reseeds at
+/// once (`RNDRESEEDCRNG`), as it would only within a minute by itself. Under TCG every program a
+/// restored guest execs is translated afresh (0.3-0.45 s for the first), so this execs one: perl
+/// sets the clock (`clock_settime`, to the nanosecond, whatever its own start took) and makes the
+/// reseed call; without perl, `date` sets the clock to the second. The offset to the host is taken
+/// with bash builtins before any exec. Prints nothing unless something failed.
+fn after_restore_line() -> String {
+    let host_us = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_micros();
     let seed: String = rand_bytes().iter().map(|b| format!("\\x{b:02x}")).collect();
+    let perl = "my $b = \"\\0\" x 16; syscall(228, 0, $b) == 0 or die \"clock_gettime: $!\"; \
+                my ($s, $n) = unpack(\"q q\", $b); my $t = $s * 1000000000 + $n + $ARGV[0] * 1000; \
+                syscall(227, 0, pack(\"q q\", int($t / 1000000000), $t % 1000000000)) == 0 or die \"clock_settime: $!\"; \
+                open(my $f, \"<\", \"/dev/urandom\") or die \"urandom: $!\"; ioctl($f, 0x5207, 0) or die \"RNDRESEEDCRNG: $!\"";
     format!(
-        "exec 2>&1\n\
-         date -u -s @{secs}.{millis:03} >/dev/null 2>&1 || date -u -s @{rounded} >/dev/null\n\
-         printf '{seed}' > /dev/urandom\n\
-         if command -v perl >/dev/null; then perl -e 'open(my $f, \"<\", \"/dev/urandom\") or exit 1; ioctl($f, 0x5207, 0) or exit 1' || true\n\
-         elif command -v python3 >/dev/null; then python3 -c 'import fcntl; fcntl.ioctl(open(\"/dev/urandom\"), 0x5207)' || true; fi\n",
-        secs = now.as_secs(),
-        millis = now.subsec_millis(),
-        rounded = (now + Duration::from_millis(500)).as_secs(),
+        "__o=$(( {host_us} - ${{EPOCHREALTIME//[!0-9]/}} )); printf '{seed}' > /dev/urandom; \
+         if command -v perl >/dev/null; then perl -e '{perl}' -- \"$__o\" 2>&1; \
+         else date -u -s @$(( (${{EPOCHREALTIME//[!0-9]/}} + __o + 500000) / 1000000 )) >/dev/null 2>&1 || echo 'date -s failed'; fi"
     )
 }
 

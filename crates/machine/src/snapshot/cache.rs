@@ -50,6 +50,19 @@ pub struct Entry {
     pub manifest: Manifest,
 }
 
+/// What [`SnapshotCache::begin`] found.
+pub enum Begin {
+    Building(Builder),
+    /// Another process builds this entry now.
+    Busy,
+    /// The cache's filesystem has less room than a snapshot of the machine may take.
+    NoRoom {
+        free: u64,
+        needed: u64,
+        dir: PathBuf,
+    },
+}
+
 /// What a lookup found.
 pub enum Lookup {
     Hit(Entry),
@@ -154,9 +167,13 @@ impl SnapshotCache {
         std::fs::remove_dir_all(dir).ok();
     }
 
-    /// Starts building the entry for `key`, unless another process is building it (`None`).
-    pub fn begin(&self, key: &str, machine: &str) -> Result<Option<Builder>> {
+    /// Starts building the entry for `key`, unless another process is building it or the cache
+    /// has not `needed` bytes free: a snapshot must never fill the disk halfway.
+    pub fn begin(&self, key: &str, machine: &str, needed: u64) -> Result<Begin> {
         std::fs::create_dir_all(&self.dir).map_err(MachineError::io(format!("creating {}", self.dir.display())))?;
+        if let Some((free, dir)) = crate::state_dir::free_space(&self.dir).filter(|(free, _)| *free < needed) {
+            return Ok(Begin::NoRoom { free, needed, dir });
+        }
         let lock_path = self.dir.join(format!("{key}.lock"));
         let file = File::options()
             .create(true)
@@ -166,14 +183,14 @@ impl SnapshotCache {
             .map_err(MachineError::io(format!("opening {}", lock_path.display())))?;
         let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(lock) => lock,
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Ok(None),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Ok(Begin::Busy),
             Err((_, e)) => return Err(MachineError::io(format!("locking {}", lock_path.display()))(e.into())),
         };
         // Left by a build that was killed: never renamed into place, so never used; gone now.
         let staging = self.dir.join(format!("{key}.partial"));
         std::fs::remove_dir_all(&staging).ok();
         std::fs::create_dir_all(&staging).map_err(MachineError::io(format!("creating {}", staging.display())))?;
-        Ok(Some(Builder {
+        Ok(Begin::Building(Builder {
             key: key.into(),
             machine: machine.into(),
             staging,
@@ -373,8 +390,10 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let cache = SnapshotCache { dir: root.path().join("snapshots") };
         assert!(matches!(cache.lookup("k"), Lookup::Miss));
-        let builder = cache.begin("k", "m").unwrap().expect("nobody else builds it");
-        assert!(cache.begin("k", "m").unwrap().is_none(), "one builder per key at a time");
+        let Begin::Building(builder) = cache.begin("k", "m", 0).unwrap() else { panic!("nobody else builds it") };
+        assert!(matches!(cache.begin("k", "m", 0).unwrap(), Begin::Busy), "one builder per key at a time");
+        let Begin::NoRoom { needed, .. } = cache.begin("big", "m", u64::MAX).unwrap() else { panic!("no room") };
+        assert_eq!(needed, u64::MAX);
         std::fs::write(builder.dir().join(STATE), b"device state").unwrap();
         assert!(matches!(cache.lookup("k"), Lookup::Miss), "nothing is visible before the commit");
         let snapshot = Snapshot { state: builder.dir().join(STATE), memory: MemoryImage::InState, disks: vec![None] };
@@ -384,7 +403,7 @@ mod tests {
         assert_eq!(cache.list().len(), 1);
 
         // A build that never commits (killed, or failed) leaves nothing behind to use.
-        drop(cache.begin("other", "m").unwrap().unwrap());
+        drop(cache.begin("other", "m", 0).unwrap());
         assert!(matches!(cache.lookup("other"), Lookup::Miss));
 
         std::fs::write(entry.dir.join(STATE), b"short").unwrap();
