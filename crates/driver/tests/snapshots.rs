@@ -131,3 +131,36 @@ fn a_ready_machine_is_cached_by_the_first_run_and_restored_by_the_next() {
     assert!(log3.contains("Linux version"), "booted cold: {log3}");
     assert_eq!(std::fs::metadata(&state).unwrap().len(), len, "the entry was made anew");
 }
+
+/// A snapshot that cannot fit where the run keeps its state is refused with the numbers, leaves
+/// no file behind, and the machine runs on. (Its state directory is on a 64 MiB tmpfs here.)
+#[test]
+fn a_snapshot_without_room_is_refused_and_leaves_nothing() {
+    if let Some(why) = common::missing_prerequisite() {
+        return eprintln!("SKIP: {why}");
+    }
+    let small = tempfile::tempdir().unwrap();
+    let mounted =
+        nix::mount::mount(Some("tmpfs"), small.path(), Some("tmpfs"), nix::mount::MsFlags::empty(), Some("size=64m"));
+    if let Err(e) = mounted {
+        return eprintln!("SKIP: cannot mount a small tmpfs here ({e})");
+    }
+    struct Unmount<'a>(&'a std::path::Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            nix::mount::umount2(self.0, nix::mount::MntFlags::MNT_DETACH).ok();
+        }
+    }
+    let _unmount = Unmount(small.path());
+    std::env::set_var("XDG_RUNTIME_DIR", small.path());
+    let machine = MachineConfig::image("small", BuiltinImage::Minimal).memory_mib(256);
+    let driver = common::driver(vec![machine]).unwrap();
+    let m = driver.machine("small").unwrap();
+    m.succeed("true", None).unwrap();
+    let err = m.snapshot("big").unwrap_err().to_string();
+    assert!(err.contains("MiB free, and the snapshot may take up to 256 MiB"), "{err}");
+    assert!(!driver.state_dir().join("00-small/snapshots/big/state").exists());
+    assert_eq!(m.succeed("echo still running", None).unwrap(), "still running\n");
+    let err = m.restore("big").unwrap_err().to_string();
+    assert!(err.contains("there is no snapshot \"big\""), "{err}");
+}

@@ -107,6 +107,21 @@ impl Machine {
             RamBacking::File { path, shared: true } => MemoryImage::File(path.clone()),
             _ => MemoryImage::InState,
         };
+        if memory == MemoryImage::InState {
+            // Up to all of its memory: a snapshot that cannot fit is refused, not half written.
+            let needed = self.spec.memory_mib << 20;
+            if let Some((free, dir)) = crate::state_dir::free_space(into).filter(|(free, _)| *free < needed) {
+                return Err(MachineError::SnapshotFailed {
+                    what: format!("saving a snapshot of machine {}", self.spec.name),
+                    why: format!(
+                        "{} has {} MiB free, and the snapshot may take up to {} MiB (the machine's memory)",
+                        dir.display(),
+                        free >> 20,
+                        needed >> 20
+                    ),
+                });
+            }
+        }
         let mut snapshot = Snapshot { state: into.join("state"), memory, disks: vec![None; self.spec.disks.len()] };
         let mut continue_on = Vec::new();
         let writable: Vec<usize> = (0..self.spec.disks.len())
