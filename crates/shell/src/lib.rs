@@ -62,15 +62,7 @@ impl BackdoorShell {
     /// Waits, at most until `deadline`, for the guest to announce its shell. Whatever the guest
     /// wrote before the marker (firmware logs, for one) is returned, for the caller's log.
     pub fn connect(stream: UnixStream, deadline: Instant) -> Result<(BackdoorShell, Vec<u8>), ShellError> {
-        let mut shell = BackdoorShell {
-            stream,
-            buffered: Vec::new(),
-            out_of_step: false,
-            sent: 0,
-            // Files an earlier connection (an earlier boot, with a disk-backed /tmp) left behind.
-            leftover_files: CLEANUP_FILES,
-            leftover_bytes: 0,
-        };
+        let mut shell = BackdoorShell::resume(stream);
         let started = Instant::now();
         loop {
             // The whole marker line: its newline may come in a later read.
@@ -86,14 +78,15 @@ impl BackdoorShell {
     }
 
     /// The shell of a guest restored from a snapshot taken while this shell was idle: it reads its
-    /// next command at once, and announces nothing.
+    /// next command at once, and announces nothing. ([`BackdoorShell::connect`] starts from it.)
     pub fn resume(stream: UnixStream) -> BackdoorShell {
         BackdoorShell {
             stream,
             buffered: Vec::new(),
             out_of_step: false,
             sent: 0,
-            // The files of the commands before the snapshot, which this connection never saw.
+            // Files an earlier connection left behind (the commands before a snapshot, or an
+            // earlier boot's, with a disk-backed /tmp): removed before the first command.
             leftover_files: CLEANUP_FILES,
             leftover_bytes: 0,
         }

@@ -185,10 +185,13 @@ impl Machine {
     /// is up, instead of at the first command, makes its VLAN addresses there when the boot ends,
     /// as a guest that configures itself would have them. A failure is kept for the next command.
     fn connect_in_background(&self) {
-        // Only for machines on a VLAN: their peers may reach them before any command of the test
-        // does. Otherwise the first command configures the guest (a kernel machine may not even
-        // speak the backdoor protocol).
-        if self.network.guest_script.is_none() || self.network.vlans.is_empty() {
+        // For machines on a VLAN: their peers may reach them before any command of the test
+        // does. And for a machine restored from the cache, whose shell worked when it was saved:
+        // its clock and randomness are set meanwhile, for every machine of `start_all` at once.
+        // Otherwise the first command configures the guest (a kernel machine may not even speak
+        // the backdoor protocol).
+        let on_vlan = self.network.guest_script.is_some() && !self.network.vlans.is_empty();
+        if !on_vlan && !self.state().start.restored {
             return;
         }
         let (me, generation) = (self.me.clone(), self.generation());
