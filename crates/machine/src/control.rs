@@ -112,3 +112,51 @@ pub type PendingControl = Box<dyn for<'a> FnOnce(Instant, Option<BorrowedFd<'a>>
 fn unsupported(backend: &'static str, what: &str) -> MachineError {
     MachineError::Unsupported { backend, what: what.into() }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A VMM that can only be started and stopped: everything else is the trait's answer.
+    struct Bare;
+
+    impl VmControl for Bare {
+        fn backend(&self) -> &'static str {
+            "bare"
+        }
+        fn quit(&self, _: Instant) -> Result<()> {
+            Ok(())
+        }
+        fn pause(&self, _: Instant) -> Result<()> {
+            Ok(())
+        }
+        fn resume(&self, _: Instant) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn what_a_backend_lacks_names_the_backend_and_the_operation() {
+        let soon = Instant::now();
+        let snapshot = Snapshot { state: "/s".into(), memory: crate::MemoryImage::InState, disks: Vec::new() };
+        let plan = SavePlan { snapshot: snapshot.clone(), continue_on: Vec::new() };
+        let errors = [
+            Bare.save_snapshot(&plan, soon).unwrap_err(),
+            Bare.load_snapshot(&snapshot, soon).unwrap_err(),
+            Bare.screendump(Path::new("/x.ppm"), soon).unwrap_err(),
+            Bare.send_keys(&["ret"], soon).unwrap_err(),
+            Bare.forward_port(None, PortForward { host_port: 1, guest_port: 2 }, soon).unwrap_err(),
+        ];
+        let said: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        assert_eq!(
+            said,
+            [
+                "the bare backend does not support snapshots",
+                "the bare backend does not support snapshots",
+                "the bare backend does not support screenshots",
+                "the bare backend does not support sending keys",
+                "the bare backend does not support port forwarding",
+            ]
+        );
+    }
+}

@@ -148,7 +148,7 @@ impl Machine {
         })
     }
 
-    fn capable(&self, at: &'static Location<'static>, capability: Capability) -> Result<()> {
+    pub(super) fn capable(&self, at: &'static Location<'static>, capability: Capability) -> Result<()> {
         require(self.shared.backend.as_ref(), capability).map_err(|e| self.broken(at, e.to_string()))
     }
 

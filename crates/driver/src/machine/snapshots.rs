@@ -10,6 +10,7 @@ use std::panic::Location;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use attest_machine::backend::Capability;
 use attest_machine::snapshot::cache::{Begin, Builder, Entry, Lookup, SnapshotCache};
 use attest_machine::{Boot, Console, MachineSpec, RamBacking, ShareFs};
 use attest_shell::{quote, BackdoorShell};
@@ -34,6 +35,7 @@ impl Machine {
     pub fn snapshot(&self, name: &str) -> Result<()> {
         let at = Location::caller();
         self.check_snapshot_name(at, name)?;
+        self.capable(at, Capability::Snapshots)?;
         self.shared.log.nested(Some(&self.name), &format!("saving snapshot {name:?}"), || {
             let mut shell = lock(&self.shell);
             if !self.is_running() {

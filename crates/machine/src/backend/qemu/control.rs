@@ -62,6 +62,26 @@ impl QemuControl {
     }
 }
 
+impl QemuControl {
+    /// Waits until QEMU has left `finish-migrate` for `postmigrate`: it reports a migration
+    /// completed from the migration thread, then finalizes it on its main loop, and refuses `cont`
+    /// or a block job in between ("Migration is not finalized yet"). No event marks that step, so
+    /// this asks, a millisecond apart; it is a matter of milliseconds, and bounded by `deadline`.
+    fn await_finalized(&self, deadline: Instant) -> Result<()> {
+        loop {
+            let status = self.execute("query-status", None, deadline)?;
+            if status["status"] != "finish-migrate" {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let why = "QEMU did not finalize the migration in time".to_string();
+                return Err(MachineError::SnapshotFailed { what: "saving the snapshot".into(), why });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+}
+
 impl VmControl for QemuControl {
     fn backend(&self) -> &'static str {
         "qemu"
@@ -109,6 +129,7 @@ impl VmControl for QemuControl {
         let uri = format!("file:{}", plan.snapshot.state.display());
         self.execute("migrate", Some(json!({ "uri": uri })), deadline)?;
         self.await_migration("saving the snapshot", deadline)?;
+        self.await_finalized(deadline)?;
         // Still paused, so the disks are as the state expects them; one transaction freezes all
         // of them or none.
         let actions: Vec<Value> = plan
