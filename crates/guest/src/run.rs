@@ -113,11 +113,15 @@ fn program_command(start: &Start, argv: &[Vec<u8>]) -> Result<(Command, Option<P
         .current_dir(cwd);
     let Some(size) = start.terminal else {
         command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        // The program gets default signal dispositions and its own session, like a login shell's child.
-        // SAFETY: setsid is async-signal-safe and the hook allocates nothing.
+        // The program gets default signal dispositions and a process group of its own, like a job
+        // of a shell. Not a session of its own: a session leader without a terminal would make
+        // the first terminal it opens its controlling one (without O_NOCTTY), and die of SIGHUP
+        // when that terminal's master closes, as a program on a host (whose session leader is
+        // the shell) does not.
+        // SAFETY: setpgid is async-signal-safe and the hook allocates nothing.
         unsafe {
             command.pre_exec(|| {
-                nix::unistd::setsid().ok();
+                nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0)).ok();
                 Ok(())
             });
         }

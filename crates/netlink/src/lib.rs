@@ -11,7 +11,9 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteType};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
@@ -130,6 +132,19 @@ impl Rtnetlink {
         message.attributes.push(AddressAttribute::Local(addr));
         message.attributes.push(AddressAttribute::Address(addr));
         self.request(RouteNetlinkMessage::NewAddress(message), NLM_F_CREATE | NLM_F_EXCL).map(drop)
+    }
+
+    /// A default route straight out of link `index`, without a gateway (`ip route add default dev
+    /// X`), for IPv6 or IPv4.
+    pub fn add_default_device_route(&mut self, index: u32, ipv6: bool) -> io::Result<()> {
+        let mut route = RouteMessage::default();
+        route.header.address_family = if ipv6 { AddressFamily::Inet6 } else { AddressFamily::Inet };
+        route.header.table = RouteHeader::RT_TABLE_MAIN;
+        route.header.protocol = RouteProtocol::Static;
+        route.header.scope = RouteScope::Link;
+        route.header.kind = RouteType::Unicast;
+        route.attributes.push(RouteAttribute::Oif(index));
+        self.request(RouteNetlinkMessage::NewRoute(route), NLM_F_CREATE | NLM_F_EXCL).map(drop)
     }
 
     pub fn add_default_route(&mut self, index: u32, gateway: IpAddr) -> io::Result<()> {

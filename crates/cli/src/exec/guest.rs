@@ -24,6 +24,8 @@ use super::{AccelArg, ChannelArg, ExecArgs, NetArg};
 const SCRATCH_DIRS: [(&str, bool); 3] = [("/tmp", true), ("/var/tmp", true), ("/run", false)];
 /// Filesystems the agent itself mounts, beyond the shares' drivers.
 const AGENT_DRIVERS: [&str; 1] = ["overlay"];
+/// What `--net none` routes into: the module makes `dummy0` as it loads.
+const NOWHERE_DRIVER: &str = "dummy";
 
 pub struct PreparedGuest {
     pub qemu: Qemu,
@@ -89,7 +91,8 @@ pub fn prepare(args: &ExecArgs) -> Result<PreparedGuest> {
         ..MachineSpec::new("exec", Boot::kernel(&boot_image, None, cmdline.clone()))
     };
     let qemu = Qemu { binary: qemu_binary, virtiofsd, vhost_vsock: vhost_vsock::find() };
-    let drivers: Vec<&str> = qemu.guest_drivers(&spec).into_iter().chain(AGENT_DRIVERS).collect();
+    let nowhere = (args.net == NetArg::None).then_some(NOWHERE_DRIVER);
+    let drivers: Vec<&str> = qemu.guest_drivers(&spec).into_iter().chain(AGENT_DRIVERS).chain(nowhere).collect();
     let resolution = modules.resolve(&drivers)?;
     if modules.dir().is_some() && !resolution.missing.is_empty() {
         tracing::info!(missing = ?resolution.missing, "drivers neither modules nor listed as built in");
