@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use crate::backend::Backend;
 use crate::console::Echo;
+use crate::control::VmControl;
 use crate::disk::{self, Media};
 use crate::error::{MachineError, Result};
 use crate::events::MachineEventSink;
@@ -96,11 +97,14 @@ impl Machine {
         Ok(self.vm.insert(vm))
     }
 
-    /// Saves the running VM into the directory `into` (created) and leaves it paused: the caller
-    /// resumes it, or ends it. Its writable disks continue on new overlays; the images they had are
-    /// the snapshot's, never written again. The memory goes into the state file, unless the VM was
-    /// started as a template ([`Machine::start_with`] a shared file), whose file then holds it.
-    pub fn save_snapshot(&mut self, into: &Path, deadline: Instant) -> Result<Snapshot> {
+    /// What saving the running VM into the directory `into` (created) takes: its control and the
+    /// plan. The caller saves with [`save_planned`] (outside any lock on this machine, so others
+    /// can kill or inspect it meanwhile) and reports success with [`Machine::saved`]. The VM's
+    /// writable disks then continue on new overlays; the images they had are the snapshot's, never
+    /// written again. The memory goes into the state file, unless the VM was started as a template
+    /// ([`Machine::start_with`] a shared file), whose file then holds it. Refuses a snapshot that
+    /// may not fit.
+    pub fn plan_snapshot(&mut self, into: &Path, deadline: Instant) -> Result<(Arc<dyn VmControl>, SavePlan)> {
         let control = self.running_vm()?.control(deadline)?;
         std::fs::create_dir_all(into).map_err(MachineError::io(format!("creating {}", into.display())))?;
         let memory = match &self.ram {
@@ -131,13 +135,14 @@ impl Machine {
             snapshot.disks[index] = Some(self.live_disks[index].clone());
             continue_on.push((index, self.next_overlay(index)));
         }
-        control.pause(deadline)?;
-        let plan = SavePlan { snapshot, continue_on };
-        control.save_snapshot(&plan, deadline).inspect_err(|_| drop(std::fs::remove_file(&plan.snapshot.state)))?;
-        for (index, overlay) in plan.continue_on {
-            self.live_disks[index] = overlay;
+        Ok((control, SavePlan { snapshot, continue_on }))
+    }
+
+    /// The VM saved `plan`: its disks are the overlays it continues on now.
+    pub fn saved(&mut self, plan: &SavePlan) {
+        for (index, overlay) in &plan.continue_on {
+            self.live_disks[*index] = overlay.clone();
         }
-        Ok(plan.snapshot)
     }
 
     /// Replaces the running VM (if any) with a fresh VMM that loads `snapshot`, on new overlays of
@@ -203,6 +208,13 @@ impl Machine {
     pub fn wait_exited(&mut self, deadline: Instant) -> bool {
         self.vm.as_mut().is_none_or(|vm| vm.wait_exited(deadline))
     }
+}
+
+/// Pauses the VM and saves it as `plan` says, through its control; a failed save leaves no state
+/// file behind. The VM stays paused either way.
+pub fn save_planned(control: &dyn VmControl, plan: &SavePlan, deadline: Instant) -> Result<()> {
+    control.pause(deadline)?;
+    control.save_snapshot(plan, deadline).inspect_err(|_| drop(std::fs::remove_file(&plan.snapshot.state)))
 }
 
 #[cfg(test)]

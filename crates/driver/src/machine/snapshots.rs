@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use attest_machine::backend::Capability;
+use attest_machine::machine::save_planned;
 use attest_machine::snapshot::cache::{Begin, Builder, Entry, Lookup, SnapshotCache};
 use attest_machine::{Boot, Console, MachineSpec, RamBacking, ShareFs};
 use attest_shell::{quote, BackdoorShell};
@@ -45,18 +46,25 @@ impl Machine {
             // The guest's shell must be idle in the snapshot, so that a restore can use it at once.
             let generation = self.generation();
             self.connect_locked(at, &mut shell, generation)?;
-            let control = self.control(at)?;
+            self.control(at)?;
             let deadline = self.shared.wait_deadline().min(Instant::now() + SNAPSHOT_TIMEOUT);
             let started = Instant::now();
-            let saved = {
+            let (control, plan) = {
                 let mut state = self.state();
                 let into = state.machine.dir().path().join("snapshots").join(name);
-                state.machine.save_snapshot(&into, deadline)
-            };
+                state.machine.plan_snapshot(&into, deadline)
+            }
+            .map_err(|e| self.broken(at, format!("saving snapshot {name:?}: {e}")))?;
+            // Saved without the machine's lock, which the watchdog (or a crash) may need meanwhile.
+            let saved = save_planned(control.as_ref(), &plan, deadline);
+            if saved.is_ok() {
+                self.state().machine.saved(&plan);
+            }
             // Paused by the save, whether or not it succeeded.
             let resumed = control.resume(deadline);
-            let snapshot = saved.map_err(|e| self.broken(at, format!("saving snapshot {name:?}: {e}")))?;
+            saved.map_err(|e| self.broken(at, format!("saving snapshot {name:?}: {e}")))?;
             resumed.map_err(|e| self.broken(at, format!("resuming after snapshot {name:?}: {e}")))?;
+            let snapshot = plan.snapshot;
             self.shared.log.info(
                 Some(&self.name),
                 &format!("saved snapshot {name:?} in {:.2} s", started.elapsed().as_secs_f64()),
@@ -276,12 +284,15 @@ impl Machine {
                 }
             })?;
         }
-        let control = self.control(at)?;
+        self.control(at)?;
         let saving = Instant::now();
-        let saved = {
-            let mut state = self.state();
-            state.machine.save_snapshot(builder.dir(), deadline).and_then(|snapshot| builder.commit(&snapshot))
-        };
+        let planned = self.state().machine.plan_snapshot(builder.dir(), deadline);
+        let planned = planned.map_err(|e| self.broken(at, format!("caching the ready machine failed: {e}")))?;
+        let (control, plan) = planned;
+        let saved = save_planned(control.as_ref(), &plan, deadline).and_then(|()| {
+            self.state().machine.saved(&plan);
+            builder.commit(&plan.snapshot)
+        });
         let entry = saved.map_err(|e| {
             control.resume(deadline).ok();
             self.broken(at, format!("caching the ready machine failed: {e}"))
