@@ -85,10 +85,28 @@ pub fn run(args: DoctorArgs) -> i32 {
     checks.push(check_tool("tesseract", "needed for OCR of screenshots", "tesseract-ocr"));
     checks.push(check_tool("strace", "needed for `attest exec --strace`", "strace"));
     checks.push(check_disk(&cache));
+    checks.push(check_snapshot_cache(&cache));
     checks.push(check_memory());
     checks.push(check_socket_paths());
 
     crate::checks::report(&checks, args.json)
+}
+
+/// Where ready machines are cached (`ready = …`), what it holds, and whether it can take more.
+fn check_snapshot_cache(cache: &Path) -> Check {
+    let snapshots = attest_machine::snapshot::cache::SnapshotCache::new(cache);
+    let dir = snapshots.dir();
+    let writable = std::fs::create_dir_all(dir).and_then(|()| tempfile::tempfile_in(dir)).map(drop);
+    if let Err(e) = writable {
+        return warn(
+            "snapshot cache",
+            format!("{} is not writable ({e}): machines with `ready` boot cold every run", dir.display()),
+            "make it writable, or set ATTEST_SNAPSHOT_CACHE to a directory that is",
+        );
+    }
+    let entries = snapshots.list();
+    let bytes: u64 = entries.iter().map(|(_, size)| size).sum();
+    ok("snapshot cache", format!("{}: {} cached machine(s), {} MiB", dir.display(), entries.len(), bytes >> 20)).at(dir)
 }
 
 fn check_kernel(flag: Option<&Path>, cache: &Path, qemu: &Qemu) -> Vec<Check> {

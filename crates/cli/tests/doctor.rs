@@ -21,6 +21,7 @@ fn doctor_reports_every_prerequisite_and_passes_after_setup() {
         "vde_switch",
         "tesseract",
         "disk",
+        "snapshot cache",
         "memory",
         "sockets",
     ] {
@@ -95,4 +96,16 @@ fn doctor_warns_about_a_qemu_older_than_the_tested_one() {
     );
     assert!(out.contains("fix: run scripts/setup"), "{out}");
     assert_eq!(run.code, 0, "an old QEMU is a warning, not a failure: {out}");
+}
+
+/// A snapshot cache attest cannot write is a warning that says what it costs and how to fix it.
+#[test]
+fn an_unwritable_snapshot_cache_is_a_warning_with_its_fix() {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let mut command = Command::new(common::attest_bin());
+    command.arg("doctor").env("ATTEST_SNAPSHOT_CACHE", file.path().join("snapshots"));
+    let out = common::run_command(&mut command).stdout_text();
+    let line = out.lines().find(|l| l.starts_with("warn  snapshot cache")).unwrap_or_else(|| panic!("{out}"));
+    assert!(line.contains("is not writable") && line.contains("boot cold every run"), "{line}");
+    assert!(out.contains("set ATTEST_SNAPSHOT_CACHE to a directory that is"), "{out}");
 }
