@@ -410,6 +410,22 @@ fn two_runs_restore_one_cached_machine_at_once_and_each_sees_only_its_own_writes
         assert_eq!(output.status.code(), Some(0), "{stderr}");
         assert!(stderr.contains("restored the ready machine"), "{stderr}");
     }
+
+    // The cache as `attest cache` shows and clears it.
+    let cache_command = |args: &[&str]| {
+        let mut command = Command::new(attest_bin());
+        command.arg("cache").args(args).env("ATTEST_SNAPSHOT_CACHE", cache.path());
+        run_command(&mut command)
+    };
+    let listed = cache_command(&["list"]);
+    let lines: Vec<String> = listed.stdout_text().lines().map(String::from).collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let fields: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(fields[0], "server", "{lines:?}");
+    assert!(lines[0].contains(" MiB ") && lines[0].contains(" s ago ") && lines[0].ends_with(fields[1]), "{lines:?}");
+    let cleared = cache_command(&["clear"]);
+    assert!(cleared.stdout_text().starts_with("removed 1 cached machine(s)"), "{}", cleared.stdout_text());
+    assert!(cache_command(&["list"]).stdout_text().starts_with("no cached machines"));
 }
 
 /// A run killed while it builds the cached machine leaves nothing the next run would use: that
