@@ -8,12 +8,13 @@
 
 use std::panic::Location;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use attest_machine::backend::Capability;
 use attest_machine::machine::save_planned;
 use attest_machine::snapshot::cache::{Begin, Builder, Entry, Lookup, SnapshotCache};
-use attest_machine::{Boot, Console, MachineSpec, RamBacking, ShareFs};
+use attest_machine::{Boot, Console, MachineSpec, RamBacking, ShareFs, VmControl};
 use attest_shell::{quote, BackdoorShell};
 use serde_json::json;
 
@@ -46,6 +47,7 @@ impl Machine {
             // The guest's shell must be idle in the snapshot, so that a restore can use it at once.
             let generation = self.generation();
             self.connect_locked(at, &mut shell, generation)?;
+            // Connected here, outside the machine's lock, so the plan below only clones it.
             self.control(at)?;
             let deadline = self.shared.wait_deadline().min(Instant::now() + SNAPSHOT_TIMEOUT);
             let started = Instant::now();
@@ -97,18 +99,9 @@ impl Machine {
                 if let Some(halted) = self.shared.halted() {
                     return Err(halted);
                 }
-                let restored = state.machine.restore(&snapshot, deadline).and_then(|vm| {
-                    let control = vm.control(deadline)?;
-                    Ok((vm.console().clone(), control))
-                });
-                if let Ok((console, _)) = &restored {
-                    state.begin(console.clone(), true);
-                }
-                restored
+                restore_start(&mut state, &snapshot, deadline, &format!("snapshot {name:?}"))
             };
-            let (console, control) =
-                restored.map_err(|e| self.broken(at, format!("restoring snapshot {name:?}: {e}")))?;
-            console.note(&format!("[attest] restored snapshot {name:?}"));
+            let control = restored.map_err(|e| self.broken(at, format!("restoring snapshot {name:?}: {e}")))?;
             self.reapply_host_side(at, control.as_ref(), deadline)?;
             control.resume(deadline).map_err(|e| self.broken(at, format!("resuming snapshot {name:?}: {e}")))?;
             let loaded = started.elapsed();
@@ -134,7 +127,7 @@ impl Machine {
     fn reapply_host_side(
         &self,
         at: &'static Location<'static>,
-        control: &dyn attest_machine::VmControl,
+        control: &dyn VmControl,
         deadline: Instant,
     ) -> Result<()> {
         let (forwards, links_down) = {
@@ -191,10 +184,8 @@ impl Machine {
                 let deadline = self.shared.wait_deadline().min(started + SNAPSHOT_TIMEOUT);
                 match restore_entry(state, &entry, deadline) {
                     Ok(console) => {
-                        state.begin(console.clone(), true);
                         let took = started.elapsed().as_secs_f64();
                         self.log(&format!("restored the ready machine {} in {took:.2} s", entry.dir.display()));
-                        console.note(&format!("[attest] restored the ready machine {}", entry.dir.display()));
                         return Some(Ok(console));
                     }
                     Err(e) => {
@@ -284,6 +275,7 @@ impl Machine {
                 }
             })?;
         }
+        // Connected here, outside the machine's lock, so the plan below only clones it.
         self.control(at)?;
         let saving = Instant::now();
         let planned = self.state().machine.plan_snapshot(builder.dir(), deadline);
@@ -302,16 +294,8 @@ impl Machine {
             saving.elapsed().as_secs_f64(),
             entry.dir.display()
         ));
-        let restored = {
-            let mut state = self.state();
-            let restored = restore_entry(&mut state, &entry, deadline);
-            if let Ok(console) = &restored {
-                state.begin(console.clone(), true);
-            }
-            restored
-        };
-        let console = restored.map_err(|e| self.broken(at, format!("restoring the ready machine just saved: {e}")))?;
-        console.note(&format!("[attest] restored the ready machine {}", entry.dir.display()));
+        let restored = restore_entry(&mut self.state(), &entry, deadline);
+        restored.map_err(|e| self.broken(at, format!("restoring the ready machine just saved: {e}")))?;
         let generation = self.generation();
         Ok((generation, self.connect_restored(at)?))
     }
@@ -321,11 +305,27 @@ impl Machine {
     }
 }
 
-/// Replaces the machine's VM with a restore of a cache entry, running.
+/// Replaces the machine's VM with a fresh one loaded from `snapshot` (paused), as a new start
+/// whose shell is idle already, and marks the console log with `what` was restored.
+fn restore_start(
+    state: &mut State,
+    snapshot: &attest_machine::Snapshot,
+    deadline: Instant,
+    what: &str,
+) -> attest_machine::error::Result<Arc<dyn VmControl>> {
+    let vm = state.machine.restore(snapshot, deadline)?;
+    let (console, control) = (vm.console().clone(), vm.control(deadline)?);
+    state.begin(console.clone(), true);
+    console.note(&format!("[attest] restored {what}"));
+    Ok(control)
+}
+
+/// [`restore_start`] from a cache entry, running: a first start has no test settings to give it.
 fn restore_entry(state: &mut State, entry: &Entry, deadline: Instant) -> attest_machine::error::Result<Console> {
-    let vm = state.machine.restore(&entry.snapshot(), deadline)?;
-    vm.control(deadline)?.resume(deadline)?;
-    Ok(vm.console().clone())
+    let control =
+        restore_start(state, &entry.snapshot(), deadline, &format!("the ready machine {}", entry.dir.display()))?;
+    control.resume(deadline)?;
+    Ok(state.start.console.clone().expect("begun above"))
 }
 
 /// Whether the VM's RAM can be a file its clones map: not for a start script's QEMU (whose
